@@ -1,0 +1,283 @@
+"""The async front the HTTP layer awaits, and the engine thread behind it.
+
+``await engine.embed(inputs, options)`` tokenizes in a thread pool, queues every input in the scheduler,
+and waits on a future. One engine thread owns the model: it takes a step from the scheduler, runs it,
+writes each row into its request's result and resolves finished requests on their event loop with
+``loop.call_soon_threadsafe``. The thread blocks on a condition variable while the queue is empty: no
+timers, no polling, and whatever arrives during a forward pass is packed into the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from embedserve.config import EngineConfig
+from embedserve.engine.runner import Runner
+from embedserve.engine.scheduler import Entry, Scheduler, Step
+from embedserve.engine.tokenizer import Tokenizer
+from embedserve.errors import (
+    ConfigError,
+    ContextLengthExceeded,
+    EmbedServeError,
+    EngineError,
+    InvalidRequest,
+    ShuttingDown,
+)
+from embedserve.kernels.attention import select_backend
+from embedserve.models.sentence import DTYPES, LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedOptions:
+    dimensions: int | None = None
+    """Keep the first k values, then L2-renormalise."""
+    normalize: bool | None = None
+    """None: as the model's modules say."""
+    truncate: bool | None = None
+    """None: the server's setting."""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: torch.Tensor  # [n, k] float32, CPU
+    token_counts: list[int]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+@dataclass
+class _Pending:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    rows: torch.Tensor  # [n, D] float32
+    dims: int
+    normalize: bool
+    token_counts: list[int]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def _set_result(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class Engine:
+    """Owns the model, the tokenizer, the scheduler and the engine thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        started = time.perf_counter()
+        self.model: LoadedModel = load_model(config.model.path, dtype=self.dtype, device=self.device)
+        self.attention_backend = select_backend(self.device, config.model.attention)
+        self.model.encoder.attention_backend = self.attention_backend
+        self.tokenizer = Tokenizer(
+            self.model.directory, max_length=self.model.max_length, do_lower_case=self.model.spec.do_lower_case
+        )
+        self.max_length = self.tokenizer.max_length
+        sc = config.scheduler
+        self.max_batch_tokens = sc.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
+        if self.max_batch_tokens < self.max_length:
+            raise ConfigError(
+                f"max_batch_tokens={self.max_batch_tokens} is below the model's maximum input length "
+                f"{self.max_length}; an input that long could never be scheduled. Raise --max-batch-tokens "
+                f"to at least {self.max_length}."
+            )
+        self.scheduler = Scheduler(
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_requests=sc.max_batch_requests,
+            max_queue=sc.max_queue,
+        )
+        self.runner = Runner(self.model)
+        self._cond = threading.Condition()
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
+        log.info(
+            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, pooling %s%s%s, dimensions %d, "
+            "max input %d tokens, max batch %d tokens / %d inputs",
+            self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
+            self.device, str(self.dtype).removeprefix("torch."), self.attention_backend, self.model.spec.pooling,
+            f" + {len(self.model.dense)} dense" if len(self.model.dense) else "",
+            " + normalize" if self.model.spec.normalize else "", self.model.dimensions, self.max_length,
+            self.max_batch_tokens, sc.max_batch_requests,
+        )
+
+    @property
+    def dimensions(self) -> int:
+        return self.model.dimensions
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_forever, name="embedserve-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting work, finish every queued input, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._tok_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the async front ------------------------------------------------------------------------------
+    async def embed(self, inputs: Sequence[str | Sequence[int]], options: EmbedOptions = EmbedOptions()) -> EmbedResult:
+        """Embed a request's inputs (texts, or token ids in the model's vocabulary)."""
+        if not inputs:
+            raise InvalidRequest("input must not be empty", param="input")
+        dims = options.dimensions or self.dimensions
+        if not 1 <= dims <= self.dimensions:
+            raise InvalidRequest(
+                f"dimensions must be between 1 and {self.dimensions} for this model, got {dims}", param="dimensions"
+            )
+        normalize = options.normalize
+        if normalize is None:
+            normalize = self.model.spec.normalize or options.dimensions is not None
+        truncate = self.config.truncate if options.truncate is None else options.truncate
+
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tok_pool, self._prepare, inputs, truncate)
+        fut = loop.create_future()
+        rid = next(self._ids)
+        entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
+        counts = [len(x) for x in ids]
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("The server is shutting down; retry on another replica.")
+            if self._dead is not None:
+                raise EngineError("The inference engine has stopped; the server must be restarted.")
+            self.scheduler.add(rid, entries)  # may raise Overloaded
+            self._pending[rid] = _Pending(
+                loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, counts
+            )
+            self._cond.notify()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            with self._cond:
+                self.scheduler.abort(rid)
+                self._pending.pop(rid, None)
+            raise
+
+    def _prepare(self, inputs: Sequence[str | Sequence[int]], truncate: bool) -> list[list[int]]:
+        texts = [x for x in inputs if isinstance(x, str)]
+        if len(texts) == len(inputs):
+            return self.tokenizer.encode(texts, truncate=truncate)
+        if texts:
+            raise InvalidRequest("input must be all strings or all token-id lists, not a mix", param="input")
+        out = []
+        vocab = self.tokenizer.vocab_size
+        for i, x in enumerate(inputs):
+            x = list(x)
+            if not x:
+                raise InvalidRequest(f"input[{i}] is an empty token list", param="input")
+            bad = next((t for t in x if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"input[{i}] has token id {bad}, outside this model's vocabulary of {vocab}", param="input"
+                )
+            if len(x) > self.max_length:
+                if not truncate:
+                    raise ContextLengthExceeded(self.max_length, len(x), index=i)
+                x = x[: self.max_length]
+            out.append(x)
+        return out
+
+    # -- the engine thread ----------------------------------------------------------------------------
+    def _run_forever(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self.scheduler.has_waiting() and not self._stopping:
+                        self._cond.wait()
+                    step = self.scheduler.schedule()
+                    if step is None:  # stopping and drained
+                        return
+                    plan = [self._pending.get(e.request_id) for e in step.entries]
+                self._run_step(step, plan)
+        except BaseException as exc:  # the thread must never die silently with callers waiting
+            log.exception("engine thread died; failing every pending request")
+            with self._cond:
+                self._dead = exc
+                pending, self._pending = self._pending, {}
+            for p in pending.values():
+                p.loop.call_soon_threadsafe(
+                    _set_exception, p.future, EngineError("The inference engine stopped unexpectedly.")
+                )
+
+    def _run_step(self, step: Step, plan: list[_Pending | None]) -> None:
+        inputs = [e.payload for e in step.entries]
+        dims = [p.dims if p else self.dimensions for p in plan]
+        normalize = [p.normalize if p else False for p in plan]
+        try:
+            out = self.runner.run(inputs, dims, normalize)
+        except Exception as exc:
+            log.exception("forward pass of %d inputs (%d tokens) failed", len(inputs), step.num_tokens)
+            failed = {e.request_id for e in step.entries}
+            with self._cond:
+                self.scheduler.complete(step)
+                doomed = []
+                for rid in failed:
+                    self.scheduler.abort(rid)
+                    p = self._pending.pop(rid, None)
+                    if p is not None:
+                        doomed.append(p)
+            err = EngineError(f"The forward pass failed ({type(exc).__name__}); the request can be retried.")
+            for p in doomed:
+                p.loop.call_soon_threadsafe(_set_exception, p.future, err)
+            return
+        with self._cond:
+            for row, e, p in zip(out, step.entries, plan):
+                if p is not None:
+                    p.rows[e.index] = row
+            finished = self.scheduler.complete(step)
+            done = [self._pending.pop(rid) for rid in finished if rid in self._pending]
+        for p in done:
+            result = EmbedResult(p.rows[:, : p.dims], p.token_counts)
+            p.loop.call_soon_threadsafe(_set_result, p.future, result)
+
+
+def sync_embed(engine: Engine, inputs: Sequence[str], options: EmbedOptions = EmbedOptions()) -> EmbedResult:
+    """Convenience for scripts: run one request to completion on a private event loop."""
+    return asyncio.run(engine.embed(inputs, options))
+
+
+__all__ = ["Engine", "EmbedOptions", "EmbedResult", "EmbedServeError", "sync_embed"]

@@ -1,0 +1,66 @@
+"""The model's fast tokenizer, used the way sentence-transformers uses it.
+
+Two copies of the Rust tokenizer are kept: one that never truncates (to learn an input's real length,
+for the error that refuses over-long input) and one that truncates to the model's maximum exactly as
+transformers' ``truncation=True`` does. Neither is mutated after construction, so the tokenisation pool's
+threads may share them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer as RustTokenizer
+
+from embedserve.errors import ContextLengthExceeded, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    def __init__(self, directory: Path, *, max_length: int, do_lower_case: bool = False) -> None:
+        # transformers resolves tokenizer_config.json, added tokens and the post-processor; we only
+        # keep its Rust backend.
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(directory), use_fast=True, trust_remote_code=False)
+        except Exception as e:  # transformers raises many types here; all mean "cannot tokenize"
+            raise ModelLoadError(f"cannot load a tokenizer from {directory}: {e}") from e
+        if not getattr(hf, "is_fast", False):
+            raise ModelLoadError(f"{directory} has no fast (Rust) tokenizer; add a tokenizer.json")
+        tokenizer_max = getattr(hf, "model_max_length", None)
+        if isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000:
+            max_length = min(max_length, tokenizer_max)
+        self.max_length = max_length
+        self.do_lower_case = do_lower_case
+        self.vocab_size = len(hf)
+        self.pad_token_id = hf.pad_token_id
+        self.special_ids = frozenset(hf.all_special_ids)
+
+        serialized = hf.backend_tokenizer.to_str()
+        self._full = RustTokenizer.from_str(serialized)
+        self._full.no_truncation()
+        self._full.no_padding()
+        self._cut = RustTokenizer.from_str(serialized)
+        self._cut.no_padding()
+        self._cut.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+        self.num_special = len(self._full.encode("", add_special_tokens=True).ids)
+
+    def encode(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
+        """Token ids with special tokens for each text; over-long ones truncated or refused."""
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        encodings = self._full.encode_batch(list(texts), add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        if long:
+            if not truncate:
+                i = long[0]
+                raise ContextLengthExceeded(self.max_length, len(ids[i]), index=i)
+            cut = self._cut.encode_batch([texts[i] for i in long], add_special_tokens=True)
+            for i, e in zip(long, cut):
+                ids[i] = e.ids
+        return ids

@@ -1,0 +1,92 @@
+"""One exception tree. Each class carries the HTTP status and OpenAI error type it maps to.
+
+stdlib only: every layer may raise these, and the HTTP layer turns them into responses in one place.
+"""
+
+from __future__ import annotations
+
+
+class EmbedServeError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(EmbedServeError):
+    """The request itself is wrong: the client must change it."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+    def __init__(self, max_tokens: int, requested: int, *, index: int | None = None) -> None:
+        where = "" if index is None else f" in input[{index}]"
+        super().__init__(
+            f"This model's maximum context length is {max_tokens} tokens, however you requested "
+            f"{requested} tokens{where}. Please reduce the length of the input, or send "
+            f'"truncate": true to have it cut to {max_tokens} tokens.',
+            param="input",
+        )
+        self.max_tokens = max_tokens
+        self.requested = requested
+
+
+class Unauthorized(EmbedServeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(EmbedServeError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(EmbedServeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(EmbedServeError):
+    """The queue is full. Clients retry 429 after Retry-After."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(EmbedServeError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+class EngineError(EmbedServeError):
+    """A forward pass failed; the requests in that batch get this, the server keeps serving."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+class ModelLoadError(EmbedServeError):
+    """A model directory cannot be served: a missing file, an unknown tensor, an unsupported architecture."""
+
+
+class ConfigError(EmbedServeError):
+    """A configuration value is out of range or inconsistent with the model."""

@@ -1,0 +1,150 @@
+"""BERT-family encoders over packed tokens: BERT (MiniLM, BGE, E5, GTE v1 ...), RoBERTa, XLM-RoBERTa.
+
+RoBERTa and XLM-RoBERTa are BERT with positions offset by ``padding_idx + 1`` (transformers counts
+positions from there for unpadded tokens) and usually a single token type.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from embedserve.errors import ModelLoadError
+from embedserve.kernels.attention import prepare, varlen_attention
+from embedserve.models.layers import activation
+
+
+@dataclass(frozen=True, kw_only=True)
+class BertArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    position_offset: int  # 0 for BERT; padding_idx + 1 for RoBERTa / XLM-RoBERTa
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> BertArgs:
+        kind = cfg.get("position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise ModelLoadError(f"position_embedding_type {kind!r} is not supported (only 'absolute')")
+        roberta = cfg.get("model_type") in ("roberta", "xlm-roberta", "camembert")
+        offset = cfg.get("pad_token_id", 1) + 1 if roberta else 0
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        if hidden % heads:
+            raise ModelLoadError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            type_vocab_size=cfg.get("type_vocab_size", 2),
+            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+            hidden_act=cfg.get("hidden_act", "gelu"),
+            position_offset=offset,
+        )
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence the position table can hold."""
+        return self.max_position_embeddings - self.position_offset
+
+
+class BertLayer(nn.Module):
+    def __init__(self, a: BertArgs) -> None:
+        super().__init__()
+        H = a.hidden_size
+        self.heads, self.head_dim = a.num_heads, H // a.num_heads
+        self.qkv = nn.Linear(H, 3 * H)
+        self.attn_out = nn.Linear(H, H)
+        self.attn_norm = nn.LayerNorm(H, eps=a.layer_norm_eps)
+        self.up = nn.Linear(H, a.intermediate_size)
+        self.down = nn.Linear(a.intermediate_size, H)
+        self.mlp_norm = nn.LayerNorm(H, eps=a.layer_norm_eps)
+        self.act = activation(a.hidden_act)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, h: torch.Tensor, attn) -> torch.Tensor:
+        T, H = h.shape
+        q, k, v = self.qkv(h).view(T, 3, self.heads, self.head_dim).unbind(1)  # 3 x [T, nh, d]
+        a = varlen_attention(q, k, v, attn, scale=self.scale).reshape(T, H)  # [T, H]
+        h = self.attn_norm(h + self.attn_out(a))
+        return self.mlp_norm(h + self.down(self.act(self.up(h))))
+
+
+class BertModel(nn.Module):
+    causal = False
+    # Checkpoints saved from *ForMaskedLM etc. nest the encoder under a prefix.
+    weight_prefixes = ("", "bert.", "roberta.", "model.")
+    # Tensors a checkpoint may carry that an embedding forward does not use.
+    ignored_weights = (
+        r"pooler\..*",
+        r"embeddings\.position_ids",
+        r"embeddings\.token_type_ids",
+        r"cls\..*",
+        r"lm_head\..*",
+        r"(bert|roberta)\.pooler\..*",
+    )
+
+    def __init__(self, args: BertArgs) -> None:
+        super().__init__()
+        self.args = args
+        H = args.hidden_size
+        self.word_embeddings = nn.Embedding(args.vocab_size, H)
+        self.position_embeddings = nn.Embedding(args.max_position_embeddings, H)
+        self.token_type_embeddings = nn.Embedding(args.type_vocab_size, H)
+        self.embed_norm = nn.LayerNorm(H, eps=args.layer_norm_eps)
+        self.layers = nn.ModuleList(BertLayer(args) for _ in range(args.num_layers))
+        self.attention_backend = "dense"
+
+    @property
+    def max_length(self) -> int:
+        return self.args.max_length
+
+    @property
+    def hidden_size(self) -> int:
+        return self.args.hidden_size
+
+    def weight_map(self) -> dict[str, tuple[str, ...]]:
+        m = {
+            "word_embeddings.weight": ("embeddings.word_embeddings.weight",),
+            "position_embeddings.weight": ("embeddings.position_embeddings.weight",),
+            "token_type_embeddings.weight": ("embeddings.token_type_embeddings.weight",),
+            "embed_norm.weight": ("embeddings.LayerNorm.weight",),
+            "embed_norm.bias": ("embeddings.LayerNorm.bias",),
+        }
+        for i in range(self.args.num_layers):
+            src = f"encoder.layer.{i}."
+            dst = f"layers.{i}."
+            for p in ("weight", "bias"):
+                m[dst + "qkv." + p] = tuple(src + f"attention.self.{n}.{p}" for n in ("query", "key", "value"))
+                m[dst + "attn_out." + p] = (src + f"attention.output.dense.{p}",)
+                m[dst + "attn_norm." + p] = (src + f"attention.output.LayerNorm.{p}",)
+                m[dst + "up." + p] = (src + f"intermediate.dense.{p}",)
+                m[dst + "down." + p] = (src + f"output.dense.{p}",)
+                m[dst + "mlp_norm." + p] = (src + f"output.LayerNorm.{p}",)
+        return m
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
+        attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False)
+        h = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions + self.args.position_offset)
+            + self.token_type_embeddings.weight[0]  # single-segment inputs: token type 0 everywhere
+        )
+        h = self.embed_norm(h)  # [T, H]
+        for layer in self.layers:
+            h = layer(h, attn)
+        return h

@@ -1,0 +1,41 @@
+"""Which model class serves which checkpoint: by ``architectures``, then by ``model_type``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from embedserve.errors import ModelLoadError
+from embedserve.models import bert
+
+# name -> (args builder, model class)
+_BERT = (bert.BertArgs.from_hf_config, bert.BertModel)
+
+ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
+    "BertModel": _BERT,
+    "BertForMaskedLM": _BERT,
+    "BertForPreTraining": _BERT,
+    "RobertaModel": _BERT,
+    "RobertaForMaskedLM": _BERT,
+    "XLMRobertaModel": _BERT,
+    "XLMRobertaForMaskedLM": _BERT,
+}
+
+MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+}
+
+
+def resolve(cfg: dict) -> tuple[Callable[[dict], Any], type]:
+    for arch in cfg.get("architectures") or ():
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    model_type = cfg.get("model_type")
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    raise ModelLoadError(
+        f"unsupported model: architectures={cfg.get('architectures')!r}, model_type={model_type!r}. "
+        f"Supported architectures: {', '.join(sorted(ARCHITECTURES))}; "
+        f"model types: {', '.join(sorted(MODEL_TYPES))}"
+    )

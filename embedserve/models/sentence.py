@@ -1,0 +1,224 @@
+"""A model directory in the Hugging Face / sentence-transformers layout, loaded for serving.
+
+Reads ``config.json``, the safetensors weights, ``modules.json`` (Transformer -> Pooling -> [Dense ...] ->
+[Normalize]), ``1_Pooling/config.json``, ``2_Dense/*``, ``sentence_bert_config.json`` and
+``config_sentence_transformers.json``. A plain transformers directory without ``modules.json`` is served with
+mean pooling and no normalisation (logged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from embedserve.errors import ModelLoadError
+from embedserve.kernels.pooling import POOLING_MODES
+from embedserve.models import registry
+from embedserve.models.layers import activation
+from embedserve.models.loader import SafetensorsCheckpoint, load_weights
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# sentence-transformers Pooling flags -> our mode names
+_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "last",
+}
+_POOLING_NAMES = {"cls": "cls", "mean": "mean", "lasttoken": "last", "last": "last"}
+_UNSUPPORTED_POOLING = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+
+_ST_ACTIVATIONS = {
+    "Tanh": "tanh",
+    "Identity": "identity",
+    "ReLU": "relu",
+    "GELU": "gelu",
+    "SiLU": "silu",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SentenceSpec:
+    """What the sentence-transformers modules say about turning hidden states into the embedding."""
+
+    pooling: str = "mean"
+    normalize: bool = False
+    dense: tuple[Path, ...] = ()
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"missing file {path}") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def _pooling_mode(cfg: dict, path: Path) -> str:
+    if isinstance(cfg.get("pooling_mode"), str):
+        name = cfg["pooling_mode"]
+        if name not in _POOLING_NAMES:
+            raise ModelLoadError(f"{path}: pooling mode {name!r} is not supported; supported: {', '.join(POOLING_MODES)}")
+        return _POOLING_NAMES[name]
+    unsupported = [k for k in _UNSUPPORTED_POOLING if cfg.get(k)]
+    chosen = [mode for flag, mode in _POOLING_FLAGS.items() if cfg.get(flag)]
+    if unsupported or len(chosen) != 1:
+        raise ModelLoadError(
+            f"{path}: pooling {unsupported + chosen or 'none'} is not supported; exactly one of "
+            f"{', '.join(POOLING_MODES)} (flags {', '.join(_POOLING_FLAGS)}) is"
+        )
+    if cfg.get("include_prompt", True) is False:
+        raise ModelLoadError(f"{path}: include_prompt=false (pooling without the prompt) is not supported")
+    return chosen[0]
+
+
+def read_sentence_spec(directory: Path) -> SentenceSpec:
+    modules_path = directory / "modules.json"
+    st_cfg_path = directory / "config_sentence_transformers.json"
+    bert_cfg_path = directory / "sentence_bert_config.json"
+    st_cfg = _read_json(st_cfg_path) if st_cfg_path.is_file() else {}
+    bert_cfg = _read_json(bert_cfg_path) if bert_cfg_path.is_file() else {}
+    common = dict(
+        max_seq_length=bert_cfg.get("max_seq_length"),
+        do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
+        prompts=dict(st_cfg.get("prompts") or {}),
+        default_prompt_name=st_cfg.get("default_prompt_name") or None,
+    )
+    if not modules_path.is_file():
+        log.warning("%s has no modules.json: serving with mean pooling and no normalisation", directory)
+        return SentenceSpec(**common)
+
+    pooling: str | None = None
+    normalize = False
+    dense: list[Path] = []
+    for module in _read_json(modules_path):
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        sub = directory / module.get("path", "")
+        if kind == "Transformer":
+            if module.get("path", "") not in ("", "."):
+                raise ModelLoadError(f"{modules_path}: a Transformer module outside the top folder is not supported")
+        elif kind == "Pooling":
+            pooling = _pooling_mode(_read_json(sub / "config.json"), sub / "config.json")
+        elif kind == "Dense":
+            if pooling is None:
+                raise ModelLoadError(f"{modules_path}: a Dense module before Pooling is not supported")
+            dense.append(sub)
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise ModelLoadError(
+                f"{modules_path}: module type {module.get('type')!r} is not supported; "
+                "supported: Transformer, Pooling, Dense, Normalize"
+            )
+    if pooling is None:
+        raise ModelLoadError(f"{modules_path} has no Pooling module")
+    return SentenceSpec(pooling=pooling, normalize=normalize, dense=tuple(dense), **common)
+
+
+class Dense(nn.Module):
+    """sentence-transformers ``Dense``: linear then activation."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, act: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
+
+
+def _load_dense(folder: Path, dtype: torch.dtype, device: torch.device) -> Dense:
+    cfg = _read_json(folder / "config.json")
+    act_name = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    if act_name not in _ST_ACTIVATIONS:
+        raise ModelLoadError(
+            f"{folder}/config.json: activation {act_name!r} is not supported; supported: {', '.join(_ST_ACTIVATIONS)}"
+        )
+    bias = bool(cfg.get("bias", True))
+    with torch.device("meta"):
+        layer = Dense(cfg["in_features"], cfg["out_features"], bias, _ST_ACTIVATIONS[act_name])
+    names = {"linear.weight": ("linear.weight",)}
+    if bias:
+        names["linear.bias"] = ("linear.bias",)
+    load_weights(layer, SafetensorsCheckpoint(folder), names, dtype=dtype, device=device)
+    return layer
+
+
+@dataclass
+class LoadedModel:
+    """Everything the runner needs: the encoder, the head, and what the folder says about inputs."""
+
+    directory: Path
+    name: str
+    encoder: nn.Module
+    dense: nn.ModuleList
+    spec: SentenceSpec
+    dtype: torch.dtype
+    device: torch.device
+    hidden_size: int
+    dimensions: int
+    max_length: int  # the longest input embedded, in tokens, special tokens included
+    hf_config: dict
+
+    @property
+    def causal(self) -> bool:
+        return bool(getattr(self.encoder, "causal", False))
+
+
+def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelLoadError(f"model directory {directory} does not exist")
+    hf_config = _read_json(directory / "config.json")
+    make_args, model_cls = registry.resolve(hf_config)
+    args = make_args(hf_config)
+    spec = read_sentence_spec(directory)
+
+    with torch.device("meta"):
+        encoder = model_cls(args)
+    load_weights(
+        encoder,
+        SafetensorsCheckpoint(directory),
+        encoder.weight_map(),
+        ignored=model_cls.ignored_weights,
+        prefixes=model_cls.weight_prefixes,
+        dtype=dtype,
+        device=device,
+    )
+    encoder.eval()
+    dense = nn.ModuleList(_load_dense(folder, dtype, device) for folder in spec.dense).eval()
+
+    dims = encoder.hidden_size
+    for layer in dense:
+        if layer.linear.in_features != dims:
+            raise ModelLoadError(f"Dense layer expects {layer.linear.in_features} features but receives {dims}")
+        dims = layer.linear.out_features
+
+    max_length = encoder.max_length
+    if spec.max_seq_length:
+        max_length = min(max_length, int(spec.max_seq_length))
+    return LoadedModel(
+        directory=directory,
+        name=directory.name,
+        encoder=encoder,
+        dense=dense,
+        spec=spec,
+        dtype=dtype,
+        device=device,
+        hidden_size=encoder.hidden_size,
+        dimensions=dims,
+        max_length=max_length,
+        hf_config=hf_config,
+    )

@@ -1,0 +1,1 @@
+"""Compute kernels, installed as ``embedserve.kernels``. Each kernel has a pure-torch twin."""

@@ -1,0 +1,245 @@
+"""Varlen attention over packed tokens, behind one function.
+
+Sequences are concatenated along the token axis: ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` and
+``cu_seqlens [B+1]`` (int32 offsets). A token attends only to tokens of its own sequence.
+
+Backends, chosen once at start-up by :func:`select_backend` and logged:
+
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA only).
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when that package is installed (CUDA only).
+- ``sdpa_bucketed``: sequences sorted by length and grouped so that padding stays small; each group is
+  gathered into a padded ``[G, H, L, D]`` block for one SDPA call and scattered back. Padding lives
+  inside attention only: every other layer runs on the packed tokens. The CPU default (measured by
+  ``benchmarks/bench_attention.py``).
+- ``sdpa_segments``: one SDPA call per sequence.
+- ``dense``: one ``[T, T]`` block-diagonal masked SDPA call. The reference the others are tested against.
+
+Callers build an :class:`AttentionBatch` once per forward pass (it holds the host-side bookkeeping)
+and pass it to :func:`varlen_attention` in every layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch_varlen", "flash_attn", "sdpa_bucketed", "sdpa_segments", "dense")
+
+# Bucketing: a group's padded area (count * longest^2) may exceed its real area by this factor.
+_BUCKET_WASTE = 1.3
+
+
+@dataclass
+class _Bucket:
+    gather: torch.Tensor  # [G * L] token index per padded slot; padding points at row T (a zero row)
+    valid: torch.Tensor  # [G * L] bool, True where the slot holds a real token
+    key_mask: torch.Tensor | None  # [G, 1, 1, L] bool, None when no row is padded
+    scatter: torch.Tensor  # [n_valid] token index of each valid slot, in slot order
+    groups: int
+    length: int
+
+
+@dataclass
+class AttentionBatch:
+    """Per-forward-pass metadata shared by every layer."""
+
+    backend: str
+    cu_seqlens: torch.Tensor  # [B+1] int32 on the compute device
+    max_seqlen: int
+    lengths: list[int]
+    causal: bool = False
+    buckets: list[_Bucket] = field(default_factory=list)
+
+
+def _available_backends(device: torch.device) -> list[str]:
+    found = []
+    if device.type == "cuda":
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+            found.append("torch_varlen")
+        except ImportError:
+            pass
+        if importlib.util.find_spec("flash_attn") is not None:
+            found.append("flash_attn")
+    found += ["sdpa_bucketed", "sdpa_segments", "dense"]
+    return found
+
+
+def select_backend(device: torch.device, requested: str = "auto") -> str:
+    """Pick the backend once for the process; an unavailable explicit choice is an error, not a downgrade."""
+    available = _available_backends(device)
+    if requested in ("auto", None):
+        choice = available[0]
+    elif requested == "sdpa":
+        choice = "sdpa_bucketed"
+    elif requested in available:
+        choice = requested
+    else:
+        raise ValueError(
+            f"attention backend {requested!r} is not available on {device.type}; "
+            f"available: {', '.join(available)}"
+        )
+    log.info("varlen attention backend: %s (available on %s: %s)", choice, device.type, ", ".join(available))
+    return choice
+
+
+def _make_buckets(lengths: list[int], offsets: list[int], device: torch.device) -> list[_Bucket]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        # Sorted ascending, so n is the longest so far: padded area is (count) * n * n.
+        if current and (len(current) + 1) * n * n > _BUCKET_WASTE * (real + n * n):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += n * n
+    if current:
+        groups.append(current)
+
+    total = offsets[-1]
+    buckets = []
+    for members in groups:
+        longest = max(lengths[i] for i in members)
+        gather: list[int] = []
+        valid: list[bool] = []
+        scatter: list[int] = []
+        for i in members:
+            start, n = offsets[i], lengths[i]
+            gather.extend(range(start, start + n))
+            gather.extend([total] * (longest - n))
+            valid.extend([True] * n + [False] * (longest - n))
+            scatter.extend(range(start, start + n))
+        valid_t = torch.tensor(valid, dtype=torch.bool)
+        padded = not bool(valid_t.all())
+        key_mask = valid_t.view(len(members), 1, 1, longest).to(device) if padded else None
+        buckets.append(
+            _Bucket(
+                gather=torch.tensor(gather, dtype=torch.long, device=device),
+                valid=valid_t.to(device),
+                key_mask=key_mask,
+                scatter=torch.tensor(scatter, dtype=torch.long, device=device),
+                groups=len(members),
+                length=longest,
+            )
+        )
+    return buckets
+
+
+def prepare(
+    backend: str, cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = False
+) -> AttentionBatch:
+    """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device."""
+    offsets = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    batch = AttentionBatch(backend, cu_seqlens, max_seqlen, lengths, causal)
+    if backend == "sdpa_bucketed":
+        batch.buckets = _make_buckets(lengths, offsets, cu_seqlens.device)
+    return batch
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, *, scale: float | None = None
+) -> torch.Tensor:
+    """Attention within each packed sequence. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+    return _IMPLS[batch.backend](q, k, v, batch, scale)
+
+
+def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.shape[1] != k.shape[1]
+
+
+def _torch_varlen(q, k, v, batch: AttentionBatch, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    window = (-1, 0) if batch.causal else (-1, -1)
+    return varlen_attn(
+        q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
+        scale=scale, window_size=window, enable_gqa=_gqa(q, k),
+    )
+
+
+def _flash_attn(q, k, v, batch: AttentionBatch, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
+        softmax_scale=scale, causal=batch.causal,
+    )
+
+
+def _sdpa_segments(q, k, v, batch: AttentionBatch, scale):
+    out = torch.empty_like(q)
+    start = 0
+    gqa = _gqa(q, k)
+    for n in batch.lengths:
+        end = start + n
+        # [1, H, n, D]
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)
+        ks = k[start:end].transpose(0, 1).unsqueeze(0)
+        vs = v[start:end].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=batch.causal, scale=scale, enable_gqa=gqa)
+        out[start:end] = o[0].transpose(0, 1)
+        start = end
+    return out
+
+
+def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    gqa = Hq != Hkv
+    out = torch.empty_like(q)
+    # One zero row at index T is the padding source for every gather.
+    zq = torch.cat([q, q.new_zeros(1, Hq, D)])
+    zk = torch.cat([k, k.new_zeros(1, Hkv, D)])
+    zv = torch.cat([v, v.new_zeros(1, Hkv, D)])
+    for b in batch.buckets:
+        G, L = b.groups, b.length
+        qs = zq.index_select(0, b.gather).view(G, L, Hq, D).transpose(1, 2)  # [G, Hq, L, D]
+        ks = zk.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
+        vs = zv.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
+        if batch.causal:
+            # Right padding: causal masking alone keeps real queries off the padded keys.
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=b.key_mask, scale=scale, enable_gqa=gqa)
+        o = o.transpose(1, 2).reshape(G * L, Hq, D)
+        if b.key_mask is None:
+            out.index_copy_(0, b.scatter, o)
+        else:
+            out.index_copy_(0, b.scatter, o[b.valid])
+    return out
+
+
+def _dense(q, k, v, batch: AttentionBatch, scale):
+    T = q.shape[0]
+    seg = torch.repeat_interleave(
+        torch.arange(len(batch.lengths), device=q.device),
+        torch.tensor(batch.lengths, device=q.device),
+    )
+    mask = seg[:, None] == seg[None, :]  # [T, T]
+    if batch.causal:
+        mask &= torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, scale=scale, enable_gqa=_gqa(q, k),
+    )
+    return o[0].transpose(0, 1)
+
+
+_IMPLS = {
+    "torch_varlen": _torch_varlen,
+    "flash_attn": _flash_attn,
+    "sdpa_bucketed": _sdpa_bucketed,
+    "sdpa_segments": _sdpa_segments,
+    "dense": _dense,
+}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from embedserve.errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments")
+ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments", "dense")
 
 
 def _positive(name: str, value: int | None) -> None:

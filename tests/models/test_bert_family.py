@@ -1,0 +1,86 @@
+"""Tiny random BERT and XLM-RoBERTa checkpoints: embedserve's packed forward vs transformers' padded one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_tiny_encoder, hf_embed, mixed_texts
+from embedserve.config import EngineConfig, ModelConfig
+from embedserve.engine.front import EmbedOptions, Engine
+
+
+def make_engine(path, dtype="float32", attention="auto", **kw) -> Engine:
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(path), dtype=dtype, attention=attention), **kw))
+    engine.start()
+    return engine
+
+
+async def embed_each(engine: Engine, texts, options=EmbedOptions()):
+    """Every text as its own concurrent request, so the scheduler packs them into mixed steps."""
+    results = await asyncio.gather(*(engine.embed([t], options) for t in texts))
+    return torch.cat([r.vectors for r in results])
+
+
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta"])
+def tiny(request, tmp_path_factory):
+    kind = request.param
+    path = tmp_path_factory.mktemp(kind)
+    model = build_tiny_encoder(path, kind, pooling="mean")
+    return kind, path, model
+
+
+@pytest.mark.parametrize("attention", ["sdpa_bucketed", "sdpa_segments", "dense"])
+def test_fp32_matches_transformers(tiny, attention):
+    kind, path, model = tiny
+    texts = mixed_texts(40) + [""]
+    engine = make_engine(path, attention=attention)
+    try:
+        got = asyncio.run(embed_each(engine, texts))
+    finally:
+        engine.shutdown()
+    ref = hf_embed(model, path, texts, pooling="mean")
+    cos = F.cosine_similarity(got, ref)
+    assert cos.min() >= 1 - 1e-5, (kind, cos.min())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_close_to_transformers_fp32(tiny, dtype):
+    kind, path, model = tiny
+    texts = mixed_texts(24, seed=1)
+    engine = make_engine(path, dtype=dtype)
+    try:
+        got = asyncio.run(embed_each(engine, texts))
+    finally:
+        engine.shutdown()
+    ref = hf_embed(model, path, texts, pooling="mean")
+    assert F.cosine_similarity(got, ref).min() >= 0.999
+
+
+def test_cls_pooling_and_normalize(tmp_path):
+    model = build_tiny_encoder(tmp_path, "bert", pooling="cls", normalize=True, seed=3)
+    texts = mixed_texts(10, seed=2)
+    engine = make_engine(tmp_path)
+    try:
+        got = asyncio.run(engine.embed(texts)).vectors
+    finally:
+        engine.shutdown()
+    ref = F.normalize(hf_embed(model, tmp_path, texts, pooling="cls"), dim=1)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(len(texts)))
+
+
+def test_batch_invariance_alone_vs_inside_a_mixed_batch_of_64(tiny):
+    kind, path, _ = tiny
+    texts = mixed_texts(64, seed=5)
+    engine = make_engine(path)
+    try:
+        batch = asyncio.run(engine.embed(texts)).vectors
+        for i in (0, 17, 63):
+            alone = asyncio.run(engine.embed([texts[i]])).vectors[0]
+            assert (alone - batch[i]).abs().max() <= 1e-5, (kind, i)
+    finally:
+        engine.shutdown()

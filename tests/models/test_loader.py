@@ -1,0 +1,158 @@
+"""Loading a model directory: strict names and shapes, helpful errors, sharded checkpoints, dtypes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import build_tiny_encoder
+from embedserve.errors import ModelLoadError
+from embedserve.models.sentence import load_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    build_tiny_encoder(path, "bert")
+    return path
+
+
+@pytest.fixture
+def copy(tiny_dir, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_dir, dst)
+    return dst
+
+
+def rewrite_weights(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_loads_in_each_dtype(tiny_dir):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        m = load_model(tiny_dir, dtype=dtype, device=CPU)
+        assert {p.dtype for p in m.encoder.parameters()} == {dtype}
+        assert m.spec.pooling == "mean" and m.dimensions == 36 and m.max_length == 512
+
+
+def test_missing_tensor_is_named(copy):
+    rewrite_weights(copy, lambda t: t.pop("encoder.layer.1.attention.self.key.weight"))
+    with pytest.raises(ModelLoadError, match=r"missing tensor\(s\): encoder\.layer\.1\.attention\.self\.key\.weight"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_unexpected_tensor_is_named(copy):
+    rewrite_weights(copy, lambda t: t.update({"encoder.layer.0.surprise": torch.zeros(3)}))
+    with pytest.raises(ModelLoadError, match=r"unexpected tensor\(s\): encoder\.layer\.0\.surprise"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_misshaped_tensor_is_named_with_both_shapes(copy):
+    rewrite_weights(copy, lambda t: t.update({"encoder.layer.0.output.dense.weight": torch.zeros(36, 49)}))
+    with pytest.raises(ModelLoadError, match=r"encoder\.layer\.0\.output\.dense\.weight.*\(36, 49\).*\(36, 50\)"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_known_unused_tensors_are_ignored_and_prefixes_stripped(copy):
+    def edit(t):
+        for k in list(t):
+            t["bert." + k] = t.pop(k)
+        t["cls.predictions.bias"] = torch.zeros(30522)
+
+    rewrite_weights(copy, edit)
+    m = load_model(copy, dtype=torch.float32, device=CPU)
+    assert m.encoder.layers[0].qkv.weight.shape == (108, 36)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tiny_dir, tmp_path):
+    import transformers
+
+    model = transformers.BertModel.from_pretrained(str(tiny_dir))
+    model.save_pretrained(tmp_path, max_shard_size="500KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    for f in ("tokenizer.json", "modules.json"):
+        shutil.copy(tiny_dir / f, tmp_path / f)
+    shutil.copytree(tiny_dir / "1_Pooling", tmp_path / "1_Pooling")
+    a = load_model(tiny_dir, dtype=torch.float32, device=CPU).encoder.state_dict()
+    b = load_model(tmp_path, dtype=torch.float32, device=CPU).encoder.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickled_weights_are_refused_by_name(copy):
+    (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin: pickled weights are never loaded"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_missing_config_is_named(copy):
+    (copy / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"missing file .*config\.json"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope", dtype=torch.float32, device=CPU)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg.update(architectures=["GPTNeoXModel"], model_type="gpt_neox")
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"unsupported model.*Supported architectures: .*BertModel.*XLMRobertaModel"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_unsupported_pooling_is_named(copy):
+    cfg = json.loads((copy / "1_Pooling" / "config.json").read_text())
+    cfg.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+    (copy / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"pooling_mode_max_tokens.*not supported"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_dense_head_and_sentence_configs_are_read(copy):
+    modules = json.loads((copy / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    modules.append({"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (copy / "modules.json").write_text(json.dumps(modules))
+    (copy / "2_Dense").mkdir()
+    (copy / "2_Dense" / "config.json").write_text(
+        json.dumps({"in_features": 36, "out_features": 20, "bias": True,
+                    "activation_function": "torch.nn.modules.activation.Tanh"})
+    )
+    save_file({"linear.weight": torch.randn(20, 36), "linear.bias": torch.randn(20)}, copy / "2_Dense" / "model.safetensors")
+    (copy / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (copy / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "query: "}, "default_prompt_name": None})
+    )
+    m = load_model(copy, dtype=torch.float32, device=CPU)
+    assert m.dimensions == 20 and m.spec.normalize and m.max_length == 128
+    assert m.spec.prompts == {"query": "query: "}
+
+    # And the served vector is sentence-transformers' vector: pooling -> Dense(tanh) -> Normalize.
+    import asyncio
+
+    from sentence_transformers import SentenceTransformer
+
+    from embedserve.config import EngineConfig, ModelConfig
+    from embedserve.engine.front import Engine
+
+    texts = ["a dense head", "word " * 300, ""]
+    ref = SentenceTransformer(str(copy), device="cpu").encode(texts, convert_to_tensor=True)
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(copy))))
+    engine.start()
+    try:
+        got = asyncio.run(engine.embed(texts)).vectors
+    finally:
+        engine.shutdown()
+    assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.99999

@@ -1,0 +1,98 @@
+"""The real all-MiniLM-L6-v2: embedserve vs SentenceTransformer(dir).encode on 200+ varied texts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import mixed_texts
+from embedserve.config import EngineConfig, ModelConfig
+from embedserve.engine.front import Engine
+
+
+def varied_texts() -> list[str]:
+    rng = random.Random(7)
+    texts = mixed_texts(150, seed=11)
+    texts += [
+        "",
+        " ",
+        "a",
+        "Hello, World!",
+        "HELLO world",  # the tokenizer lower-cases
+        "  leading and trailing spaces  ",
+        "tabs\tand\nnewlines\r\n",
+        "Ünïcödé façade naïve café",
+        "日本語のテキストを埋め込む",
+        "emoji 🙂🚀 and symbols ∑∫√",
+        "Ελληνικά κείμενα και русский текст",
+        "x" * 3000,  # one long word
+        "The quick brown fox jumps over the lazy dog. " * 60,  # far past 256 tokens
+        "repeated " * 400,
+    ]
+    # Exact repeats inside the same batch.
+    texts += [texts[3], texts[3], texts[151], texts[151]]
+    # Passages of 80-120 words, and documents past the 256-token limit.
+    vocab = "retrieval augmented generation uses dense vectors to find relevant passages quickly".split()
+    texts += [" ".join(rng.choice(vocab) for _ in range(rng.randint(80, 120))) for _ in range(20)]
+    texts += [" ".join(rng.choice(vocab) for _ in range(rng.randint(260, 400))) for _ in range(16)]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    texts = varied_texts()
+    st = SentenceTransformer(str(minilm_dir), device="cpu")
+    return texts, st.encode(texts, convert_to_tensor=True, batch_size=32)
+
+
+def test_parity_with_sentence_transformers_in_mixed_batches(minilm_dir, reference):
+    texts, ref = reference
+    assert len(texts) >= 200
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(minilm_dir))))
+    engine.start()
+    rng = random.Random(3)
+
+    async def run():
+        # Requests of random sizes arrive together, so steps mix inputs of many requests.
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        chunks, i = [], 0
+        while i < len(order):
+            n = rng.choice([1, 1, 2, 5, 17])
+            chunks.append(order[i : i + n])
+            i += n
+        results = await asyncio.gather(*(engine.embed([texts[j] for j in c]) for c in chunks))
+        out = torch.empty_like(ref)
+        for c, r in zip(chunks, results):
+            out[c] = r.vectors
+        return out
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    cos = F.cosine_similarity(got, ref)
+    worst = int(cos.argmin())
+    assert cos.min() >= 0.99999, (worst, texts[worst][:80], float(cos.min()))
+    assert engine.scheduler.stats.steps < len(texts)  # inputs really were packed together
+
+
+def test_token_counts_match_the_tokenizer_with_truncation(minilm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    texts = ["", "hello world", "word " * 1000]
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(minilm_dir))))
+    engine.start()
+    try:
+        result = asyncio.run(engine.embed(texts))
+    finally:
+        engine.shutdown()
+    expected = [len(tok(t, truncation=True, max_length=256)["input_ids"]) for t in texts]
+    assert result.token_counts == expected == [2, 4, 256]

@@ -33,14 +33,19 @@ BACKENDS = ("torch_varlen", "flash_attn", "sdpa_bucketed", "sdpa_segments", "den
 
 # Bucketing: a group's padded area (count * longest^2) may exceed its real area by this factor.
 _BUCKET_WASTE = 1.3
+# Sequences at least this long run as their own SDPA call on a strided view (no gather, no padding);
+# shorter ones are bucketed, where one call for many sequences beats a call each.
+# benchmarks/bench_kernels.py measured the crossover on the development CPU.
+SOLO_MIN_LENGTH = 64
 
 
 @dataclass
 class _Bucket:
-    gather: torch.Tensor  # [G * L] token index per padded slot; padding points at row T (a zero row)
-    valid: torch.Tensor  # [G * L] bool, True where the slot holds a real token
+    gather: torch.Tensor  # [G * L] token index per padded slot (padding repeats a real token, masked off)
     key_mask: torch.Tensor | None  # [G, 1, 1, L] bool, None when no row is padded
-    scatter: torch.Tensor  # [n_valid] token index of each valid slot, in slot order
+    slot_group: torch.Tensor  # [n] group of each real token, in token order within the bucket
+    slot_pos: torch.Tensor  # [n] position of each real token within its group
+    scatter: torch.Tensor  # [n] packed token index of each real token
     groups: int
     length: int
 
@@ -55,6 +60,7 @@ class AttentionBatch:
     lengths: list[int]
     causal: bool = False
     buckets: list[_Bucket] = field(default_factory=list)
+    solo: list[tuple[int, int]] = field(default_factory=list)  # (start, length) run one by one
 
 
 def _available_backends(device: torch.device) -> list[str]:
@@ -90,8 +96,11 @@ def select_backend(device: torch.device, requested: str = "auto") -> str:
     return choice
 
 
-def _make_buckets(lengths: list[int], offsets: list[int], device: torch.device) -> list[_Bucket]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def _make_buckets(
+    lengths: list[int], offsets: list[int], device: torch.device, solo_min: int
+) -> tuple[list[_Bucket], list[tuple[int, int]]]:
+    solo = [(offsets[i], n) for i, n in enumerate(lengths) if n >= solo_min]
+    order = sorted((i for i, n in enumerate(lengths) if n < solo_min), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
     real = 0
@@ -106,44 +115,56 @@ def _make_buckets(lengths: list[int], offsets: list[int], device: torch.device) 
     if current:
         groups.append(current)
 
-    total = offsets[-1]
     buckets = []
     for members in groups:
         longest = max(lengths[i] for i in members)
         gather: list[int] = []
-        valid: list[bool] = []
+        slot_group: list[int] = []
+        slot_pos: list[int] = []
         scatter: list[int] = []
-        for i in members:
+        for g, i in enumerate(members):
             start, n = offsets[i], lengths[i]
             gather.extend(range(start, start + n))
-            gather.extend([total] * (longest - n))
-            valid.extend([True] * n + [False] * (longest - n))
+            # Padding slots repeat the sequence's first token: the key mask hides them from real
+            # queries, and the padded query rows are never read back.
+            gather.extend([start] * (longest - n))
+            slot_group.extend([g] * n)
+            slot_pos.extend(range(n))
             scatter.extend(range(start, start + n))
-        valid_t = torch.tensor(valid, dtype=torch.bool)
-        padded = not bool(valid_t.all())
-        key_mask = valid_t.view(len(members), 1, 1, longest).to(device) if padded else None
+        padded = any(lengths[i] != longest for i in members)
+        key_mask = None
+        if padded:
+            key_mask = (
+                torch.arange(longest).unsqueeze(0) < torch.tensor([lengths[i] for i in members]).unsqueeze(1)
+            ).view(len(members), 1, 1, longest).to(device)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         buckets.append(
             _Bucket(
-                gather=torch.tensor(gather, dtype=torch.long, device=device),
-                valid=valid_t.to(device),
+                gather=as_tensor(gather),
                 key_mask=key_mask,
-                scatter=torch.tensor(scatter, dtype=torch.long, device=device),
+                slot_group=as_tensor(slot_group),
+                slot_pos=as_tensor(slot_pos),
+                scatter=as_tensor(scatter),
                 groups=len(members),
                 length=longest,
             )
         )
-    return buckets
+    return buckets, solo
 
 
 def prepare(
-    backend: str, cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = False
+    backend: str, cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = False, solo_min: int | None = None
 ) -> AttentionBatch:
     """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device."""
     offsets = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     batch = AttentionBatch(backend, cu_seqlens, max_seqlen, lengths, causal)
     if backend == "sdpa_bucketed":
-        batch.buckets = _make_buckets(lengths, offsets, cu_seqlens.device)
+        batch.buckets, batch.solo = _make_buckets(
+            lengths, offsets, cu_seqlens.device, SOLO_MIN_LENGTH if solo_min is None else solo_min
+        )
+    elif backend == "sdpa_segments":
+        batch.solo = list(zip(offsets[:-1], lengths))
     return batch
 
 
@@ -177,46 +198,42 @@ def _flash_attn(q, k, v, batch: AttentionBatch, scale):
     )
 
 
-def _sdpa_segments(q, k, v, batch: AttentionBatch, scale):
-    out = torch.empty_like(q)
-    start = 0
+def _one_by_one(q, k, v, out, spans, causal: bool, scale) -> None:
     gqa = _gqa(q, k)
-    for n in batch.lengths:
+    for start, n in spans:
         end = start + n
-        # [1, H, n, D]
+        # Strided [1, H, n, D] views of the packed tensors: no copies in.
         qs = q[start:end].transpose(0, 1).unsqueeze(0)
         ks = k[start:end].transpose(0, 1).unsqueeze(0)
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=batch.causal, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
         out[start:end] = o[0].transpose(0, 1)
-        start = end
+
+
+def _sdpa_segments(q, k, v, batch: AttentionBatch, scale):
+    out = torch.empty_like(q)
+    _one_by_one(q, k, v, out, batch.solo, batch.causal, scale)
     return out
 
 
 def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
-    T, Hq, D = q.shape
+    Hq, D = q.shape[1:]
     Hkv = k.shape[1]
     gqa = Hq != Hkv
     out = torch.empty_like(q)
-    # One zero row at index T is the padding source for every gather.
-    zq = torch.cat([q, q.new_zeros(1, Hq, D)])
-    zk = torch.cat([k, k.new_zeros(1, Hkv, D)])
-    zv = torch.cat([v, v.new_zeros(1, Hkv, D)])
+    _one_by_one(q, k, v, out, batch.solo, batch.causal, scale)
     for b in batch.buckets:
         G, L = b.groups, b.length
-        qs = zq.index_select(0, b.gather).view(G, L, Hq, D).transpose(1, 2)  # [G, Hq, L, D]
-        ks = zk.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
-        vs = zv.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
+        qs = q.index_select(0, b.gather).view(G, L, Hq, D).transpose(1, 2)  # [G, Hq, L, D]
+        ks = k.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
+        vs = v.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
         if batch.causal:
             # Right padding: causal masking alone keeps real queries off the padded keys.
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=b.key_mask, scale=scale, enable_gqa=gqa)
-        o = o.transpose(1, 2).reshape(G * L, Hq, D)
-        if b.key_mask is None:
-            out.index_copy_(0, b.scatter, o)
-        else:
-            out.index_copy_(0, b.scatter, o[b.valid])
+        # o [G, Hq, L, D]: pick the real (group, position) slots straight into packed order.
+        out.index_copy_(0, b.scatter, o[b.slot_group, :, b.slot_pos])
     return out
 
 

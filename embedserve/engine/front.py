@@ -33,6 +33,7 @@ from embedserve.errors import (
     ShuttingDown,
 )
 from embedserve.kernels.attention import select_backend
+from embedserve.kernels.linear import select_linear_backend
 from embedserve.models.sentence import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ class Engine:
         self.model: LoadedModel = load_model(config.model.path, dtype=self.dtype, device=self.device)
         self.attention_backend = select_backend(self.device, config.model.attention)
         self.model.encoder.attention_backend = self.attention_backend
+        self.linear_backend = select_linear_backend(self.device, self.dtype)
+        self.model.encoder.linear_backend = self.linear_backend
         self.tokenizer = Tokenizer(
             self.model.directory, max_length=self.model.max_length, do_lower_case=self.model.spec.do_lower_case
         )
@@ -130,10 +133,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
         log.info(
-            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, pooling %s%s%s, dimensions %d, "
+            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pooling %s%s%s, dimensions %d, "
             "max input %d tokens, max batch %d tokens / %d inputs",
             self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
-            self.device, str(self.dtype).removeprefix("torch."), self.attention_backend, self.model.spec.pooling,
+            self.device, str(self.dtype).removeprefix("torch."), self.attention_backend, self.linear_backend,
+            self.model.spec.pooling,
             f" + {len(self.model.dense)} dense" if len(self.model.dense) else "",
             " + normalize" if self.model.spec.normalize else "", self.model.dimensions, self.max_length,
             self.max_batch_tokens, sc.max_batch_requests,

@@ -14,6 +14,7 @@ from torch import nn
 
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import prepare, varlen_attention
+from embedserve.kernels.linear import linear
 from embedserve.models.layers import activation
 
 
@@ -73,12 +74,14 @@ class BertLayer(nn.Module):
         self.act = activation(a.hidden_act)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
-    def forward(self, h: torch.Tensor, attn) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, attn, lb: str) -> torch.Tensor:
         T, H = h.shape
-        q, k, v = self.qkv(h).view(T, 3, self.heads, self.head_dim).unbind(1)  # 3 x [T, nh, d]
+        qkv = linear(h, self.qkv.weight, self.qkv.bias, backend=lb)  # [T, 3H]
+        q, k, v = qkv.view(T, 3, self.heads, self.head_dim).unbind(1)  # 3 x [T, nh, d]
         a = varlen_attention(q, k, v, attn, scale=self.scale).reshape(T, H)  # [T, H]
-        h = self.attn_norm(h + self.attn_out(a))
-        return self.mlp_norm(h + self.down(self.act(self.up(h))))
+        h = self.attn_norm(h + linear(a, self.attn_out.weight, self.attn_out.bias, backend=lb))
+        up = linear(h, self.up.weight, self.up.bias, self.act, backend=lb)  # [T, I]
+        return self.mlp_norm(h + linear(up, self.down.weight, self.down.bias, backend=lb))
 
 
 class BertModel(nn.Module):
@@ -104,7 +107,9 @@ class BertModel(nn.Module):
         self.token_type_embeddings = nn.Embedding(args.type_vocab_size, H)
         self.embed_norm = nn.LayerNorm(H, eps=args.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(args) for _ in range(args.num_layers))
+        # Kernel backends, chosen once by the engine at start-up.
         self.attention_backend = "dense"
+        self.linear_backend = "torch"
 
     @property
     def max_length(self) -> int:
@@ -146,5 +151,5 @@ class BertModel(nn.Module):
         )
         h = self.embed_norm(h)  # [T, H]
         for layer in self.layers:
-            h = layer(h, attn)
+            h = layer(h, attn, self.linear_backend)
         return h

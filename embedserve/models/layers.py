@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-
 from embedserve.errors import ModelLoadError
+from embedserve.kernels.linear import ACTIVATIONS
 
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-    "identity": lambda x: x,
+# transformers' hidden_act names -> the kernel's activation names
+_HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+    "tanh": "tanh",
+    "identity": "identity",
+    "linear": "identity",
 }
 
 
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
+def activation(name: str) -> str:
+    """Validate a transformers activation name and return the kernel's name for it."""
+    act = _HF_ACTIVATIONS.get(name)
+    if act is None or act not in ACTIVATIONS:
         raise ModelLoadError(
-            f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTIVATIONS))}"
-        ) from None
+            f"activation {name!r} is not supported; supported: {', '.join(sorted(_HF_ACTIVATIONS))}"
+        )
+    return act

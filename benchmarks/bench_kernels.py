@@ -1,0 +1,90 @@
+"""Backend choices measured against each other in one run: varlen attention and the linear kernel.
+
+    python benchmarks/bench_kernels.py [--dtype float32] [--tokens 4096]
+
+Attention: the mixed corpus's length distribution packed into one step, every CPU backend, median ms per
+call and the ratio to the per-sequence loop. Linear: BERT-base-like shapes, ``onednn`` vs ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from embedserve.kernels.attention import _available_backends, prepare, varlen_attention
+from embedserve.kernels.linear import linear, select_linear_backend
+
+
+def median_ms(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+SHAPES = {
+    "mixed": lambda rng: rng.choice([rng.randint(5, 16), rng.randint(80, 120), rng.randint(20, 70), 256]),
+    "queries": lambda rng: rng.randint(5, 16),
+    "passages": lambda rng: rng.randint(20, 120),
+}
+
+
+def corpus_lengths(tokens: int, shape: str, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    out, total = [], 0
+    while True:
+        n = SHAPES[shape](rng)
+        if total + n > tokens:
+            return out
+        out.append(n)
+        total += n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--tokens", type=int, default=4096)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    cpu = torch.device("cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+
+    for shape in SHAPES:
+        lengths = corpus_lengths(args.tokens, shape)
+        T, H, D = sum(lengths), 12, 32
+        q, k, v = (torch.randn(T, H, D).to(dtype) for _ in range(3))
+        cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        print(f"attention, {shape}: {len(lengths)} sequences, {T} tokens, {H} heads of {D}")
+        results = {}
+        for backend in _available_backends(cpu):
+            if backend == "dense" and shape != "mixed":
+                continue
+            # prepare() runs once per pass, attention once per layer: time both, as a 6-layer pass would.
+            results[backend] = median_ms(
+                lambda: [varlen_attention(q, k, v, m) for m in [prepare(backend, cu, max(lengths))] for _ in range(6)]
+            ) / 6
+        base = results["sdpa_segments"]
+        for backend, ms in results.items():
+            print(f"  {backend:15s} {ms:8.2f} ms/layer   {base / ms:5.2f}x vs sdpa_segments")
+
+    chosen = select_linear_backend(cpu, dtype)
+    print(f"linear ({chosen} chosen for {args.dtype}):")
+    for n_in, n_out in [(768, 2304), (768, 3072), (3072, 768), (384, 1536)]:
+        x = torch.randn(args.tokens, n_in).to(dtype)
+        w = (torch.randn(n_out, n_in) / n_in**0.5).to(dtype)
+        b = torch.randn(n_out).to(dtype)
+        t_torch = median_ms(lambda: linear(x, w, b, "gelu", backend="torch"))
+        t_fast = median_ms(lambda: linear(x, w, b, "gelu", backend=chosen))
+        print(f"  [{args.tokens}x{n_in}] -> {n_out} + gelu: torch {t_torch:7.2f} ms, {chosen} {t_fast:7.2f} ms,"
+              f" {t_torch / t_fast:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

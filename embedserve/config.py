@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from embedserve.errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+TOKEN_ID_POLICIES = ("cl100k", "model")
 ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments", "dense")
 
 
@@ -63,6 +64,47 @@ class EngineConfig:
     """Cut inputs longer than the model's maximum (as sentence-transformers does); False: refuse them."""
     tokenizer_workers: int = 2
     """Threads that tokenize off the event loop."""
+    token_ids: str = "cl100k"
+    """How token-id inputs are read: "cl100k" (OpenAI clients' tiktoken ids, decoded to text) or "model"
+    (ids of the served model's own tokenizer, used as given)."""
 
     def __post_init__(self) -> None:
         _positive("tokenizer_workers", self.tokenizer_workers)
+        if self.token_ids not in TOKEN_ID_POLICIES:
+            raise ConfigError(f"token_ids must be one of {', '.join(TOKEN_ID_POLICIES)}, got {self.token_ids!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    """The name /v1/models lists and responses carry; None: derived from the model directory."""
+    reject_unknown_model: bool = False
+    """False: any requested model name is answered by the served model (clients send their own defaults)."""
+    api_keys: tuple[str, ...] = ()
+    """Bearer tokens accepted on /v1/*; empty: no authentication."""
+    max_inputs_per_request: int = 2048
+    max_body_bytes: int = 32 * 1024 * 1024
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _positive("max_inputs_per_request", self.max_inputs_per_request)
+        _positive("max_body_bytes", self.max_body_bytes)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if any(not k for k in self.api_keys):
+            raise ConfigError("an API key must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    engine: EngineConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        if self.server.max_inputs_per_request > self.engine.scheduler.max_queue:
+            raise ConfigError(
+                f"max_inputs_per_request ({self.server.max_inputs_per_request}) exceeds max_queue "
+                f"({self.engine.scheduler.max_queue}): such a request could never be queued"
+            )

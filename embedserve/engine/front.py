@@ -197,7 +197,11 @@ class Engine:
 
         prompt = self._prompt(options.prompt_name)
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._tok_pool, self._prepare, inputs, truncate, prompt)
+        try:
+            ids = await loop.run_in_executor(self._tok_pool, self._prepare, inputs, truncate, prompt)
+        except asyncio.CancelledError:
+            log.info("request cancelled while tokenizing %d inputs: nothing was queued", len(inputs))
+            raise
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -216,8 +220,9 @@ class Engine:
             return await fut
         except asyncio.CancelledError:
             with self._cond:
-                self.scheduler.abort(rid)
+                dropped = self.scheduler.abort(rid)
                 self._pending.pop(rid, None)
+            log.info("request %d cancelled: %d of its %d inputs dropped from the queue", rid, dropped, len(ids))
             raise
 
     def _prompt(self, name: str | None) -> str:

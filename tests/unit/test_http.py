@@ -1,0 +1,94 @@
+"""Handler logic against a fake engine: status mapping, readiness, and the error shape."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from embedserve.config import Config, EngineConfig, ModelConfig, ServerConfig
+from embedserve.errors import ContextLengthExceeded, EngineError, Overloaded
+from embedserve.http.app import create_app
+
+
+class FakeEngine:
+    dimensions = 4
+
+    def __init__(self, behaviour=None):
+        self.behaviour = behaviour
+        self.calls = []
+
+    async def embed(self, inputs, options):
+        self.calls.append((inputs, options))
+        if self.behaviour is not None:
+            raise self.behaviour
+        from embedserve.engine.front import EmbedResult
+
+        vectors = torch.arange(len(inputs) * 4, dtype=torch.float32).view(len(inputs), 4)
+        return EmbedResult(vectors, [3] * len(inputs))
+
+
+def client(engine, **server) -> TestClient:
+    config = Config(engine=EngineConfig(model=ModelConfig(path="/nowhere")), server=ServerConfig(**server))
+    return TestClient(create_app(config, engine=engine), raise_server_exceptions=False)
+
+
+def body(**kw):
+    return {"input": ["a", "b"], "model": "m", **kw}
+
+
+def test_ok_response_shape_and_options_reach_the_engine():
+    engine = FakeEngine()
+    with client(engine, served_model_name="served") as c:
+        r = c.post("/v1/embeddings", json=body(dimensions=3, normalize=True, truncate=False, prompt_name="query"))
+    assert r.status_code == 200
+    assert r.json() == {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.0, 1.0, 2.0, 3.0]},
+            {"object": "embedding", "index": 1, "embedding": [4.0, 5.0, 6.0, 7.0]},
+        ],
+        "model": "served",
+        "usage": {"prompt_tokens": 6, "total_tokens": 6},
+    }
+    inputs, options = engine.calls[0]
+    assert inputs == ["a", "b"]
+    assert (options.dimensions, options.normalize, options.truncate, options.prompt_name) == (3, True, False, "query")
+
+
+@pytest.mark.parametrize(
+    "exc, status, type_, retry_after",
+    [
+        (Overloaded("queue full", retry_after_s=2.5), 429, "rate_limit_error", "3"),
+        (EngineError("The forward pass failed (RuntimeError); the request can be retried."), 500, "server_error", None),
+        (ContextLengthExceeded(256, 300, index=1), 400, "invalid_request_error", None),
+        (RuntimeError("secret /internal/path.py line 3"), 500, "server_error", None),
+    ],
+)
+def test_engine_errors_map_to_openai_errors(exc, status, type_, retry_after):
+    with client(FakeEngine(exc)) as c:
+        r = c.post("/v1/embeddings", json=body())
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["type"] == type_
+    assert "/internal/path.py" not in err["message"]
+    assert r.headers.get("retry-after") == retry_after
+
+
+def test_not_ready_until_an_engine_is_there():
+    config = Config(engine=EngineConfig(model=ModelConfig(path="/nowhere")))
+    failures = []
+    failed = threading.Event()
+    app = create_app(config, on_load_failure=lambda e: (failures.append(e), failed.set()))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/health").status_code == 200
+        r = c.get("/ready")
+        assert r.status_code in (503, 200)
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] in ("not_ready", "shutting_down")
+        assert failed.wait(30)
+        assert c.post("/v1/embeddings", json=body()).status_code == 503
+    assert failures and "does not exist" in str(failures[0])

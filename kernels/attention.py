@@ -63,9 +63,10 @@ class AttentionBatch:
     solo: list[tuple[int, int]] = field(default_factory=list)  # (start, length) run one by one
 
 
-def _available_backends(device: torch.device) -> list[str]:
+def _available_backends(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     found = []
-    if device.type == "cuda":
+    # The flash kernels take fp16/bf16 only: fp32 on CUDA runs SDPA.
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
             from torch.nn.attention.varlen import varlen_attn  # noqa: F401
 
@@ -78,9 +79,9 @@ def _available_backends(device: torch.device) -> list[str]:
     return found
 
 
-def select_backend(device: torch.device, requested: str = "auto") -> str:
+def select_backend(device: torch.device, requested: str = "auto", dtype: torch.dtype = torch.float32) -> str:
     """Pick the backend once for the process; an unavailable explicit choice is an error, not a downgrade."""
-    available = _available_backends(device)
+    available = _available_backends(device, dtype)
     if requested in ("auto", None):
         choice = available[0]
     elif requested == "sdpa":
@@ -89,7 +90,7 @@ def select_backend(device: torch.device, requested: str = "auto") -> str:
         choice = requested
     else:
         raise ValueError(
-            f"attention backend {requested!r} is not available on {device.type}; "
+            f"attention backend {requested!r} is not available on {device.type} with {dtype}; "
             f"available: {', '.join(available)}"
         )
     log.info("varlen attention backend: %s (available on %s: %s)", choice, device.type, ", ".join(available))

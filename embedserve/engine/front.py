@@ -106,7 +106,7 @@ class Engine:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         started = time.perf_counter()
         self.model: LoadedModel = load_model(config.model.path, dtype=self.dtype, device=self.device)
-        self.attention_backend = select_backend(self.device, config.model.attention)
+        self.attention_backend = select_backend(self.device, config.model.attention, self.dtype)
         self.model.encoder.attention_backend = self.attention_backend
         self.linear_backend = select_linear_backend(self.device, self.dtype)
         self.model.encoder.linear_backend = self.linear_backend

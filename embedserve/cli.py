@@ -16,6 +16,7 @@ from embedserve import __version__
 from embedserve.config import (
     ATTENTION_BACKENDS,
     DTYPES,
+    POOL_KERNELS,
     TOKEN_ID_POLICIES,
     Config,
     EngineConfig,
@@ -85,6 +86,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: float32 on CPU, "
           "bfloat16 on CUDA")
     f.add("--attention", default="auto", choices=ATTENTION_BACKENDS, help="varlen attention backend")
+    f.add("--pool-kernel", default="auto", choices=POOL_KERNELS, help="pool+normalise+base64 kernel: auto = "
+          "Triton on CUDA, the torch twin on CPU; triton runs the kernel (on CPU only under TRITON_INTERPRET=1)")
     f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: 16384 on CUDA, "
           "4096 on CPU")
     f.add("--max-batch-requests", default=512, type=int, help="inputs packed into one forward pass")
@@ -109,7 +112,10 @@ def build_config(args: argparse.Namespace) -> Config:
     served = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else Path(model).name)
     return Config(
         engine=EngineConfig(
-            model=ModelConfig(path=model, dtype=args.dtype, device=args.device, attention=args.attention),
+            model=ModelConfig(
+                path=model, dtype=args.dtype, device=args.device, attention=args.attention,
+                pool_kernel=args.pool_kernel,
+            ),
             scheduler=SchedulerConfig(
                 max_batch_tokens=args.max_batch_tokens,
                 max_batch_requests=args.max_batch_requests,

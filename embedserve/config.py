@@ -11,6 +11,7 @@ from embedserve.errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKEN_ID_POLICIES = ("cl100k", "model")
+POOL_KERNELS = ("auto", "triton", "torch")
 ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments", "dense")
 
 
@@ -29,6 +30,8 @@ class ModelConfig:
     """auto: cuda if available, else cpu."""
     attention: str = "auto"
     """Varlen attention backend; auto picks the fastest available for the device."""
+    pool_kernel: str = "auto"
+    """Pool+encode backend: auto (Triton on CUDA, the torch twin on CPU), triton or torch."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -37,6 +40,8 @@ class ModelConfig:
             raise ConfigError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
             )
+        if self.pool_kernel not in POOL_KERNELS:
+            raise ConfigError(f"pool_kernel must be one of {', '.join(POOL_KERNELS)}, got {self.pool_kernel!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -35,6 +35,7 @@ from embedserve.errors import (
 )
 from embedserve.kernels.attention import select_backend
 from embedserve.kernels.linear import select_linear_backend
+from embedserve.kernels.pool_encode import select_pool_backend
 from embedserve.models.sentence import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,15 @@ class EmbedOptions:
     """None: the server's setting."""
     prompt_name: str | None = None
     """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
+    base64: bool = False
+    """Also produce each vector's little-endian float32 base64 (on the device, with the pooling)."""
 
 
 @dataclass(frozen=True)
 class EmbedResult:
     vectors: torch.Tensor  # [n, k] float32, CPU
     token_counts: list[int]
+    base64: list[bytes] | None = None  # per input, when asked for
 
     @property
     def total_tokens(self) -> int:
@@ -70,6 +74,7 @@ class _Pending:
     dims: int
     normalize: bool
     token_counts: list[int]
+    base64: list[bytes] | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,7 +132,8 @@ class Engine:
             max_batch_requests=sc.max_batch_requests,
             max_queue=sc.max_queue,
         )
-        self.runner = Runner(self.model)
+        self.pool_backend = select_pool_backend(self.device, config.model.pool_kernel)
+        self.runner = Runner(self.model, self.pool_backend)
         self._cond = threading.Condition()
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count()
@@ -136,11 +142,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
         log.info(
-            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pooling %s%s%s, dimensions %d, "
+            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pool+encode %s, pooling %s%s%s, dimensions %d, "
             "max input %d tokens, max batch %d tokens / %d inputs",
             self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
             self.device, str(self.dtype).removeprefix("torch."), self.attention_backend, self.linear_backend,
-            self.model.spec.pooling,
+            self.pool_backend, self.model.spec.pooling,
             f" + {len(self.model.dense)} dense" if len(self.model.dense) else "",
             " + normalize" if self.model.spec.normalize else "", self.model.dimensions, self.max_length,
             self.max_batch_tokens, sc.max_batch_requests,
@@ -213,7 +219,8 @@ class Engine:
                 raise EngineError("The inference engine has stopped; the server must be restarted.")
             self.scheduler.add(rid, entries)  # may raise Overloaded
             self._pending[rid] = _Pending(
-                loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, counts
+                loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, counts,
+                [b""] * len(ids) if options.base64 else None,
             )
             self._cond.notify()
         try:
@@ -297,8 +304,9 @@ class Engine:
         inputs = [e.payload for e in step.entries]
         dims = [p.dims if p else self.dimensions for p in plan]
         normalize = [p.normalize if p else False for p in plan]
+        want_b64 = [bool(p and p.base64 is not None) for p in plan]
         try:
-            out = self.runner.run(inputs, dims, normalize)
+            out = self.runner.run(inputs, dims, normalize, want_b64)
         except Exception as exc:
             log.exception("forward pass of %d inputs (%d tokens) failed", len(inputs), step.num_tokens)
             failed = {e.request_id for e in step.entries}
@@ -315,13 +323,15 @@ class Engine:
                 p.loop.call_soon_threadsafe(_set_exception, p.future, err)
             return
         with self._cond:
-            for row, e, p in zip(out, step.entries, plan):
+            for i, (row, e, p) in enumerate(zip(out.vectors, step.entries, plan)):
                 if p is not None:
                     p.rows[e.index] = row
+                    if p.base64 is not None:
+                        p.base64[e.index] = out.base64_row(i)
             finished = self.scheduler.complete(step)
             done = [self._pending.pop(rid) for rid in finished if rid in self._pending]
         for p in done:
-            result = EmbedResult(p.rows[:, : p.dims], p.token_counts)
+            result = EmbedResult(p.rows[:, : p.dims], p.token_counts, p.base64)
             p.loop.call_soon_threadsafe(_set_result, p.future, result)
 
 

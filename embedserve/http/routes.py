@@ -84,9 +84,16 @@ async def _until_disconnect(request: Request, work: asyncio.Future):
     raise ClientGone
 
 
-def encode_embeddings(vectors, token_counts: list[int], fmt: str, model: str) -> bytes:
-    """``vectors [n, k]`` float32 -> response JSON. base64 is little-endian float32, built without a float loop."""
-    if fmt == "base64":
+def encode_embeddings(
+    vectors, token_counts: list[int], fmt: str, model: str, ready_base64: list[bytes] | None = None
+) -> bytes:
+    """``vectors [n, k]`` float32 -> response JSON. base64 is little-endian float32, built without a float loop:
+    spliced as made by the engine's pool+encode kernel when it made it, else encoded row by row here."""
+    if fmt == "base64" and ready_base64 is not None:
+        items = [
+            EmbeddingItem(index=i, embedding=msgspec.Raw(b'"' + text + b'"')) for i, text in enumerate(ready_base64)
+        ]
+    elif fmt == "base64":
         rows = vectors.numpy().astype("<f4", copy=False)
         items = [
             EmbeddingItem(index=i, embedding=msgspec.Raw(b'"' + base64.b64encode(row.tobytes()) + b'"'))
@@ -111,14 +118,16 @@ async def embeddings(request: Request) -> Response:
             param="model", code="model_not_found",
         )
     inputs = parse_input(req.input, max_items=svc.config.max_inputs_per_request)
+    fmt = req.encoding_format or "float"
     options = EmbedOptions(
-        dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name
+        dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
+        base64=fmt == "base64",
     )
     try:
         result = await _until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; uvicorn discards it
-    body = encode_embeddings(result.vectors, result.token_counts, req.encoding_format or "float", svc.served_name)
+    body = encode_embeddings(result.vectors, result.token_counts, fmt, svc.served_name, result.base64)
     return Response(body, media_type="application/json")
 
 

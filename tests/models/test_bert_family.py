@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny_encoder, hf_embed, mixed_texts
+from tiny import build_tiny_encoder, hf_embed, mixed_texts
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine.front import EmbedOptions, Engine
 

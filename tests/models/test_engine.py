@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from conftest import build_tiny_encoder
+from tiny import build_tiny_encoder
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from embedserve.engine.front import EmbedOptions, Engine
 from embedserve.errors import ConfigError, ContextLengthExceeded, EngineError, InvalidRequest, Overloaded
@@ -40,12 +40,12 @@ class Gate:
         self.calls: list[int] = []  # inputs per step
         engine.runner.run = self
 
-    def __call__(self, inputs, dims, normalize):
+    def __call__(self, inputs, *args):
         self.calls.append(len(inputs))
         if len(self.calls) == 1:
             self.entered.set()
             assert self.release.wait(30)
-        return self.real(inputs, dims, normalize)
+        return self.real(inputs, *args)
 
 
 async def wait_for(event: threading.Event) -> None:
@@ -72,10 +72,10 @@ def test_a_failing_forward_fails_exactly_its_batch(engine):
     gate = Gate(engine)
     real = gate.real
 
-    def boom(inputs, dims, normalize):
+    def boom(inputs, *args):
         if len(gate.calls) == 2:
             raise RuntimeError("injected fault")
-        return real(inputs, dims, normalize)
+        return real(inputs, *args)
 
     gate.real = boom
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny_encoder
+from tiny import build_tiny_encoder
 from embedserve.errors import ModelLoadError
 from embedserve.models.sentence import load_model
 
@@ -149,10 +149,19 @@ def test_dense_head_and_sentence_configs_are_read(copy):
 
     texts = ["a dense head", "word " * 300, ""]
     ref = SentenceTransformer(str(copy), device="cpu").encode(texts, convert_to_tensor=True)
-    engine = Engine(EngineConfig(model=ModelConfig(path=str(copy))))
-    engine.start()
-    try:
-        got = asyncio.run(engine.embed(texts)).vectors
-    finally:
-        engine.shutdown()
-    assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.99999
+    from embedserve.engine.front import EmbedOptions
+
+    for kernel in ("torch", "triton"):  # the fused kernel splits around the Dense layer
+        engine = Engine(EngineConfig(model=ModelConfig(path=str(copy), pool_kernel=kernel)))
+        engine.start()
+        try:
+            result = asyncio.run(engine.embed(texts, EmbedOptions(base64=True)))
+        finally:
+            engine.shutdown()
+        assert torch.nn.functional.cosine_similarity(result.vectors, ref).min() >= 0.99999, kernel
+        import base64
+
+        import numpy as np
+
+        for row, text in zip(result.vectors, result.base64):
+            assert text == base64.b64encode(np.asarray(row, "<f4").tobytes())

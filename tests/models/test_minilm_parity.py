@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import mixed_texts
+from tiny import mixed_texts
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine.front import Engine
 

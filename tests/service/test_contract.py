@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import run_server
+from serving import run_server
 
 D = 384
 TEXTS = ["The cat sits on the mat.", "Embeddings map text to vectors.", "", "Ünïcödé テスト 🙂", "a"]
@@ -320,3 +320,45 @@ def test_flags_fall_back_to_environment_variables():
     help_text = build_parser({}).parse_args.__self__._subparsers._group_actions[0].choices["serve"].format_help()
     for var in ("EMBEDSERVE_MODEL", "EMBEDSERVE_MAX_QUEUE", "EMBEDSERVE_API_KEY", "EMBEDSERVE_DTYPE"):
         assert var in help_text
+
+
+def test_cases_1_3_9_with_the_triton_pool_encode_kernel_forced_on(tmp_path, st_embed):
+    """The fused kernel (Triton's interpreter on CPU) end to end: floats, base64 spliced from the kernel's bytes,
+    dimensions and normalize mixed in one batch."""
+    import asyncio
+
+    with run_server(tmp_path, "--pool-kernel", "triton", env={"TRITON_INTERPRET": "1"}) as s:
+        assert "pool+encode triton" in s.output()
+        variants = [
+            {"encoding_format": "float"},
+            {"encoding_format": "base64"},
+            {"encoding_format": "base64", "dimensions": 100},  # 400 bytes: 100 % 3 == 1 -> '==' padding
+            {"encoding_format": "base64", "dimensions": 65},  # 65 % 3 == 2 -> '=' padding
+            {"encoding_format": "float", "normalize": False},
+        ]
+
+        async def together():
+            async with httpx.AsyncClient(timeout=120) as c:
+                return await asyncio.gather(
+                    *(c.post(s.url + "/v1/embeddings", json={"input": TEXTS, "model": "m", **v}) for v in variants)
+                )
+
+        responses = asyncio.run(together())
+    ref = st_embed(TEXTS)
+    for v, r in zip(variants, responses):
+        assert r.status_code == 200, r.text
+        k = v.get("dimensions", D)
+        want = ref[:, :k] / np.linalg.norm(ref[:, :k], axis=1, keepdims=True)
+        got = []
+        for item in r.json()["data"]:
+            e = item["embedding"]
+            if isinstance(e, str):
+                raw = base64.b64decode(e, validate=True)
+                assert len(raw) == 4 * k and e == base64.b64encode(raw).decode()
+                e = np.frombuffer(raw, "<f4")
+            got.append(e)
+        got = np.asarray(got, dtype=np.float64)
+        assert got.shape == (len(TEXTS), k)
+        assert cosine(got, want).min() >= 0.9999
+        if v.get("normalize", True):
+            np.testing.assert_allclose(got, want, atol=1e-5)

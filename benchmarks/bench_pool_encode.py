@@ -11,8 +11,8 @@ at a CPU-sized token count.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -21,19 +21,16 @@ from embedserve.kernels.linear import select_linear_backend
 from embedserve.kernels.pool_encode import b64_lengths, pool_encode_torch, pool_encode_triton, triton_available
 from embedserve.models.bert import BertArgs, BertModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
+
 
 def timed_ms(fn, device: torch.device, repeats: int = 5) -> float:
     if device.type == "cuda" and triton_available():
         from triton.testing import do_bench
 
         return do_bench(fn)
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return median_ms(fn, repeats)
 
 
 def segments(tokens: int, batch: int, device: torch.device, seed: int = 0) -> torch.Tensor:

@@ -16,6 +16,10 @@ Backends, chosen once at start-up by :func:`select_backend` and logged:
 
 Callers build an :class:`AttentionBatch` once per forward pass (it holds the host-side bookkeeping)
 and pass it to :func:`varlen_attention` in every layer.
+
+Masking: ``causal`` keeps a token off later tokens; ``window`` (transformers' ``sliding_window``) keeps it
+off tokens ``window`` or more positions away (only earlier ones matter when causal). Query and key tokens of
+different sequences never see each other. GQA (fewer key/value heads than query heads) works everywhere.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class AttentionBatch:
     max_seqlen: int
     lengths: list[int]
     causal: bool = False
+    window: int | None = None
     buckets: list[_Bucket] = field(default_factory=list)
     solo: list[tuple[int, int]] = field(default_factory=list)  # (start, length) run one by one
 
@@ -154,12 +159,20 @@ def _make_buckets(
 
 
 def prepare(
-    backend: str, cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = False, solo_min: int | None = None
+    backend: str,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    solo_min: int | None = None,
 ) -> AttentionBatch:
     """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device."""
     offsets = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    batch = AttentionBatch(backend, cu_seqlens, max_seqlen, lengths, causal)
+    if window is not None and window >= max_seqlen:
+        window = None  # the window covers every sequence whole: plain (causal) attention
+    batch = AttentionBatch(backend, cu_seqlens, max_seqlen, lengths, causal, window)
     if backend == "sdpa_bucketed":
         batch.buckets, batch.solo = _make_buckets(
             lengths, offsets, cu_seqlens.device, SOLO_MIN_LENGTH if solo_min is None else solo_min
@@ -180,10 +193,30 @@ def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[1] != k.shape[1]
 
 
+def _flash_window(batch: AttentionBatch) -> tuple[int, int]:
+    """(left, right) token distances a query may look, -1 for unlimited: flash-attention's convention."""
+    reach = -1 if batch.window is None else batch.window - 1
+    return reach, 0 if batch.causal else reach
+
+
+def _mask(n: int, batch: AttentionBatch, device: torch.device) -> torch.Tensor | None:
+    """``[n, n]`` bool, True where query row i may attend key column j; None when nothing is masked."""
+    if not batch.causal and batch.window is None:
+        return None
+    i = torch.arange(n, device=device).unsqueeze(1)
+    j = torch.arange(n, device=device).unsqueeze(0)
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device)
+    if batch.causal:
+        allowed &= j <= i
+    if batch.window is not None:
+        allowed &= (i - j).abs() < batch.window
+    return allowed
+
+
 def _torch_varlen(q, k, v, batch: AttentionBatch, scale):
     from torch.nn.attention.varlen import varlen_attn
 
-    window = (-1, 0) if batch.causal else (-1, -1)
+    window = _flash_window(batch)
     return varlen_attn(
         q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
         scale=scale, window_size=window, enable_gqa=_gqa(q, k),
@@ -195,25 +228,30 @@ def _flash_attn(q, k, v, batch: AttentionBatch, scale):
 
     return flash_attn_varlen_func(
         q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
-        softmax_scale=scale, causal=batch.causal,
+        softmax_scale=scale, causal=batch.causal, window_size=_flash_window(batch),
     )
 
 
-def _one_by_one(q, k, v, out, spans, causal: bool, scale) -> None:
+def _one_by_one(q, k, v, out, spans, batch: AttentionBatch, scale) -> None:
     gqa = _gqa(q, k)
+    windowed = batch.window is not None
     for start, n in spans:
         end = start + n
         # Strided [1, H, n, D] views of the packed tensors: no copies in.
         qs = q[start:end].transpose(0, 1).unsqueeze(0)
         ks = k[start:end].transpose(0, 1).unsqueeze(0)
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
+        if windowed:
+            mask = _mask(n, batch, q.device)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=batch.causal, scale=scale, enable_gqa=gqa)
         out[start:end] = o[0].transpose(0, 1)
 
 
 def _sdpa_segments(q, k, v, batch: AttentionBatch, scale):
     out = torch.empty_like(q)
-    _one_by_one(q, k, v, out, batch.solo, batch.causal, scale)
+    _one_by_one(q, k, v, out, batch.solo, batch, scale)
     return out
 
 
@@ -222,17 +260,24 @@ def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
     Hkv = k.shape[1]
     gqa = Hq != Hkv
     out = torch.empty_like(q)
-    _one_by_one(q, k, v, out, batch.solo, batch.causal, scale)
+    _one_by_one(q, k, v, out, batch.solo, batch, scale)
     for b in batch.buckets:
         G, L = b.groups, b.length
         qs = q.index_select(0, b.gather).view(G, L, Hq, D).transpose(1, 2)  # [G, Hq, L, D]
         ks = k.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
         vs = v.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
-        if batch.causal:
+        shape = _mask(L, batch, q.device)  # [L, L] causal / window, shared by every group
+        if shape is None:
+            mask = b.key_mask
+        elif batch.causal and batch.window is None:
             # Right padding: causal masking alone keeps real queries off the padded keys.
+            mask = None
+        else:
+            mask = shape if b.key_mask is None else shape & b.key_mask  # [G, 1, L, L]
+        if mask is None and batch.causal:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=b.key_mask, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
         # o [G, Hq, L, D]: pick the real (group, position) slots straight into packed order.
         out.index_copy_(0, b.scatter, o[b.slot_group, :, b.slot_pos])
     return out
@@ -245,8 +290,9 @@ def _dense(q, k, v, batch: AttentionBatch, scale):
         torch.tensor(batch.lengths, device=q.device),
     )
     mask = seg[:, None] == seg[None, :]  # [T, T]
-    if batch.causal:
-        mask &= torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    packed = _mask(T, batch, q.device)  # within a sequence, packed index distance = position distance
+    if packed is not None:
+        mask &= packed
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
         attn_mask=mask, scale=scale, enable_gqa=_gqa(q, k),

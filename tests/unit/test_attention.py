@@ -12,7 +12,7 @@ CPU = torch.device("cpu")
 BACKENDS_HERE = [b for b in _available_backends(CPU) if b != "dense"]
 
 
-def reference(q, k, v, lengths, causal):
+def reference(q, k, v, lengths, causal, window=None):
     """Each sequence alone, in fp32, with an explicit mask: the plainest possible definition."""
     outs, start = [], 0
     rep = q.shape[1] // k.shape[1]
@@ -20,8 +20,13 @@ def reference(q, k, v, lengths, causal):
         qs, ks, vs = (t[start : start + n].float().transpose(0, 1) for t in (q, k, v))
         ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
         scores = qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5
+        keep = torch.ones(n, n, dtype=torch.bool)
         if causal:
-            scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+            keep &= torch.ones(n, n, dtype=torch.bool).tril()
+        if window is not None:  # transformers' sliding_window: distance < window
+            pos = torch.arange(n)
+            keep &= (pos[:, None] - pos[None, :]).abs() < window
+        scores = scores.masked_fill(~keep, float("-inf"))
         outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
         start += n
     return torch.cat(outs)
@@ -47,6 +52,19 @@ def test_backend_matches_reference(backend, lengths, causal, heads):
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     out = varlen_attention(q, k, v, prepare(backend, cu, max(lengths), causal=causal))
     torch.testing.assert_close(out, reference(q, k, v, lengths, causal), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE + ["dense"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 4, 50])
+def test_sliding_window_matches_reference(backend, causal, window):
+    torch.manual_seed(2)
+    lengths = LENGTH_SETS["mixed"]
+    T = sum(lengths)
+    q, k, v = torch.randn(T, 6, 16), torch.randn(T, 2, 16), torch.randn(T, 2, 16)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    out = varlen_attention(q, k, v, prepare(backend, cu, max(lengths), causal=causal, window=window))
+    torch.testing.assert_close(out, reference(q, k, v, lengths, causal, window), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)

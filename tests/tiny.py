@@ -70,6 +70,8 @@ def build_tiny_encoder(
         for name, p in model.named_parameters():
             if "LayerNorm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif "attention.self.query.weight" in name or "attention.self.key.weight" in name:
+                p.mul_(8)  # peaky attention, so positions and masks change the answer
     model.eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -109,3 +111,77 @@ def mixed_texts(n: int, seed: int = 0) -> list[str]:
         k = rng.choice([1, 2, 5, 12, 40, 90, 180, 290])
         out.append(" ".join(rng.choice(words) for _ in range(k)))
     return out
+
+
+DECODERS = ("qwen3", "qwen2", "llama", "mistral")
+
+
+def build_tiny_decoder(directory: Path, kind: str, *, pooling: str = "last", normalize: bool = False, seed: int = 0,
+                       **overrides):
+    """A random decoder (GQA on, odd widths) saved with save_pretrained, plus MiniLM's tokenizer.
+
+    Qwen3 and Qwen2 as configured by default; Llama with Llama-3 RoPE scaling; Mistral with a sliding window
+    short enough that 300-token inputs cross it. Returns the transformers model (fp32, eval).
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=30522,
+        hidden_size=40,
+        intermediate_size=74,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    if kind == "qwen3":
+        config = transformers.Qwen3Config(**common, rope_theta=1_000_000.0)
+        model = transformers.Qwen3Model(config)
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2Model(config)
+    elif kind == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        config = transformers.LlamaConfig(**common, rope_parameters=rope)
+        model = transformers.LlamaModel(config)
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**common, sliding_window=16)
+        model = transformers.MistralModel(config)
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)  # norms start at identity: make them matter
+            elif name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif any(f"{n}_proj.weight" in name for n in "qk"):
+                p.mul_(10)  # peaky attention, so positions, masks and RoPE change the answer
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_DIR / name, directory / name)
+    write_sentence_modules(directory, pooling=pooling, normalize=normalize, dim=common["hidden_size"])
+    return model
+
+
+def hf_embed_each(model, tokenizer_dir: Path, texts: list[str], *, pooling: str, max_length: int = 512) -> torch.Tensor:
+    """transformers' forward on each text alone (no padding anywhere), then the pooling."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+            hidden = model(input_ids=ids).last_hidden_state[0]  # [n, H]
+            out.append({"mean": hidden.mean(0), "last": hidden[-1], "cls": hidden[0]}[pooling])
+    return torch.stack(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.linear import ACTIVATIONS
 
@@ -28,3 +30,16 @@ def activation(name: str) -> str:
             f"activation {name!r} is not supported; supported: {', '.join(sorted(_HF_ACTIVATIONS))}"
         )
     return act
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, plus_one: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in fp32 as transformers does.
+
+    ``plus_one``: Gemma's form, which scales by ``1 + weight`` in fp32 before casting back; the Llama form
+    casts back first, then scales by ``weight``.
+    """
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if plus_one:
+        return (h * (1.0 + weight.float())).to(x.dtype)
+    return weight * h.to(x.dtype)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from embedserve.errors import ModelLoadError
-from embedserve.models import bert
+from embedserve.models import bert, llama
 
 # name -> (args builder, model class)
 _BERT = (bert.BertArgs.from_hf_config, bert.BertModel)
+_LLAMA = (llama.LlamaArgs.from_hf_config, llama.LlamaModel)
 
 ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "BertModel": _BERT,
@@ -18,12 +19,24 @@ ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "RobertaForMaskedLM": _BERT,
     "XLMRobertaModel": _BERT,
     "XLMRobertaForMaskedLM": _BERT,
+    "LlamaModel": _LLAMA,
+    "LlamaForCausalLM": _LLAMA,
+    "MistralModel": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2Model": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+    "Qwen3Model": _LLAMA,
+    "Qwen3ForCausalLM": _LLAMA,
 }
 
 MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
 }
 
 

@@ -1,0 +1,187 @@
+"""Llama-style decoders over packed tokens: Llama, Mistral, Qwen2, Qwen3.
+
+One block shape covers the family: RMSNorm -> attention with RoPE and GQA -> RMSNorm -> SwiGLU MLP, a final
+RMSNorm. What differs is read from the config: Qwen2 has q/k/v biases, Qwen3 RMS-normalises q and k per head
+before RoPE, Mistral (and Qwen2 with ``use_sliding_window``) attends within a sliding window, and Llama 3
+scales RoPE. Attention is causal, as these models were trained; embedding heads (last-token or mean
+pooling) come from the sentence-transformers modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedserve.errors import ModelLoadError
+from embedserve.kernels.attention import prepare, varlen_attention
+from embedserve.kernels.linear import linear
+from embedserve.models.layers import activation, rms_norm
+from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
+
+
+def _layer_windows(cfg: dict, num_layers: int) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types and len(types) != num_layers:
+        raise ModelLoadError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    if cfg.get("model_type") in ("qwen2", "qwen3"):
+        # transformers builds layer_types from use_sliding_window / max_window_layers for these.
+        if not cfg.get("use_sliding_window") or not window:
+            return (None,) * num_layers
+        if not types:
+            first = cfg.get("max_window_layers", num_layers)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if types:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (window if window else None,) * num_layers
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    hidden_act: str
+    max_position_embeddings: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    windows: tuple[int | None, ...]
+    rope: RopeSpec
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> LlamaArgs:
+        model_type = cfg.get("model_type")
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ModelLoadError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        attention_bias = bool(cfg.get("attention_bias", False))
+        layers = cfg["num_hidden_layers"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            hidden_act=cfg.get("hidden_act", "silu"),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            windows=_layer_windows(cfg, layers),
+            rope=RopeSpec.from_hf_config(cfg),
+        )
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, a: LlamaArgs) -> None:
+        super().__init__()
+        H, d = a.hidden_size, a.head_dim
+        self.heads, self.kv_heads, self.head_dim, self.eps = a.num_heads, a.num_kv_heads, d, a.rms_norm_eps
+        self.attn_norm = nn.Parameter(torch.empty(H))
+        self.qkv = nn.Linear(H, (a.num_heads + 2 * a.num_kv_heads) * d, bias=a.qkv_bias)
+        self.q_norm = nn.Parameter(torch.empty(d)) if a.qk_norm else None
+        self.k_norm = nn.Parameter(torch.empty(d)) if a.qk_norm else None
+        self.o = nn.Linear(a.num_heads * d, H, bias=a.o_bias)
+        self.mlp_norm = nn.Parameter(torch.empty(H))
+        self.gate_up = nn.Linear(H, 2 * a.intermediate_size, bias=a.mlp_bias)
+        self.down = nn.Linear(a.intermediate_size, H, bias=a.mlp_bias)
+        self.act = activation(a.hidden_act)
+        if self.act != "silu":
+            raise ModelLoadError(f"hidden_act {a.hidden_act!r} is not supported for this family (silu only)")
+
+    def forward(self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: str) -> torch.Tensor:
+        T = h.shape[0]
+        d = self.head_dim
+        x = rms_norm(h, self.attn_norm, self.eps)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias, backend=lb)  # [T, (nq + 2 nkv) d]
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=1)
+        q = q.view(T, self.heads, d)
+        k = k.view(T, self.kv_heads, d)
+        v = v.view(T, self.kv_heads, d)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        a = varlen_attention(q, k, v, attn, scale=d**-0.5).reshape(T, self.heads * d)
+        h = h + linear(a, self.o.weight, self.o.bias, backend=lb)
+        x = rms_norm(h, self.mlp_norm, self.eps)
+        gate, up = linear(x, self.gate_up.weight, self.gate_up.bias, backend=lb).chunk(2, dim=1)  # [T, I] each
+        return h + linear(F.silu(gate) * up, self.down.weight, self.down.bias, backend=lb)
+
+
+class LlamaModel(nn.Module):
+    causal = True
+    weight_prefixes = ("", "model.")
+    ignored_weights = (r"lm_head\..*", r".*rotary_emb\.inv_freq", r"score\..*")
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(args) for _ in range(args.num_layers))
+        self.norm = nn.Parameter(torch.empty(args.hidden_size))
+        self.attention_backend = "dense"
+        self.linear_backend = "torch"
+
+    @property
+    def max_length(self) -> int:
+        return self.args.max_position_embeddings
+
+    @property
+    def hidden_size(self) -> int:
+        return self.args.hidden_size
+
+    def weight_map(self) -> dict[str, tuple[str, ...]]:
+        a = self.args
+        m = {"embed.weight": ("embed_tokens.weight",), "norm": ("norm.weight",)}
+        for i in range(a.num_layers):
+            src, dst = f"layers.{i}.", f"layers.{i}."
+            m[dst + "attn_norm"] = (src + "input_layernorm.weight",)
+            m[dst + "mlp_norm"] = (src + "post_attention_layernorm.weight",)
+            m[dst + "qkv.weight"] = tuple(src + f"self_attn.{p}_proj.weight" for p in "qkv")
+            if a.qkv_bias:
+                m[dst + "qkv.bias"] = tuple(src + f"self_attn.{p}_proj.bias" for p in "qkv")
+            m[dst + "o.weight"] = (src + "self_attn.o_proj.weight",)
+            if a.o_bias:
+                m[dst + "o.bias"] = (src + "self_attn.o_proj.bias",)
+            if a.qk_norm:
+                m[dst + "q_norm"] = (src + "self_attn.q_norm.weight",)
+                m[dst + "k_norm"] = (src + "self_attn.k_norm.weight",)
+            m[dst + "gate_up.weight"] = (src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight")
+            m[dst + "down.weight"] = (src + "mlp.down_proj.weight",)
+            if a.mlp_bias:
+                m[dst + "gate_up.bias"] = (src + "mlp.gate_proj.bias", src + "mlp.up_proj.bias")
+                m[dst + "down.bias"] = (src + "mlp.down_proj.bias",)
+        return m
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
+        a = self.args
+        batches = {
+            w: prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=True, window=w)
+            for w in set(a.windows)
+        }
+        inv_freq = a.rope.inv_freq(a.head_dim).to(input_ids.device)
+        cos, sin = cos_sin(positions, inv_freq, self.embed.weight.dtype)  # [T, 1, d]
+        h = self.embed(input_ids)  # [T, H]
+        for layer, window in zip(self.layers, a.windows):
+            h = layer(h, batches[window], cos, sin, self.linear_backend)
+        return rms_norm(h, self.norm, a.rms_norm_eps)

@@ -1,0 +1,82 @@
+"""Tiny random decoders (Qwen3, Qwen2, Llama with Llama-3 RoPE, Mistral with a sliding window) vs transformers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedserve.config import EngineConfig, ModelConfig
+from embedserve.engine.front import Engine
+from tiny import DECODERS, build_tiny_decoder, hf_embed_each, mixed_texts
+
+
+def make_engine(path, dtype="float32", attention="auto") -> Engine:
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(path), dtype=dtype, attention=attention)))
+    engine.start()
+    return engine
+
+
+async def embed_each(engine: Engine, texts):
+    results = await asyncio.gather(*(engine.embed([t]) for t in texts))
+    return torch.cat([r.vectors for r in results])
+
+
+@pytest.fixture(scope="module", params=DECODERS)
+def tiny(request, tmp_path_factory):
+    kind = request.param
+    path = tmp_path_factory.mktemp(kind)
+    return kind, path, build_tiny_decoder(path, kind, pooling="last")
+
+
+TEXTS = mixed_texts(30, seed=4) + ["", "a"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa_bucketed", "sdpa_segments", "dense"])
+def test_fp32_last_token_matches_transformers(tiny, attention):
+    kind, path, model = tiny
+    engine = make_engine(path, attention=attention)
+    try:
+        got = asyncio.run(embed_each(engine, TEXTS))
+    finally:
+        engine.shutdown()
+    ref = hf_embed_each(model, path, TEXTS, pooling="last")
+    cos = F.cosine_similarity(got, ref)
+    assert cos.min() >= 0.99999, (kind, attention, float(cos.min()))
+
+
+def test_bf16_close_to_transformers_fp32(tiny):
+    kind, path, model = tiny
+    engine = make_engine(path, dtype="bfloat16")
+    try:
+        got = asyncio.run(embed_each(engine, TEXTS))
+    finally:
+        engine.shutdown()
+    ref = hf_embed_each(model, path, TEXTS, pooling="last")
+    assert F.cosine_similarity(got, ref).min() >= 0.999, kind
+
+
+def test_batch_invariance(tiny):
+    kind, path, _ = tiny
+    engine = make_engine(path)
+    try:
+        batch = asyncio.run(engine.embed(TEXTS)).vectors
+        for i in (0, 13, len(TEXTS) - 1):
+            alone = asyncio.run(engine.embed([TEXTS[i]])).vectors[0]
+            assert (alone - batch[i]).abs().max() <= 1e-5, (kind, i)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "mistral"])
+def test_mean_pooling(kind, tmp_path):
+    model = build_tiny_decoder(tmp_path, kind, pooling="mean", seed=3)
+    engine = make_engine(tmp_path)
+    try:
+        got = asyncio.run(engine.embed(TEXTS)).vectors
+    finally:
+        engine.shutdown()
+    ref = hf_embed_each(model, tmp_path, TEXTS, pooling="mean")
+    assert F.cosine_similarity(got, ref).min() >= 0.99999

@@ -113,7 +113,7 @@ def mixed_texts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-DECODERS = ("qwen3", "qwen2", "llama", "mistral")
+DECODERS = ("qwen3", "qwen2", "llama", "mistral", "gemma3", "gemma3-bidirectional")
 
 
 def build_tiny_decoder(directory: Path, kind: str, *, pooling: str = "last", normalize: bool = False, seed: int = 0,
@@ -152,6 +152,13 @@ def build_tiny_decoder(directory: Path, kind: str, *, pooling: str = "last", nor
     elif kind == "mistral":
         config = transformers.MistralConfig(**common, sliding_window=16)
         model = transformers.MistralModel(config)
+    elif kind.startswith("gemma3"):
+        # Alternating sliding (window 16) and global layers, each with its own RoPE base.
+        config = transformers.Gemma3TextConfig(
+            **common, sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=10, use_bidirectional_attention=kind.endswith("bidirectional"),
+        )
+        model = transformers.Gemma3TextModel(config)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():

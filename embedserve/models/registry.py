@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from embedserve.errors import ModelLoadError
-from embedserve.models import bert, llama
+from embedserve.models import bert, gemma3, llama
 
 # name -> (args builder, model class)
 _BERT = (bert.BertArgs.from_hf_config, bert.BertModel)
 _LLAMA = (llama.LlamaArgs.from_hf_config, llama.LlamaModel)
+_GEMMA3 = (gemma3.Gemma3Args.from_hf_config, gemma3.Gemma3Model)
 
 ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "BertModel": _BERT,
@@ -27,6 +28,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "Qwen2ForCausalLM": _LLAMA,
     "Qwen3Model": _LLAMA,
     "Qwen3ForCausalLM": _LLAMA,
+    "Gemma3TextModel": _GEMMA3,
+    "Gemma3ForCausalLM": _GEMMA3,
 }
 
 MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
@@ -37,6 +40,7 @@ MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma3_text": _GEMMA3,
 }
 
 

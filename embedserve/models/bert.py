@@ -15,7 +15,7 @@ from torch import nn
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import prepare, varlen_attention
 from embedserve.kernels.linear import linear
-from embedserve.models.layers import activation
+from embedserve.models.layers import Embedding, activation
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,9 +102,9 @@ class BertModel(nn.Module):
         super().__init__()
         self.args = args
         H = args.hidden_size
-        self.word_embeddings = nn.Embedding(args.vocab_size, H)
-        self.position_embeddings = nn.Embedding(args.max_position_embeddings, H)
-        self.token_type_embeddings = nn.Embedding(args.type_vocab_size, H)
+        self.word_embeddings = Embedding(args.vocab_size, H)
+        self.position_embeddings = Embedding(args.max_position_embeddings, H)
+        self.token_type_embeddings = Embedding(args.type_vocab_size, H)
         self.embed_norm = nn.LayerNorm(H, eps=args.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(args) for _ in range(args.num_layers))
         # Kernel backends, chosen once by the engine at start-up.

@@ -19,7 +19,7 @@ from torch import nn
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import prepare, varlen_attention
 from embedserve.kernels.linear import linear
-from embedserve.models.layers import rms_norm
+from embedserve.models.layers import Embedding, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -138,7 +138,7 @@ class Gemma3Model(nn.Module):
         super().__init__()
         self.args = args
         self.causal = args.causal
-        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Gemma3Layer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size))
         self.attention_backend = "dense"

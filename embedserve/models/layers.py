@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.linear import ACTIVATIONS
@@ -43,3 +45,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, plus_one: boo
     if plus_one:
         return (h * (1.0 + weight.float())).to(x.dtype)
     return weight * h.to(x.dtype)
+
+
+class Embedding(nn.Module):
+    """A lookup table with no initialisation: weights always come from the checkpoint. (nn.Embedding's
+    random init, run on the meta device, would import ~150 MB of torch's decomposition modules.)"""
+
+    def __init__(self, num: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)

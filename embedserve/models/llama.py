@@ -18,7 +18,7 @@ from torch import nn
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import prepare, varlen_attention
 from embedserve.kernels.linear import linear
-from embedserve.models.layers import activation, rms_norm
+from embedserve.models.layers import Embedding, activation, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
 
@@ -133,7 +133,7 @@ class LlamaModel(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size))
         self.attention_backend = "dense"

@@ -5,19 +5,22 @@ concatenated along dim 0, e.g. q/k/v into one fused projection) and ``ignored_we
 checkpoint tensors it deliberately does not use, such as a pretraining head). Everything else is strict:
 a missing, unexpected or mis-shaped tensor is a :class:`ModelLoadError` naming it.
 
-Tensors are read one at a time straight into their final dtype and device, and assigned into a model
-that was built on the meta device, so no second full copy of the weights ever exists.
+Tensors are read one at a time with plain file reads (no memory map) straight into their final dtype and
+device, and assigned into a model that was built on the meta device, so no second full copy of the weights
+ever exists: peak host memory while loading stays close to the checkpoint's size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from embedserve.errors import ModelLoadError
@@ -26,28 +29,79 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
+# safetensors dtype names -> torch dtypes (the format is little-endian, as are the hosts we run on)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    """The safetensors header: an 8-byte little-endian length, then JSON naming every tensor's bytes."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100 * 1024 * 1024:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+        file_size = path.stat().st_size
+    except (OSError, ValueError, struct.error) as e:
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(int(n) for n in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{path}: tensor {name} has a malformed header entry {info!r}") from None
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected or 8 + size + end > file_size:
+            raise ModelLoadError(f"{path}: tensor {name} ({info['dtype']} {list(shape)}) has a wrong byte range")
+        entries[name] = _Entry(path, dtype, shape, 8 + size + begin, end - begin)
+    return entries
+
+
 class SafetensorsCheckpoint:
-    """A single ``model.safetensors`` or a sharded set with its index, opened lazily."""
+    """A single ``model.safetensors`` or a sharded set with its index.
+
+    Tensors are read with plain file reads straight into their destination tensor: no memory map, so a
+    loaded model holds its weights once, not once more in mapped file pages.
+    """
 
     def __init__(self, directory: Path, *, file: str = WEIGHTS_FILE, index: str = WEIGHTS_INDEX) -> None:
         self.directory = directory
         single, indexed = directory / file, directory / index
         if single.is_file():
-            files = {single}
-            self._where: dict[str, Path] = {}
-            with safe_open(single, framework="pt") as f:
-                for name in f.keys():
-                    self._where[name] = single
+            self._entries = _read_header(single)
         elif indexed.is_file():
             try:
                 weight_map = json.loads(indexed.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
                 raise ModelLoadError(f"{indexed} is not a safetensors index (no weight_map): {e}") from e
-            self._where = {name: directory / shard for name, shard in weight_map.items()}
-            files = set(self._where.values())
-            for shard in files:
-                if not shard.is_file():
-                    raise ModelLoadError(f"shard {shard.name} named in {indexed.name} is missing from {directory}")
+            self._entries = {}
+            for shard in sorted(set(weight_map.values())):
+                path = directory / shard
+                if not path.is_file():
+                    raise ModelLoadError(f"shard {shard} named in {indexed.name} is missing from {directory}")
+                for name, entry in _read_header(path).items():
+                    if weight_map.get(name) == shard:
+                        self._entries[name] = entry
+            absent = sorted(set(weight_map) - set(self._entries))
+            if absent:
+                raise ModelLoadError(f"{indexed.name} names tensors its shards do not hold: {', '.join(absent[:8])}")
         else:
             pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
             hint = (
@@ -56,19 +110,25 @@ class SafetensorsCheckpoint:
                 else ""
             )
             raise ModelLoadError(f"no {file} or {index} in {directory}{hint}")
-        self._handles = {path: safe_open(path, framework="pt") for path in files}
 
     def names(self) -> set[str]:
-        return set(self._where)
+        return set(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._entries[name].shape
 
-    def read(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        tensor = self._handles[self._where[name]].get_tensor(name)
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype=dtype)
-        return tensor.to(device=device)
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill the contiguous CPU tensor ``out`` (the tensor's shape; any float dtype) from the file."""
+        e = self._entries[name]
+        direct = out.dtype == e.dtype
+        target = out if direct else torch.empty(e.shape, dtype=e.dtype)  # one tensor's worth of staging
+        if e.nbytes:
+            with open(e.path, "rb") as f:
+                f.seek(e.offset)
+                if f.readinto(memoryview(target.view(-1).view(torch.uint8).numpy())) != e.nbytes:
+                    raise ModelLoadError(f"{e.path}: tensor {name} is truncated")
+        if not direct:
+            out.copy_(target)
 
 
 def _detect_prefix(names: set[str], wanted: Iterable[str], prefixes: tuple[str, ...]) -> str:
@@ -135,9 +195,13 @@ def load_weights(
                 f"tensor {', '.join(prefix + s for s in sources)} in {where} has shape {got}, "
                 f"the model's configuration expects {want}"
             )
-        parts = [checkpoint.read(prefix + s, dtype, device) for s in sources]
-        _assign(model, ours, parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
-        del parts
+        # Read every part straight into its rows of the final tensor: no concatenation copies.
+        host = torch.empty(want, dtype=dtype)
+        row = 0
+        for source, shape in zip(sources, shapes):
+            checkpoint.read_into(prefix + source, host[row : row + shape[0]])
+            row += shape[0]
+        _assign(model, ours, host if device.type == "cpu" else host.to(device))
 
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:

@@ -165,3 +165,47 @@ def test_dense_head_and_sentence_configs_are_read(copy):
 
         for row, text in zip(result.vectors, result.base64):
             assert text == base64.b64encode(np.asarray(row, "<f4").tobytes())
+
+
+def test_peak_host_memory_while_loading_stays_within_1_2x_the_checkpoint(tmp_path):
+    """A ~310 MB random Qwen3-shaped checkpoint, loaded in a fresh process: weights are read straight into
+    their final tensors, so the process grows by about the file's size, not twice it.
+"""
+    import subprocess
+    import sys
+
+    H, I, L, V, heads, kv, d = 1024, 2816, 4, 30522, 16, 8, 64
+    cfg = {"architectures": ["Qwen3Model"], "model_type": "qwen3", "vocab_size": V, "hidden_size": H,
+           "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": heads, "num_key_value_heads": kv,
+           "head_dim": d, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+    tensors = {"embed_tokens.weight": torch.randn(V, H, generator=g), "norm.weight": torch.ones(H)}
+    for i in range(L):
+        p = f"layers.{i}."
+        shapes = {"self_attn.q_proj.weight": (heads * d, H), "self_attn.k_proj.weight": (kv * d, H),
+                  "self_attn.v_proj.weight": (kv * d, H), "self_attn.o_proj.weight": (H, heads * d),
+                  "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+                  "mlp.gate_proj.weight": (I, H), "mlp.up_proj.weight": (I, H), "mlp.down_proj.weight": (H, I),
+                  "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+        tensors.update({p + k: torch.randn(*s, generator=g) for k, s in shapes.items()})
+    save_file(tensors, tmp_path / "model.safetensors")
+    del tensors
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert 250e6 < size < 400e6
+
+    # Peak resident memory (VmHWM) is reset just before loading, so imports do not count.
+    probe = f"""
+import torch
+from embedserve.models.sentence import load_model
+def status(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+model = load_model({str(tmp_path)!r}, dtype=torch.float32, device=torch.device("cpu"))
+print(status("VmHWM") - before)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    grown = int(out.stdout.split()[-1])
+    assert grown <= 1.2 * size, f"loading grew the process by {grown / size:.2f}x the {size / 1e6:.0f} MB checkpoint"

@@ -47,9 +47,10 @@ def test_fp32_last_token_matches_transformers(tiny, attention):
     assert cos.min() >= 0.99999, (kind, attention, float(cos.min()))
 
 
-def test_bf16_close_to_transformers_fp32(tiny):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_close_to_transformers_fp32(tiny, dtype):
     kind, path, model = tiny
-    engine = make_engine(path, dtype="bfloat16")
+    engine = make_engine(path, dtype=dtype)
     try:
         got = asyncio.run(embed_each(engine, TEXTS))
     finally:

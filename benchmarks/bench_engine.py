@@ -75,7 +75,6 @@ def main() -> None:
         lambda: st.encode(texts, batch_size=args.st_batch_size, convert_to_tensor=True, show_progress_bar=False),
         args.repeats,
     )
-    del st
 
     fp32_s, fp32_vecs, tokens = run_engine(path, "float32", texts, args.repeats, args.attention, args.max_batch_tokens)
     bf16_s, bf16_vecs, _ = run_engine(path, "bfloat16", texts, args.repeats, args.attention, args.max_batch_tokens)

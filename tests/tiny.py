@@ -36,6 +36,40 @@ def write_sentence_modules(directory: Path, *, pooling: str = "mean", normalize:
     )
 
 
+def save_folder(model, directory: Path, *, pooling: str, normalize: bool):
+    """save_pretrained (safetensors) + MiniLM's tokenizer + sentence-transformers modules; returns the model."""
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_DIR / name, directory / name)
+    write_sentence_modules(directory, pooling=pooling, normalize=normalize, dim=model.config.hidden_size)
+    return model
+
+
+def embed_with(path: Path, texts: list[str], *, each: bool = True, **model_options) -> torch.Tensor:
+    """Start an engine on ``path``, embed ``texts`` (each as its own concurrent request, so the scheduler packs
+    them into mixed steps; or as one request), shut it down. Returns ``[n, D]``."""
+    import asyncio
+
+    from embedserve.config import EngineConfig, ModelConfig
+    from embedserve.engine.front import Engine
+
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(path), **model_options)))
+    engine.start()
+
+    async def run():
+        if not each:
+            return (await engine.embed(texts)).vectors
+        results = await asyncio.gather(*(engine.embed([t]) for t in texts))
+        return torch.cat([r.vectors for r in results])
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
 def build_tiny_encoder(
     directory: Path, kind: str = "bert", *, pooling: str = "mean", normalize: bool = False, seed: int = 0, **overrides
 ):
@@ -72,13 +106,7 @@ def build_tiny_encoder(
                 p.add_(torch.randn_like(p) * 0.1)
             elif "attention.self.query.weight" in name or "attention.self.key.weight" in name:
                 p.mul_(8)  # peaky attention, so positions and masks change the answer
-    model.eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        shutil.copy(MINILM_DIR / name, directory / name)
-    write_sentence_modules(directory, pooling=pooling, normalize=normalize, dim=common["hidden_size"])
-    return model
+    return save_folder(model, directory, pooling=pooling, normalize=normalize)
 
 
 def hf_embed(model, tokenizer_dir: Path, texts: list[str], *, pooling: str, max_length: int = 512) -> torch.Tensor:
@@ -171,13 +199,7 @@ def build_tiny_decoder(directory: Path, kind: str, *, pooling: str = "last", nor
                 p.add_(torch.randn_like(p) * 0.1)
             elif any(f"{n}_proj.weight" in name for n in "qk"):
                 p.mul_(10)  # peaky attention, so positions, masks and RoPE change the answer
-    model.eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        shutil.copy(MINILM_DIR / name, directory / name)
-    write_sentence_modules(directory, pooling=pooling, normalize=normalize, dim=common["hidden_size"])
-    return model
+    return save_folder(model, directory, pooling=pooling, normalize=normalize)
 
 
 def hf_embed_each(model, tokenizer_dir: Path, texts: list[str], *, pooling: str, max_length: int = 512) -> torch.Tensor:

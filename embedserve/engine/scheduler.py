@@ -12,7 +12,7 @@ The caller owns locking: the engine calls these methods under one lock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from embedserve.errors import ConfigError, Overloaded

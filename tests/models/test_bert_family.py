@@ -8,21 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny import build_tiny_encoder, hf_embed, mixed_texts
+from tiny import build_tiny_encoder, embed_with, hf_embed, mixed_texts
 from embedserve.config import EngineConfig, ModelConfig
-from embedserve.engine.front import EmbedOptions, Engine
-
-
-def make_engine(path, dtype="float32", attention="auto", **kw) -> Engine:
-    engine = Engine(EngineConfig(model=ModelConfig(path=str(path), dtype=dtype, attention=attention), **kw))
-    engine.start()
-    return engine
-
-
-async def embed_each(engine: Engine, texts, options=EmbedOptions()):
-    """Every text as its own concurrent request, so the scheduler packs them into mixed steps."""
-    results = await asyncio.gather(*(engine.embed([t], options) for t in texts))
-    return torch.cat([r.vectors for r in results])
+from embedserve.engine.front import Engine
 
 
 @pytest.fixture(scope="module", params=["bert", "xlm-roberta"])
@@ -37,11 +25,7 @@ def tiny(request, tmp_path_factory):
 def test_fp32_matches_transformers(tiny, attention):
     kind, path, model = tiny
     texts = mixed_texts(40) + [""]
-    engine = make_engine(path, attention=attention)
-    try:
-        got = asyncio.run(embed_each(engine, texts))
-    finally:
-        engine.shutdown()
+    got = embed_with(path, texts, attention=attention)
     ref = hf_embed(model, path, texts, pooling="mean")
     cos = F.cosine_similarity(got, ref)
     assert cos.min() >= 1 - 1e-5, (kind, cos.min())
@@ -51,11 +35,7 @@ def test_fp32_matches_transformers(tiny, attention):
 def test_half_precision_close_to_transformers_fp32(tiny, dtype):
     kind, path, model = tiny
     texts = mixed_texts(24, seed=1)
-    engine = make_engine(path, dtype=dtype)
-    try:
-        got = asyncio.run(embed_each(engine, texts))
-    finally:
-        engine.shutdown()
+    got = embed_with(path, texts, dtype=dtype)
     ref = hf_embed(model, path, texts, pooling="mean")
     assert F.cosine_similarity(got, ref).min() >= 0.999
 
@@ -63,11 +43,7 @@ def test_half_precision_close_to_transformers_fp32(tiny, dtype):
 def test_cls_pooling_and_normalize(tmp_path):
     model = build_tiny_encoder(tmp_path, "bert", pooling="cls", normalize=True, seed=3)
     texts = mixed_texts(10, seed=2)
-    engine = make_engine(tmp_path)
-    try:
-        got = asyncio.run(engine.embed(texts)).vectors
-    finally:
-        engine.shutdown()
+    got = embed_with(tmp_path, texts, each=False)
     ref = F.normalize(hf_embed(model, tmp_path, texts, pooling="cls"), dim=1)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(len(texts)))
@@ -76,7 +52,8 @@ def test_cls_pooling_and_normalize(tmp_path):
 def test_batch_invariance_alone_vs_inside_a_mixed_batch_of_64(tiny):
     kind, path, _ = tiny
     texts = mixed_texts(64, seed=5)
-    engine = make_engine(path)
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(path))))
+    engine.start()
     try:
         batch = asyncio.run(engine.embed(texts)).vectors
         for i in (0, 17, 63):

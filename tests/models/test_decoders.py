@@ -5,23 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine.front import Engine
-from tiny import DECODERS, build_tiny_decoder, hf_embed_each, mixed_texts
-
-
-def make_engine(path, dtype="float32", attention="auto") -> Engine:
-    engine = Engine(EngineConfig(model=ModelConfig(path=str(path), dtype=dtype, attention=attention)))
-    engine.start()
-    return engine
-
-
-async def embed_each(engine: Engine, texts):
-    results = await asyncio.gather(*(engine.embed([t]) for t in texts))
-    return torch.cat([r.vectors for r in results])
+from tiny import DECODERS, build_tiny_decoder, embed_with, hf_embed_each, mixed_texts
 
 
 @pytest.fixture(scope="module", params=DECODERS)
@@ -37,11 +25,7 @@ TEXTS = mixed_texts(30, seed=4) + ["", "a"]
 @pytest.mark.parametrize("attention", ["sdpa_bucketed", "sdpa_segments", "dense"])
 def test_fp32_last_token_matches_transformers(tiny, attention):
     kind, path, model = tiny
-    engine = make_engine(path, attention=attention)
-    try:
-        got = asyncio.run(embed_each(engine, TEXTS))
-    finally:
-        engine.shutdown()
+    got = embed_with(path, TEXTS, attention=attention)
     ref = hf_embed_each(model, path, TEXTS, pooling="last")
     cos = F.cosine_similarity(got, ref)
     assert cos.min() >= 0.99999, (kind, attention, float(cos.min()))
@@ -50,18 +34,15 @@ def test_fp32_last_token_matches_transformers(tiny, attention):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_close_to_transformers_fp32(tiny, dtype):
     kind, path, model = tiny
-    engine = make_engine(path, dtype=dtype)
-    try:
-        got = asyncio.run(embed_each(engine, TEXTS))
-    finally:
-        engine.shutdown()
+    got = embed_with(path, TEXTS, dtype=dtype)
     ref = hf_embed_each(model, path, TEXTS, pooling="last")
     assert F.cosine_similarity(got, ref).min() >= 0.999, kind
 
 
 def test_batch_invariance(tiny):
     kind, path, _ = tiny
-    engine = make_engine(path)
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(path))))
+    engine.start()
     try:
         batch = asyncio.run(engine.embed(TEXTS)).vectors
         for i in (0, 13, len(TEXTS) - 1):
@@ -74,10 +55,6 @@ def test_batch_invariance(tiny):
 @pytest.mark.parametrize("kind", ["qwen3", "mistral"])
 def test_mean_pooling(kind, tmp_path):
     model = build_tiny_decoder(tmp_path, kind, pooling="mean", seed=3)
-    engine = make_engine(tmp_path)
-    try:
-        got = asyncio.run(engine.embed(TEXTS)).vectors
-    finally:
-        engine.shutdown()
+    got = embed_with(tmp_path, TEXTS, each=False)
     ref = hf_embed_each(model, tmp_path, TEXTS, pooling="mean")
     assert F.cosine_similarity(got, ref).min() >= 0.99999

@@ -6,7 +6,6 @@ This is the only module that reads ``os.environ``; it builds the frozen config t
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -25,8 +24,6 @@ from embedserve.config import (
     ServerConfig,
 )
 from embedserve.errors import EmbedServeError
-
-log = logging.getLogger("embedserve")
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -103,7 +100,14 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           help="answer 404 model_not_found when a request names another model (default: answer any name)")
     f.add("--api-key", type=_keys, help="accepted bearer token(s), comma-separated; none: no authentication. "
           "/health and /ready stay open", metavar="KEY[,KEY...]")
+    f.add("--max-tokens-per-request", type=int, help="tokens (after tokenisation) one request may hold; "
+          "400 beyond. Default: no limit beyond the queue")
+    f.add("--shutdown-grace", default=30.0, type=float, help="on SIGTERM, seconds to wait for accepted requests "
+          "to be answered (new ones get 503) before exiting", metavar="SECONDS")
     f.add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
+    f.add("--log-format", default="plain", choices=["plain", "json"], help="plain text or one JSON object per "
+          "line; either way one line per request with its id, status, inputs, tokens, queue and total ms")
+    f.add("--fault-marker", help="testing only: a forward pass holding an input equal to this text fails")
     return parser
 
 
@@ -123,6 +127,8 @@ def build_config(args: argparse.Namespace) -> Config:
             ),
             truncate=args.truncate,
             token_ids=args.token_ids,
+            max_tokens_per_request=args.max_tokens_per_request,
+            fault_marker=args.fault_marker,
         ),
         server=ServerConfig(
             host=args.host,
@@ -133,47 +139,20 @@ def build_config(args: argparse.Namespace) -> Config:
             max_inputs_per_request=args.max_inputs_per_request,
             max_body_bytes=args.max_body_bytes,
             log_level=args.log_level,
+            log_format=args.log_format,
+            shutdown_grace_s=args.shutdown_grace,
         ),
     )
-
-
-def serve(config: Config) -> int:
-    import uvicorn
-
-    from embedserve.http.app import create_app
-
-    failure: list[BaseException] = []
-    server: uvicorn.Server | None = None
-
-    def on_load_failure(exc: BaseException) -> None:
-        failure.append(exc)
-        assert server is not None
-        server.should_exit = True
-
-    app = create_app(config, on_load_failure=on_load_failure)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            log_level=config.server.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=30,
-        )
-    )
-    log.info("embedserve %s listening on http://%s:%d", __version__, config.server.host, config.server.port)
-    server.run()
-    return 1 if failure else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser(dict(os.environ))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from embedserve.http.server import configure_logging, run
+
+    configure_logging(args.log_level, args.log_format)
     try:
         config = build_config(args)
     except EmbedServeError as e:
         parser.error(e.message)
-    sys.exit(serve(config))
+    sys.exit(run(config))

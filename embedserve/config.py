@@ -69,12 +69,17 @@ class EngineConfig:
     """Cut inputs longer than the model's maximum (as sentence-transformers does); False: refuse them."""
     tokenizer_workers: int = 2
     """Threads that tokenize off the event loop."""
+    max_tokens_per_request: int | None = None
+    """Tokens (after tokenisation) one request may hold; None: no limit beyond the queue."""
+    fault_marker: str | None = None
+    """Testing only: a forward pass holding an input equal to this text fails."""
     token_ids: str = "cl100k"
     """How token-id inputs are read: "cl100k" (OpenAI clients' tiktoken ids, decoded to text) or "model"
     (ids of the served model's own tokenizer, used as given)."""
 
     def __post_init__(self) -> None:
         _positive("tokenizer_workers", self.tokenizer_workers)
+        _positive("max_tokens_per_request", self.max_tokens_per_request)
         if self.token_ids not in TOKEN_ID_POLICIES:
             raise ConfigError(f"token_ids must be one of {', '.join(TOKEN_ID_POLICIES)}, got {self.token_ids!r}")
 
@@ -92,12 +97,20 @@ class ServerConfig:
     max_inputs_per_request: int = 2048
     max_body_bytes: int = 32 * 1024 * 1024
     log_level: str = "info"
+    log_format: str = "plain"
+    """plain text or one JSON object per line."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM: the longest wait for accepted requests to be answered before exiting."""
 
     def __post_init__(self) -> None:
         _positive("max_inputs_per_request", self.max_inputs_per_request)
         _positive("max_body_bytes", self.max_body_bytes)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.log_format not in ("plain", "json"):
+            raise ConfigError(f"log_format must be plain or json, got {self.log_format!r}")
+        if not self.shutdown_grace_s > 0:
+            raise ConfigError(f"shutdown_grace_s must be positive, got {self.shutdown_grace_s}")
         if any(not k for k in self.api_keys):
             raise ConfigError("an API key must not be empty")
 

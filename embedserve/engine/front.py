@@ -56,10 +56,18 @@ class EmbedOptions:
 
 
 @dataclass(frozen=True)
+class Timings:
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0  # queued until its first input entered a forward pass
+    inference_s: float = 0.0  # from then until its last input came out
+
+
+@dataclass(frozen=True)
 class EmbedResult:
     vectors: torch.Tensor  # [n, k] float32, CPU
     token_counts: list[int]
     base64: list[bytes] | None = None  # per input, when asked for
+    timings: Timings = Timings()
 
     @property
     def total_tokens(self) -> int:
@@ -75,6 +83,18 @@ class _Pending:
     normalize: bool
     token_counts: list[int]
     base64: list[bytes] | None
+    tokenize_s: float
+    queued_at: float
+    started_at: float | None = None
+
+
+class StepObserver:
+    """What the engine reports about its work; the HTTP layer's metrics implement it. Called from the
+    engine thread, so implementations must be thread-safe (prometheus-client's are)."""
+
+    def step(self, inputs: int, tokens: int, seconds: float) -> None: ...
+
+    def step_failed(self, inputs: int) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,8 +125,9 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
 class Engine:
     """Owns the model, the tokenizer, the scheduler and the engine thread."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, observer: StepObserver | None = None) -> None:
         self.config = config
+        self.observer = observer or StepObserver()
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         started = time.perf_counter()
@@ -119,6 +140,10 @@ class Engine:
             self.model.directory, max_length=self.model.max_length, do_lower_case=self.model.spec.do_lower_case
         )
         self.max_length = self.tokenizer.max_length
+        # Test hook: a step holding an input equal to this text's tokens raises, as a broken forward would.
+        self._fault_ids = (
+            self.tokenizer.encode([config.fault_marker], truncate=True)[0] if config.fault_marker else None
+        )
         sc = config.scheduler
         self.max_batch_tokens = sc.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         if self.max_batch_tokens < self.max_length:
@@ -155,6 +180,16 @@ class Engine:
     @property
     def dimensions(self) -> int:
         return self.model.dimensions
+
+    def queue_stats(self) -> tuple[int, int, int, int]:
+        """(waiting inputs, waiting tokens, running inputs, inputs dropped by cancellation so far)."""
+        st = self.scheduler.stats
+        with self._cond:
+            return st.waiting_inputs, st.waiting_tokens, st.running_inputs, st.dropped_inputs
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -203,15 +238,24 @@ class Engine:
 
         prompt = self._prompt(options.prompt_name)
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             ids = await loop.run_in_executor(self._tok_pool, self._prepare, inputs, truncate, prompt)
         except asyncio.CancelledError:
             log.info("request cancelled while tokenizing %d inputs: nothing was queued", len(inputs))
             raise
+        tokenized = time.perf_counter()
+        counts = [len(x) for x in ids]
+        limit = self.config.max_tokens_per_request
+        if limit is not None and sum(counts) > limit:
+            raise InvalidRequest(
+                f"The request holds {sum(counts)} tokens; this server accepts at most {limit} per request "
+                "(--max-tokens-per-request). Split it into smaller requests.",
+                param="input", code="request_too_large",
+            )
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
-        counts = [len(x) for x in ids]
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("The server is shutting down; retry on another replica.")
@@ -220,7 +264,7 @@ class Engine:
             self.scheduler.add(rid, entries)  # may raise Overloaded
             self._pending[rid] = _Pending(
                 loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, counts,
-                [b""] * len(ids) if options.base64 else None,
+                [b""] * len(ids) if options.base64 else None, tokenized - started, tokenized,
             )
             self._cond.notify()
         try:
@@ -302,13 +346,20 @@ class Engine:
 
     def _run_step(self, step: Step, plan: list[_Pending | None]) -> None:
         inputs = [e.payload for e in step.entries]
+        started = time.perf_counter()
+        for p in plan:
+            if p is not None and p.started_at is None:
+                p.started_at = started
         dims = [p.dims if p else self.dimensions for p in plan]
         normalize = [p.normalize if p else False for p in plan]
         want_b64 = [bool(p and p.base64 is not None) for p in plan]
         try:
+            if self._fault_ids is not None and self._fault_ids in inputs:
+                raise RuntimeError("fault injected by --fault-marker")
             out = self.runner.run(inputs, dims, normalize, want_b64)
         except Exception as exc:
             log.exception("forward pass of %d inputs (%d tokens) failed", len(inputs), step.num_tokens)
+            self.observer.step_failed(len(inputs))
             failed = {e.request_id for e in step.entries}
             with self._cond:
                 self.scheduler.complete(step)
@@ -322,6 +373,8 @@ class Engine:
             for p in doomed:
                 p.loop.call_soon_threadsafe(_set_exception, p.future, err)
             return
+        finished_at = time.perf_counter()
+        self.observer.step(len(inputs), step.num_tokens, finished_at - started)
         with self._cond:
             for i, (row, e, p) in enumerate(zip(out.vectors, step.entries, plan)):
                 if p is not None:
@@ -331,7 +384,8 @@ class Engine:
             finished = self.scheduler.complete(step)
             done = [self._pending.pop(rid) for rid in finished if rid in self._pending]
         for p in done:
-            result = EmbedResult(p.rows[:, : p.dims], p.token_counts, p.base64)
+            timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
+            result = EmbedResult(p.rows[:, : p.dims], p.token_counts, p.base64, timings)
             p.loop.call_soon_threadsafe(_set_result, p.future, result)
 
 
@@ -340,4 +394,4 @@ def sync_embed(engine: Engine, inputs: Sequence[str], options: EmbedOptions = Em
     return asyncio.run(engine.embed(inputs, options))
 
 
-__all__ = ["Engine", "EmbedOptions", "EmbedResult", "EmbedServeError", "sync_embed"]
+__all__ = ["Engine", "EmbedOptions", "EmbedResult", "EmbedServeError", "StepObserver", "Timings", "sync_embed"]

@@ -14,20 +14,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from embedserve.config import Config
 from embedserve.http import routes
+from embedserve.http.access import AccessMiddleware
 from embedserve.http.errors import EXCEPTION_HANDLERS
 from embedserve.http.state import Service
 
 log = logging.getLogger(__name__)
 
 
-def _load_engine(config: Config):
+def _load_engine(config: Config, svc: Service):
     from embedserve.engine.front import Engine
+    from embedserve.http.metrics import EngineMetrics
 
-    engine = Engine(config.engine)
+    engine = Engine(config.engine, observer=EngineMetrics(svc.metrics))
     engine.warmup()
     engine.start()
     return engine
@@ -51,7 +54,7 @@ def create_app(
         else:
             def load() -> None:
                 try:
-                    loaded = _load_engine(config)
+                    loaded = _load_engine(config, svc)
                 except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
                     log.error("model failed to load: %s", exc)
                     if on_load_failure is not None:
@@ -76,8 +79,10 @@ def create_app(
             Route("/models", routes.models, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(AccessMiddleware, service=svc)],
         lifespan=lifespan,
     )
     app.state.service = svc

@@ -123,12 +123,28 @@ async def embeddings(request: Request) -> Response:
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
         base64=fmt == "base64",
     )
+    access = request.scope["state"]["access"]
+    access["inputs"] = len(inputs)
     try:
         result = await _until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; uvicorn discards it
+    t = result.timings
+    access.update(tokens=result.total_tokens, queue_s=t.queue_s)
+    m = svc.metrics
+    m.tokens.inc(result.total_tokens)
+    m.inputs.inc(len(inputs))
+    m.queue_seconds.observe(t.queue_s)
+    m.tokenize_seconds.observe(t.tokenize_s)
+    m.inference_seconds.observe(t.inference_s)
     body = encode_embeddings(result.vectors, result.token_counts, fmt, svc.served_name, result.base64)
-    return Response(body, media_type="application/json")
+    headers = {
+        "x-queue-time": f"{1000 * t.queue_s:.2f}",
+        "x-tokenization-time": f"{1000 * t.tokenize_s:.2f}",
+        "x-inference-time": f"{1000 * t.inference_s:.2f}",
+        "x-total-tokens": str(result.total_tokens),
+    }
+    return Response(body, media_type="application/json", headers=headers)
 
 
 async def models(request: Request) -> Response:
@@ -136,6 +152,13 @@ async def models(request: Request) -> Response:
     check_auth(request, svc)
     card = ModelCard(id=svc.served_name, created=svc.created)
     return Response(encoder.encode(ModelList(data=[card])), media_type="application/json")
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition. Open without a key, like the probes (documented)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def health(request: Request) -> Response:

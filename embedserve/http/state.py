@@ -1,7 +1,8 @@
-"""What the handlers share: the configuration, the engine once it is ready, and the lifecycle flags."""
+"""What the handlers share: the configuration, the engine once it is ready, metrics and the lifecycle flags."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -10,16 +11,22 @@ from embedserve.errors import ServiceUnavailable, ShuttingDown
 
 if TYPE_CHECKING:
     from embedserve.engine.front import Engine
+    from embedserve.http.metrics import Metrics
 
 
 class Service:
     def __init__(self, config: ServerConfig, served_name: str) -> None:
+        from embedserve.http.metrics import Metrics
+
         self.config = config
         self.served_name = served_name
         self.key_bytes = tuple(k.encode() for k in config.api_keys)
         self.created = int(time.time())
         self.engine: Engine | None = None  # set once loaded and warmed up
         self.shutting_down = False
+        self.metrics: Metrics = Metrics(self)
+        self.in_flight = 0
+        self._drained: asyncio.Event | None = None
 
     def require_ready(self) -> Engine:
         if self.shutting_down:
@@ -27,3 +34,20 @@ class Service:
         if self.engine is None:
             raise ServiceUnavailable("The model is still loading; retry shortly.")
         return self.engine
+
+    # In-flight embedding requests, for the drain on SIGTERM. Event-loop thread only.
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def drain(self) -> None:
+        """Stop taking embedding requests (503 from now on) and wait until every accepted one is answered."""
+        self.shutting_down = True
+        self._drained = asyncio.Event()
+        if self.in_flight == 0:
+            self._drained.set()
+        await self._drained.wait()

@@ -56,3 +56,7 @@ def test_a_client_that_disconnects_has_its_queued_inputs_dropped(tmp_path):
         assert r.status_code == 200
         dropped = [int(m) for m in re.findall(r"cancelled: (\d+) of its 1500 inputs dropped", s.output())]
         assert dropped and dropped[0] > 500, s.output()[-2000:]
+        # And the metrics show it: nothing left queued, the drop counted.
+        metrics = httpx.get(s.url + "/metrics").text
+        assert re.search(r"^embedserve_queue_inputs 0\.0$", metrics, re.M)
+        assert float(re.search(r"^embedserve_dropped_inputs_total ([0-9.]+)$", metrics, re.M).group(1)) == dropped[0]

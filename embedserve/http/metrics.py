@@ -1,0 +1,86 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps in one process).
+
+Counters and histograms are updated where things happen (requests in the middleware, forward passes by the
+engine thread through :class:`EngineMetrics`); queue depth is read from the engine when scraped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from embedserve.http.state import Service
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKENS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class _QueueCollector:
+    """Queue depth and dropped inputs, read from the engine at scrape time."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self):
+        engine = self.service.engine
+        waiting, tokens, running, dropped = engine.queue_stats() if engine is not None else (0, 0, 0, 0)
+        yield GaugeMetricFamily("embedserve_queue_inputs", "Inputs waiting for a forward pass", value=waiting)
+        yield GaugeMetricFamily("embedserve_queue_tokens", "Tokens of the inputs waiting", value=tokens)
+        yield GaugeMetricFamily("embedserve_running_inputs", "Inputs in the forward pass now", value=running)
+        yield CounterMetricFamily(
+            "embedserve_dropped_inputs", "Queued inputs dropped because their client went away", value=dropped
+        )
+        yield GaugeMetricFamily("embedserve_in_flight_requests", "Embedding requests accepted and not yet answered",
+                                value=self.service.in_flight)
+        yield GaugeMetricFamily("embedserve_ready", "1 when the model is loaded and not draining",
+                                value=float(engine is not None and not self.service.shutting_down))
+
+
+class Metrics:
+    def __init__(self, service: Service) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("embedserve_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.request_seconds = Histogram("embedserve_request_seconds", "Total time of embedding requests",
+                                         buckets=_LATENCY, registry=r)
+        self.queue_seconds = Histogram("embedserve_queue_seconds", "Time queued before the first forward pass",
+                                       buckets=_LATENCY, registry=r)
+        self.tokenize_seconds = Histogram("embedserve_tokenize_seconds", "Tokenisation time per request",
+                                          buckets=_LATENCY, registry=r)
+        self.inference_seconds = Histogram("embedserve_inference_seconds",
+                                           "From the first forward pass to the last, per request",
+                                           buckets=_LATENCY, registry=r)
+        self.tokens = Counter("embedserve_tokens", "Tokens embedded", registry=r)
+        self.inputs = Counter("embedserve_inputs", "Inputs embedded", registry=r)
+        self.rejected = Counter("embedserve_rejected", "Requests refused because the queue was full (429)",
+                                registry=r)
+        self.batch_inputs = Histogram("embedserve_batch_inputs", "Inputs per forward pass", buckets=_SIZES,
+                                      registry=r)
+        self.batch_tokens = Histogram("embedserve_batch_tokens", "Tokens per forward pass", buckets=_TOKENS,
+                                      registry=r)
+        self.batch_seconds = Histogram("embedserve_batch_seconds", "Forward pass time", buckets=_LATENCY,
+                                       registry=r)
+        self.engine_errors = Counter("embedserve_engine_errors", "Forward passes that failed", registry=r)
+        r.register(_QueueCollector(service))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """The engine's :class:`StepObserver`, writing into :class:`Metrics`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def step(self, inputs: int, tokens: int, seconds: float) -> None:
+        self.m.batch_inputs.observe(inputs)
+        self.m.batch_tokens.observe(tokens)
+        self.m.batch_seconds.observe(seconds)
+
+    def step_failed(self, inputs: int) -> None:
+        self.m.engine_errors.inc()

@@ -1,0 +1,119 @@
+"""Operating the server: metrics, limits, faults, draining on SIGTERM, request ids and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+
+import httpx
+import pytest
+
+from serving import run_server
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def post(server, body, **kw):
+    return httpx.post(server.url + "/v1/embeddings", json={"model": "m", **body}, timeout=120, **kw)
+
+
+def test_metrics_move_as_requests_flow_and_headers_tell_the_times(server):
+    before_req = metric(server, "embedserve_requests_total", '{route="/v1/embeddings",status="200"}')
+    before_tok = metric(server, "embedserve_tokens_total")
+    before_batches = metric(server, "embedserve_batch_inputs_count")
+    r = post(server, {"input": ["one", "two three"]}, headers={"x-request-id": "req-42"})
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] == "req-42"
+    assert int(r.headers["x-total-tokens"]) == r.json()["usage"]["total_tokens"] == 7
+    for h in ("x-queue-time", "x-inference-time"):
+        assert float(r.headers[h]) >= 0
+    assert metric(server, "embedserve_requests_total", '{route="/v1/embeddings",status="200"}') == before_req + 1
+    assert metric(server, "embedserve_tokens_total") == before_tok + 7
+    assert metric(server, "embedserve_batch_inputs_count") >= before_batches + 1
+    assert post(server, {"input": []}).status_code == 400
+    assert metric(server, "embedserve_requests_total", '{route="/v1/embeddings",status="400"}') >= 1
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("embedserve_queue_inputs", "embedserve_queue_tokens", "embedserve_batch_tokens_bucket",
+                 "embedserve_queue_seconds_bucket", "embedserve_tokenize_seconds_bucket",
+                 "embedserve_inference_seconds_bucket", "embedserve_request_seconds_bucket",
+                 "embedserve_rejected_total", "embedserve_engine_errors_total", "embedserve_dropped_inputs_total"):
+        assert name in text, name
+    generated = post(server, {"input": "x"}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    log = server.output()
+    assert re.search(r"POST /v1/embeddings 200 inputs=2 tokens=7 queue_ms=[0-9.]+ total_ms=[0-9.]+ id=req-42", log)
+
+
+def test_limits_each_return_their_status(tmp_path):
+    flags = ("--max-inputs-per-request", "4", "--max-tokens-per-request", "50", "--max-body-bytes", "4000",
+             "--truncate", "false", "--api-key", "secret")
+    with run_server(tmp_path, *flags) as s:
+        auth = {"Authorization": "Bearer secret"}
+        assert post(s, {"input": ["a"] * 4}, headers=auth).status_code == 200
+        r = post(s, {"input": ["a"] * 5}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input" and "at most 4" in r.text
+        r = post(s, {"input": ["word " * 30, "word " * 30]}, headers=auth)  # 64 tokens > 50
+        assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+        r = post(s, {"input": "word " * 300}, headers=auth)  # one input past the model's 256
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert post(s, {"input": "x" * 5000}, headers=auth).status_code == 413
+        assert post(s, {"input": "x"}).status_code == 401
+        # Probes and metrics stay open without the key.
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(s.url + path).status_code == 200, path
+
+
+def test_a_failing_forward_pass_fails_its_batch_with_500_and_the_server_keeps_serving(tmp_path):
+    with run_server(tmp_path, "--fault-marker", "explode now") as s:
+        r = post(s, {"input": ["fine", "explode now"]})
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and err["code"] == "engine_error"
+        assert "injected" not in err["message"] and "Traceback" not in err["message"]
+        assert post(s, {"input": ["fine", "still fine"]}).status_code == 200
+        assert metric(s, "embedserve_engine_errors_total") == 1
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
+    with run_server(tmp_path, "--max-batch-tokens", "512", "--shutdown-grace", "120") as s:
+        texts = ["word " * 200] * 6  # ~1,200 tokens a request: 50 of them keep 2 cores busy for seconds
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=180) as c:
+                flight = [asyncio.create_task(c.post(s.url + "/v1/embeddings", json={"input": texts, "model": "m"}))
+                          for _ in range(50)]
+                deadline = time.monotonic() + 60
+                while metric(s, "embedserve_in_flight_requests") < 50:
+                    assert time.monotonic() < deadline, "the 50 requests never were in flight together"
+                    await asyncio.sleep(0.05)
+                s.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                late = await c.post(s.url + "/v1/embeddings", json={"input": "late", "model": "m"})
+                ready = await c.get(s.url + "/ready")
+                done = await asyncio.gather(*flight)
+                return done, late, ready
+
+        done, late, ready = asyncio.run(scenario())
+        assert [r.status_code for r in done] == [200] * 50
+        assert all(len(r.json()["data"]) == 6 for r in done)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        assert ready.status_code == 503
+        assert s.proc.wait(60) == 0
+        assert "drained; stopping" in s.output()
+
+
+def test_json_logs_one_object_per_line(tmp_path):
+    with run_server(tmp_path, "--log-format", "json") as s:
+        post(s, {"input": ["a", "b"]}, headers={"x-request-id": "json-1"})
+    lines = [json.loads(line) for line in s.output().splitlines() if line.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
+    access = next(x for x in lines if x.get("request_id") == "json-1")
+    assert access["status"] == 200 and access["inputs"] == 2 and access["path"] == "/v1/embeddings"
+    assert any("ready" in x["message"] for x in lines)

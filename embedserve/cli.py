@@ -100,6 +100,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           help="answer 404 model_not_found when a request names another model (default: answer any name)")
     f.add("--api-key", type=_keys, help="accepted bearer token(s), comma-separated; none: no authentication. "
           "/health and /ready stay open", metavar="KEY[,KEY...]")
+    f.add("--max-input-tokens", type=int, help="cap on one input's tokens below the model's maximum; longer "
+          "inputs are truncated or refused as --truncate says. Default: the model's maximum")
     f.add("--max-tokens-per-request", type=int, help="tokens (after tokenisation) one request may hold; "
           "400 beyond. Default: no limit beyond the queue")
     f.add("--shutdown-grace", default=30.0, type=float, help="on SIGTERM, seconds to wait for accepted requests "
@@ -128,6 +130,7 @@ def build_config(args: argparse.Namespace) -> Config:
             truncate=args.truncate,
             token_ids=args.token_ids,
             max_tokens_per_request=args.max_tokens_per_request,
+            max_input_tokens=args.max_input_tokens,
             fault_marker=args.fault_marker,
         ),
         server=ServerConfig(

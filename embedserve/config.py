@@ -69,6 +69,9 @@ class EngineConfig:
     """Cut inputs longer than the model's maximum (as sentence-transformers does); False: refuse them."""
     tokenizer_workers: int = 2
     """Threads that tokenize off the event loop."""
+    max_input_tokens: int | None = None
+    """Cap on one input's tokens, below the model's own maximum; longer inputs are truncated or refused
+    like any over-long input. None: the model's maximum."""
     max_tokens_per_request: int | None = None
     """Tokens (after tokenisation) one request may hold; None: no limit beyond the queue."""
     fault_marker: str | None = None
@@ -80,6 +83,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _positive("tokenizer_workers", self.tokenizer_workers)
         _positive("max_tokens_per_request", self.max_tokens_per_request)
+        _positive("max_input_tokens", self.max_input_tokens)
         if self.token_ids not in TOKEN_ID_POLICIES:
             raise ConfigError(f"token_ids must be one of {', '.join(TOKEN_ID_POLICIES)}, got {self.token_ids!r}")
 

@@ -136,8 +136,11 @@ class Engine:
         self.model.encoder.attention_backend = self.attention_backend
         self.linear_backend = select_linear_backend(self.device, self.dtype)
         self.model.encoder.linear_backend = self.linear_backend
+        max_length = self.model.max_length
+        if config.max_input_tokens is not None:
+            max_length = min(max_length, config.max_input_tokens)
         self.tokenizer = Tokenizer(
-            self.model.directory, max_length=self.model.max_length, do_lower_case=self.model.spec.do_lower_case
+            self.model.directory, max_length=max_length, do_lower_case=self.model.spec.do_lower_case
         )
         self.max_length = self.tokenizer.max_length
         # Test hook: a step holding an input equal to this text's tokens raises, as a broken forward would.

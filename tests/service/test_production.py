@@ -53,7 +53,7 @@ def test_metrics_move_as_requests_flow_and_headers_tell_the_times(server):
 
 def test_limits_each_return_their_status(tmp_path):
     flags = ("--max-inputs-per-request", "4", "--max-tokens-per-request", "50", "--max-body-bytes", "4000",
-             "--truncate", "false", "--api-key", "secret")
+             "--truncate", "false", "--api-key", "secret", "--max-input-tokens", "40")
     with run_server(tmp_path, *flags) as s:
         auth = {"Authorization": "Bearer secret"}
         assert post(s, {"input": ["a"] * 4}, headers=auth).status_code == 200
@@ -61,8 +61,11 @@ def test_limits_each_return_their_status(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["param"] == "input" and "at most 4" in r.text
         r = post(s, {"input": ["word " * 30, "word " * 30]}, headers=auth)  # 64 tokens > 50
         assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
-        r = post(s, {"input": "word " * 300}, headers=auth)  # one input past the model's 256
+        r = post(s, {"input": "word " * 45}, headers=auth)  # 47 tokens: past --max-input-tokens 40
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "maximum context length is 40 tokens" in r.json()["error"]["message"]
+        r = post(s, {"input": "word " * 45, "truncate": True}, headers=auth)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 40
         assert post(s, {"input": "x" * 5000}, headers=auth).status_code == 413
         assert post(s, {"input": "x"}).status_code == 401
         # Probes and metrics stay open without the key.

@@ -45,7 +45,8 @@ SOLO_MIN_LENGTH = 64
 
 @dataclass
 class _Bucket:
-    gather: torch.Tensor  # [G * L] token index per padded slot (padding repeats a real token, masked off)
+    gather: torch.Tensor  # [G * L] query token index per padded slot (padding repeats a real token, masked off)
+    k_gather: torch.Tensor  # the same slots in the packed keys (whose offsets differ when others are chunks)
     key_mask: torch.Tensor | None  # [G, 1, 1, L] bool, None when no row is padded
     slot_group: torch.Tensor  # [n] group of each real token, in token order within the bucket
     slot_pos: torch.Tensor  # [n] position of each real token within its group
@@ -65,7 +66,11 @@ class AttentionBatch:
     causal: bool = False
     window: int | None = None
     buckets: list[_Bucket] = field(default_factory=list)
-    solo: list[tuple[int, int]] = field(default_factory=list)  # (start, length) run one by one
+    # (query start, query length, key start, key length) of the sequences run one SDPA call each
+    solo: list[tuple[int, int, int, int]] = field(default_factory=list)
+    cu_seqlens_k: torch.Tensor | None = None  # None: keys are the queries' own tokens
+    max_seqlen_k: int = 0
+    k_lengths: list[int] = field(default_factory=list)
 
 
 def _available_backends(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[str]:
@@ -103,10 +108,11 @@ def select_backend(device: torch.device, requested: str = "auto", dtype: torch.d
 
 
 def _make_buckets(
-    lengths: list[int], offsets: list[int], device: torch.device, solo_min: int
-) -> tuple[list[_Bucket], list[tuple[int, int]]]:
-    solo = [(offsets[i], n) for i, n in enumerate(lengths) if n >= solo_min]
-    order = sorted((i for i, n in enumerate(lengths) if n < solo_min), key=lambda i: lengths[i])
+    lengths: list[int], offsets: list[int], k_offsets: list[int], device: torch.device, solo_min: int,
+    alone: set[int],
+) -> tuple[list[_Bucket], list[int]]:
+    solo = [i for i, n in enumerate(lengths) if n >= solo_min or i in alone]
+    order = sorted((i for i, n in enumerate(lengths) if n < solo_min and i not in alone), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
     real = 0
@@ -125,6 +131,7 @@ def _make_buckets(
     for members in groups:
         longest = max(lengths[i] for i in members)
         gather: list[int] = []
+        k_gather: list[int] = []
         slot_group: list[int] = []
         slot_pos: list[int] = []
         scatter: list[int] = []
@@ -134,6 +141,9 @@ def _make_buckets(
             # Padding slots repeat the sequence's first token: the key mask hides them from real
             # queries, and the padded query rows are never read back.
             gather.extend([start] * (longest - n))
+            k_start = k_offsets[i]
+            k_gather.extend(range(k_start, k_start + n))
+            k_gather.extend([k_start] * (longest - n))
             slot_group.extend([g] * n)
             slot_pos.extend(range(n))
             scatter.extend(range(start, start + n))
@@ -147,6 +157,7 @@ def _make_buckets(
         buckets.append(
             _Bucket(
                 gather=as_tensor(gather),
+                k_gather=as_tensor(gather) if k_offsets is offsets else as_tensor(k_gather),
                 key_mask=key_mask,
                 slot_group=as_tensor(slot_group),
                 slot_pos=as_tensor(slot_pos),
@@ -166,26 +177,48 @@ def prepare(
     causal: bool = False,
     window: int | None = None,
     solo_min: int | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> AttentionBatch:
-    """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device."""
+    """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device.
+
+    ``cu_seqlens_k``: when a sequence's keys are more than its queries (a chunk of a long input attending to
+    the cached keys of its earlier chunks), the key offsets. The queries are then the *last* tokens of their
+    sequence: causal masking aligns them to the end of the keys.
+    """
     offsets = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    if window is not None and window >= max_seqlen:
+    if cu_seqlens_k is None:
+        k_offsets, k_lengths, max_k = offsets, lengths, max_seqlen
+    else:
+        k_offsets = cu_seqlens_k.tolist()
+        k_lengths = [b - a for a, b in zip(k_offsets[:-1], k_offsets[1:])]
+        max_k = max_seqlen_k or max(k_lengths)
+    if window is not None and window >= max_k:
         window = None  # the window covers every sequence whole: plain (causal) attention
     batch = AttentionBatch(backend, cu_seqlens, max_seqlen, lengths, causal, window)
+    batch.k_lengths = k_lengths
+    batch.max_seqlen_k = max_k
+    if cu_seqlens_k is not None:
+        batch.cu_seqlens_k = cu_seqlens_k
+    prefixed = {i for i, (n, nk) in enumerate(zip(lengths, k_lengths)) if n != nk}
     if backend == "sdpa_bucketed":
-        batch.buckets, batch.solo = _make_buckets(
-            lengths, offsets, cu_seqlens.device, SOLO_MIN_LENGTH if solo_min is None else solo_min
+        batch.buckets, solo = _make_buckets(
+            lengths, offsets, k_offsets, cu_seqlens.device, SOLO_MIN_LENGTH if solo_min is None else solo_min,
+            prefixed,
         )
     elif backend == "sdpa_segments":
-        batch.solo = list(zip(offsets[:-1], lengths))
+        solo = list(range(len(lengths)))
+    else:
+        solo = []
+    batch.solo = [(offsets[i], lengths[i], k_offsets[i], k_lengths[i]) for i in solo]
     return batch
 
 
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, *, scale: float | None = None
 ) -> torch.Tensor:
-    """Attention within each packed sequence. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+    """Attention within each packed sequence. q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` -> ``[Tq, Hq, D]``."""
     return _IMPLS[batch.backend](q, k, v, batch, scale)
 
 
@@ -199,13 +232,15 @@ def _flash_window(batch: AttentionBatch) -> tuple[int, int]:
     return reach, 0 if batch.causal else reach
 
 
-def _mask(n: int, batch: AttentionBatch, device: torch.device) -> torch.Tensor | None:
-    """``[n, n]`` bool, True where query row i may attend key column j; None when nothing is masked."""
+def _mask(n: int, batch: AttentionBatch, device: torch.device, nk: int | None = None) -> torch.Tensor | None:
+    """``[n, nk]`` bool, True where query row i may attend key column j; None when nothing is masked.
+    Queries are the last ``n`` of the ``nk`` positions (bottom-right alignment)."""
+    nk = n if nk is None else nk
     if not batch.causal and batch.window is None:
         return None
-    i = torch.arange(n, device=device).unsqueeze(1)
-    j = torch.arange(n, device=device).unsqueeze(0)
-    allowed = torch.ones(n, n, dtype=torch.bool, device=device)
+    i = torch.arange(nk - n, nk, device=device).unsqueeze(1)
+    j = torch.arange(nk, device=device).unsqueeze(0)
+    allowed = torch.ones(n, nk, dtype=torch.bool, device=device)
     if batch.causal:
         allowed &= j <= i
     if batch.window is not None:
@@ -217,8 +252,9 @@ def _torch_varlen(q, k, v, batch: AttentionBatch, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     window = _flash_window(batch)
+    cu_k = batch.cu_seqlens if batch.cu_seqlens_k is None else batch.cu_seqlens_k
     return varlen_attn(
-        q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
+        q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, batch.max_seqlen_k,
         scale=scale, window_size=window, enable_gqa=_gqa(q, k),
     )
 
@@ -226,8 +262,9 @@ def _torch_varlen(q, k, v, batch: AttentionBatch, scale):
 def _flash_attn(q, k, v, batch: AttentionBatch, scale):
     from flash_attn import flash_attn_varlen_func
 
+    cu_k = batch.cu_seqlens if batch.cu_seqlens_k is None else batch.cu_seqlens_k
     return flash_attn_varlen_func(
-        q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
+        q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, batch.max_seqlen_k,
         softmax_scale=scale, causal=batch.causal, window_size=_flash_window(batch),
     )
 
@@ -235,18 +272,18 @@ def _flash_attn(q, k, v, batch: AttentionBatch, scale):
 def _one_by_one(q, k, v, out, spans, batch: AttentionBatch, scale) -> None:
     gqa = _gqa(q, k)
     windowed = batch.window is not None
-    for start, n in spans:
-        end = start + n
+    for start, n, k_start, nk in spans:
         # Strided [1, H, n, D] views of the packed tensors: no copies in.
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)
-        ks = k[start:end].transpose(0, 1).unsqueeze(0)
-        vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        if windowed:
-            mask = _mask(n, batch, q.device)
+        qs = q[start : start + n].transpose(0, 1).unsqueeze(0)
+        ks = k[k_start : k_start + nk].transpose(0, 1).unsqueeze(0)
+        vs = v[k_start : k_start + nk].transpose(0, 1).unsqueeze(0)
+        if windowed or (batch.causal and nk != n):
+            # SDPA's is_causal aligns top-left; a chunk after cached keys needs bottom-right: explicit mask.
+            mask = _mask(n, batch, q.device, nk)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=batch.causal, scale=scale, enable_gqa=gqa)
-        out[start:end] = o[0].transpose(0, 1)
+        out[start : start + n] = o[0].transpose(0, 1)
 
 
 def _sdpa_segments(q, k, v, batch: AttentionBatch, scale):
@@ -264,8 +301,8 @@ def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
     for b in batch.buckets:
         G, L = b.groups, b.length
         qs = q.index_select(0, b.gather).view(G, L, Hq, D).transpose(1, 2)  # [G, Hq, L, D]
-        ks = k.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
-        vs = v.index_select(0, b.gather).view(G, L, Hkv, D).transpose(1, 2)
+        ks = k.index_select(0, b.k_gather).view(G, L, Hkv, D).transpose(1, 2)
+        vs = v.index_select(0, b.k_gather).view(G, L, Hkv, D).transpose(1, 2)
         shape = _mask(L, batch, q.device)  # [L, L] causal / window, shared by every group
         if shape is None:
             mask = b.key_mask
@@ -284,15 +321,23 @@ def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
 
 
 def _dense(q, k, v, batch: AttentionBatch, scale):
-    T = q.shape[0]
-    seg = torch.repeat_interleave(
-        torch.arange(len(batch.lengths), device=q.device),
-        torch.tensor(batch.lengths, device=q.device),
-    )
-    mask = seg[:, None] == seg[None, :]  # [T, T]
-    packed = _mask(T, batch, q.device)  # within a sequence, packed index distance = position distance
-    if packed is not None:
-        mask &= packed
+    """One masked SDPA call over all packed tokens: the reference. Positions are counted from each
+    sequence's first key, queries being its last tokens."""
+    dev = q.device
+    B = len(batch.lengths)
+    q_len = torch.tensor(batch.lengths, device=dev)
+    k_len = torch.tensor(batch.k_lengths, device=dev)
+    q_seg = torch.repeat_interleave(torch.arange(B, device=dev), q_len)
+    k_seg = torch.repeat_interleave(torch.arange(B, device=dev), k_len)
+    q_first = torch.cumsum(q_len, 0) - q_len
+    k_first = torch.cumsum(k_len, 0) - k_len
+    q_pos = torch.arange(q.shape[0], device=dev) - q_first[q_seg] + (k_len - q_len)[q_seg]
+    k_pos = torch.arange(k.shape[0], device=dev) - k_first[k_seg]
+    mask = q_seg[:, None] == k_seg[None, :]  # [Tq, Tk]
+    if batch.causal:
+        mask &= k_pos[None, :] <= q_pos[:, None]
+    if batch.window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]).abs() < batch.window
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
         attn_mask=mask, scale=scale, enable_gqa=_gqa(q, k),

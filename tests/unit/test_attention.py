@@ -12,23 +12,27 @@ CPU = torch.device("cpu")
 BACKENDS_HERE = [b for b in _available_backends(CPU) if b != "dense"]
 
 
-def reference(q, k, v, lengths, causal, window=None):
-    """Each sequence alone, in fp32, with an explicit mask: the plainest possible definition."""
-    outs, start = [], 0
+def reference(q, k, v, lengths, causal, window=None, k_lengths=None):
+    """Each sequence alone, in fp32, with an explicit mask: the plainest possible definition.
+    With ``k_lengths``, sequence i's queries are the last ``lengths[i]`` of its ``k_lengths[i]`` positions."""
+    outs, start, k_start = [], 0, 0
     rep = q.shape[1] // k.shape[1]
-    for n in lengths:
-        qs, ks, vs = (t[start : start + n].float().transpose(0, 1) for t in (q, k, v))
+    for i, n in enumerate(lengths):
+        nk = n if k_lengths is None else k_lengths[i]
+        qs = q[start : start + n].float().transpose(0, 1)
+        ks, vs = (t[k_start : k_start + nk].float().transpose(0, 1) for t in (k, v))
         ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
         scores = qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5
-        keep = torch.ones(n, n, dtype=torch.bool)
+        q_pos, k_pos = torch.arange(nk - n, nk)[:, None], torch.arange(nk)[None, :]
+        keep = torch.ones(n, nk, dtype=torch.bool)
         if causal:
-            keep &= torch.ones(n, n, dtype=torch.bool).tril()
+            keep &= k_pos <= q_pos
         if window is not None:  # transformers' sliding_window: distance < window
-            pos = torch.arange(n)
-            keep &= (pos[:, None] - pos[None, :]).abs() < window
+            keep &= (q_pos - k_pos).abs() < window
         scores = scores.masked_fill(~keep, float("-inf"))
         outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
         start += n
+        k_start += nk
     return torch.cat(outs)
 
 
@@ -65,6 +69,24 @@ def test_sliding_window_matches_reference(backend, causal, window):
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     out = varlen_attention(q, k, v, prepare(backend, cu, max(lengths), causal=causal, window=window))
     torch.testing.assert_close(out, reference(q, k, v, lengths, causal, window), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE + ["dense"])
+@pytest.mark.parametrize("window", [None, 40])
+def test_chunks_attending_to_cached_keys(backend, window):
+    """cu_seqlens_q != cu_seqlens_k: some sequences are chunks whose keys include earlier, cached tokens."""
+    torch.manual_seed(3)
+    lengths = [5, 64, 1, 100, 7]  # queries
+    k_lengths = [5, 300, 1, 357, 7]  # keys: sequences 1 and 3 carry a cached prefix
+    q = torch.randn(sum(lengths), 6, 16)
+    k, v = torch.randn(sum(k_lengths), 2, 16), torch.randn(sum(k_lengths), 2, 16)
+    cu_q = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + k_lengths).cumsum(0).to(torch.int32)
+    batch = prepare(backend, cu_q, max(lengths), causal=True, window=window, cu_seqlens_k=cu_k,
+                    max_seqlen_k=max(k_lengths))
+    out = varlen_attention(q, k, v, batch)
+    want = reference(q, k, v, lengths, True, window, k_lengths)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)

@@ -88,6 +88,10 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: 16384 on CUDA, "
           "4096 on CPU")
     f.add("--max-batch-requests", default=512, type=int, help="inputs packed into one forward pass")
+    f.add("--chunk-tokens", type=int, help="causal models: inputs longer than this run as chunks over a key "
+          "cache, one per step, beside short inputs; 0 turns chunking off. Default: max-batch-tokens / 4")
+    f.add("--max-kv-tokens", type=int, help="causal models: key-cache tokens long inputs in progress may hold "
+          "together; new long inputs wait beyond it. Default: max(4 x max-batch-tokens, the model's maximum)")
     f.add("--max-queue", default=16384, type=int, help="inputs queued or running before requests get 429")
     f.add("--max-inputs-per-request", default=2048, type=int, help="items allowed in one request's input")
     f.add("--max-body-bytes", default=32 * 1024 * 1024, type=int, help="largest request body (413 beyond)")
@@ -126,6 +130,8 @@ def build_config(args: argparse.Namespace) -> Config:
                 max_batch_tokens=args.max_batch_tokens,
                 max_batch_requests=args.max_batch_requests,
                 max_queue=args.max_queue,
+                chunk_tokens=args.chunk_tokens,
+                max_kv_tokens=args.max_kv_tokens,
             ),
             truncate=args.truncate,
             token_ids=args.token_ids,

@@ -54,11 +54,20 @@ class SchedulerConfig:
     """Inputs (sequences) packed into one forward pass."""
     max_queue: int = 16384
     """Inputs waiting or running; beyond it new requests are refused with 429."""
+    chunk_tokens: int | None = None
+    """Causal models: inputs longer than this run as chunks over a key cache, one per step.
+    None: max_batch_tokens // 4; 0: never chunk (then max_batch_tokens must hold the longest input)."""
+    max_kv_tokens: int | None = None
+    """Causal models: key-cache tokens that long inputs in progress may hold together; new long inputs wait
+    beyond it. None: max(4 * max_batch_tokens, the model's maximum input length)."""
 
     def __post_init__(self) -> None:
         _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("max_batch_requests", self.max_batch_requests)
         _positive("max_queue", self.max_queue)
+        _positive("max_kv_tokens", self.max_kv_tokens)
+        if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 0):
+            raise ConfigError(f"chunk_tokens must be 0 (off) or a positive integer, got {self.chunk_tokens!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -214,3 +214,12 @@ def hf_embed_each(model, tokenizer_dir: Path, texts: list[str], *, pooling: str,
             hidden = model(input_ids=ids).last_hidden_state[0]  # [n, H]
             out.append({"mean": hidden.mean(0), "last": hidden[-1], "cls": hidden[0]}[pooling])
     return torch.stack(out)
+
+
+def long_text(tokens: int, seed: int = 0) -> str:
+    """A text of roughly ``tokens`` MiniLM tokens, varied enough that every position matters."""
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+    return " ".join(rng.choice(words) for _ in range(tokens))

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from embedserve.config import EngineConfig
-from embedserve.engine.runner import Runner
+from embedserve.engine.runner import Chunk, Runner
 from embedserve.engine.scheduler import Entry, Scheduler, Step
 from embedserve.engine.token_ids import cl100k
 from embedserve.engine.tokenizer import Tokenizer
@@ -140,7 +140,8 @@ class Engine:
         if config.max_input_tokens is not None:
             max_length = min(max_length, config.max_input_tokens)
         self.tokenizer = Tokenizer(
-            self.model.directory, max_length=max_length, do_lower_case=self.model.spec.do_lower_case
+            self.model.directory, max_length=max_length, do_lower_case=self.model.spec.do_lower_case,
+            cap_to_tokenizer=self.model.spec.max_seq_length is None,
         )
         self.max_length = self.tokenizer.max_length
         # Test hook: a step holding an input equal to this text's tokens raises, as a broken forward would.
@@ -149,16 +150,32 @@ class Engine:
         )
         sc = config.scheduler
         self.max_batch_tokens = sc.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
-        if self.max_batch_tokens < self.max_length:
+        chunking = bool(getattr(self.model.encoder, "supports_chunking", False)) and sc.chunk_tokens != 0
+        self.chunk_tokens: int | None = None
+        max_kv = None
+        if chunking:
+            # Causal models run long inputs as chunks over a key cache: any length up to the model's.
+            self.chunk_tokens = sc.chunk_tokens or max(1, self.max_batch_tokens // 4)
+            max_kv = sc.max_kv_tokens or max(4 * self.max_batch_tokens, self.max_length)
+            if max_kv < self.max_length:
+                raise ConfigError(
+                    f"max_kv_tokens={max_kv} is below the model's maximum input length {self.max_length}: "
+                    f"the longest input could never hold its key cache. Raise --max-kv-tokens to at least "
+                    f"{self.max_length}."
+                )
+        elif self.max_batch_tokens < self.max_length:
             raise ConfigError(
                 f"max_batch_tokens={self.max_batch_tokens} is below the model's maximum input length "
-                f"{self.max_length}; an input that long could never be scheduled. Raise --max-batch-tokens "
-                f"to at least {self.max_length}."
+                f"{self.max_length}; this model attends both ways, so an input runs in one pass and one that "
+                f"long could never be scheduled. Raise --max-batch-tokens to at least {self.max_length}, or "
+                f"lower --max-input-tokens."
             )
         self.scheduler = Scheduler(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_requests=sc.max_batch_requests,
             max_queue=sc.max_queue,
+            chunk_tokens=self.chunk_tokens,
+            max_kv_tokens=max_kv,
         )
         self.pool_backend = select_pool_backend(self.device, config.model.pool_kernel)
         self.runner = Runner(self.model, self.pool_backend)
@@ -199,6 +216,7 @@ class Engine:
         """One full ``max_batch_tokens`` pass before serving: the first request pays no start-up cost, and a
         budget the device cannot hold fails here, at boot, naming the flag to lower."""
         ids = self.tokenizer.encode(["warm up " * self.max_length], truncate=True)[0]
+        ids = ids[: min(len(ids), self.max_batch_tokens)]
         count = max(1, min(self.max_batch_tokens // len(ids), self.scheduler.max_batch_requests))
         started = time.perf_counter()
         try:
@@ -276,6 +294,7 @@ class Engine:
             with self._cond:
                 dropped = self.scheduler.abort(rid)
                 self._pending.pop(rid, None)
+                self._cond.notify()  # the engine thread frees the key caches of its long inputs
             log.info("request %d cancelled: %d of its %d inputs dropped from the queue", rid, dropped, len(ids))
             raise
 
@@ -331,7 +350,9 @@ class Engine:
             while True:
                 with self._cond:
                     while not self.scheduler.has_waiting() and not self._stopping:
+                        self.runner.free(self.scheduler.take_released())  # cancelled long inputs
                         self._cond.wait()
+                    self.runner.free(self.scheduler.take_released())
                     step = self.scheduler.schedule()
                     if step is None:  # stopping and drained
                         return
@@ -348,7 +369,11 @@ class Engine:
                 )
 
     def _run_step(self, step: Step, plan: list[_Pending | None]) -> None:
-        inputs = [e.payload for e in step.entries]
+        inputs = [w.entry.payload[w.start : w.start + w.length] if w.chunked else w.entry.payload for w in step.items]
+        chunks = [
+            Chunk((w.entry.request_id, w.entry.index), w.start, w.entry.num_tokens, w.final) if w.chunked else None
+            for w in step.items
+        ]
         started = time.perf_counter()
         for p in plan:
             if p is not None and p.started_at is None:
@@ -359,7 +384,7 @@ class Engine:
         try:
             if self._fault_ids is not None and self._fault_ids in inputs:
                 raise RuntimeError("fault injected by --fault-marker")
-            out = self.runner.run(inputs, dims, normalize, want_b64)
+            out = self.runner.run(inputs, dims, normalize, want_b64, chunks if any(chunks) else None)
         except Exception as exc:
             log.exception("forward pass of %d inputs (%d tokens) failed", len(inputs), step.num_tokens)
             self.observer.step_failed(len(inputs))
@@ -372,6 +397,7 @@ class Engine:
                     p = self._pending.pop(rid, None)
                     if p is not None:
                         doomed.append(p)
+                self.runner.free(self.scheduler.take_released())
             err = EngineError(f"The forward pass failed ({type(exc).__name__}); the request can be retried.")
             for p in doomed:
                 p.loop.call_soon_threadsafe(_set_exception, p.future, err)
@@ -379,12 +405,13 @@ class Engine:
         finished_at = time.perf_counter()
         self.observer.step(len(inputs), step.num_tokens, finished_at - started)
         with self._cond:
-            for i, (row, e, p) in enumerate(zip(out.vectors, step.entries, plan)):
-                if p is not None:
-                    p.rows[e.index] = row
+            for i, (row, w, p) in enumerate(zip(out.vectors, step.items, plan)):
+                if p is not None and w.final:
+                    p.rows[w.entry.index] = row
                     if p.base64 is not None:
-                        p.base64[e.index] = out.base64_row(i)
+                        p.base64[w.entry.index] = out.base64_row(i)
             finished = self.scheduler.complete(step)
+            self.runner.free(self.scheduler.take_released())  # long inputs cancelled while their chunk ran
             done = [self._pending.pop(rid) for rid in finished if rid in self._pending]
         for p in done:
             timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from embedserve.kernels.pool_encode import IMPLS
+from embedserve.kernels.pooling import pool
 from embedserve.models.sentence import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,63 @@ class StepOutput:
         return self.b64[self.offsets[i] : self.offsets[i + 1]]
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """This input is one chunk of a long one: tokens [start, start + len) of ``total``."""
+
+    key: Any
+    start: int
+    total: int
+    final: bool
+
+
+@dataclass
+class _LongInput:
+    cache: Any  # the model's KV cache
+    sum: torch.Tensor | None = None  # [H] fp32, mean pooling's running sum
+    first: torch.Tensor | None = None  # [H] fp32, CLS pooling's first token
+
+
 class Runner:
     def __init__(self, model: LoadedModel, pool_backend: str = "torch") -> None:
         self.model = model
         self.device = model.device
         self.pool_backend = pool_backend
         self._pool_encode = IMPLS[pool_backend]
+        self._long: dict[Any, _LongInput] = {}  # long inputs between chunks
+
+    @property
+    def kv_inputs(self) -> int:
+        return len(self._long)
+
+    def free(self, keys: Sequence[Any]) -> None:
+        """Drop the key caches of long inputs that were cancelled (finished ones free themselves)."""
+        for key in keys:
+            self._long.pop(key, None)
+
+    def _pool_chunks(
+        self, hidden: torch.Tensor, cu: torch.Tensor, chunks: Sequence[Chunk | None], lengths: list[int]
+    ) -> torch.Tensor:
+        """Pooled ``[B, H]`` fp32 rows where a chunked input's row (on its final chunk) pools the whole input:
+        mean from a running fp32 sum and count, CLS from its first chunk, last token from its last."""
+        mode = self.model.spec.pooling
+        rows = pool(hidden, cu, mode)  # [B, H]: per chunk for now
+        for i, c in enumerate(chunks):
+            if c is None:
+                continue
+            state = self._long[c.key]
+            if mode == "mean":
+                part = rows[i] * lengths[i]
+                state.sum = part if state.sum is None else state.sum + part
+                if c.final:
+                    rows[i] = state.sum / c.total
+            elif mode == "cls":
+                if c.start == 0:
+                    state.first = rows[i].clone()
+                rows[i] = state.first
+            if c.final:
+                del self._long[c.key]
+        return rows
 
     @torch.inference_mode()
     def run(
@@ -47,8 +99,10 @@ class Runner:
         dims: Sequence[int],
         normalize: Sequence[bool],
         want_base64: Sequence[bool] | None = None,
+        chunks: Sequence[Chunk | None] | None = None,
     ) -> StepOutput:
-        """Embed one packed step."""
+        """Embed one packed step. With ``chunks``, some inputs are chunks of long ones; their rows are
+        meaningful only on their final chunk."""
         m = self.model
         dev = self.device
         B = len(inputs)
@@ -57,17 +111,44 @@ class Runner:
         torch.cumsum(lengths, 0, out=cu_seqlens[1:])
         total = int(cu_seqlens[-1])
         input_ids = torch.tensor(list(itertools.chain.from_iterable(inputs)), dtype=torch.long)
-        # Position within its own sequence for every packed token.
-        positions = torch.arange(total, dtype=torch.long) - torch.repeat_interleave(
-            cu_seqlens[:-1].long(), lengths.long()
-        )
+        # Position within its own input for every packed token (a chunk continues where the last one ended).
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.long())
+        positions = torch.arange(total, dtype=torch.long) - starts
+        caches = None
+        if chunks is not None and any(c is not None for c in chunks):
+            offsets = torch.tensor([c.start if c is not None else 0 for c in chunks], dtype=torch.long)
+            positions += torch.repeat_interleave(offsets, lengths.long())
+            caches = []
+            for c in chunks:
+                if c is None:
+                    caches.append(None)
+                    continue
+                if c.start == 0:
+                    self._long[c.key] = _LongInput(m.encoder.new_cache(c.total, dev))
+                caches.append(self._long[c.key].cache)
         max_seqlen = int(lengths.max())
         cu_dev = cu_seqlens.to(dev, non_blocking=True)
         dims_t = torch.tensor(dims, dtype=torch.int32, device=dev)
         norm_t = torch.tensor(normalize, dtype=torch.bool, device=dev)
         want_t = torch.tensor(want_base64 if want_base64 is not None else [False] * B, dtype=torch.bool, device=dev)
 
-        hidden = m.encoder(input_ids.to(dev), positions.to(dev), cu_dev, max_seqlen)  # [T, H]
+        if caches is None:
+            hidden = m.encoder(input_ids.to(dev), positions.to(dev), cu_dev, max_seqlen)  # [T, H]
+        else:
+            try:
+                hidden = m.encoder(input_ids.to(dev), positions.to(dev), cu_dev, max_seqlen, caches)
+            except BaseException:
+                self.free([c.key for c in chunks if c is not None])  # a half-written cache is useless
+                raise
+            # Pool every row here (chunks need state), then finish like the Dense path does.
+            x = self._pool_chunks(hidden, cu_dev, chunks, lengths.tolist())
+            if len(m.dense):
+                x = x.to(m.dtype)
+                for layer in m.dense:
+                    x = layer(x)
+            ones = torch.arange(B + 1, dtype=torch.int32, device=dev)
+            vectors, b64, offsets = self._pool_encode(x, ones, "cls", dims_t, norm_t, want_t)
+            return StepOutput(vectors.cpu(), b64.cpu().numpy().tobytes(), offsets.cpu().tolist())
         if len(m.dense):
             H = hidden.shape[1]
             no = torch.zeros(B, dtype=torch.bool, device=dev)

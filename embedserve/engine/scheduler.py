@@ -1,10 +1,16 @@
 """Continuous-batching scheduler: synchronous data in, data out. No torch, no asyncio, no threads.
 
-Every input of every request is its own :class:`Entry`. ``schedule()`` packs waiting entries into one
-step: the oldest waiting entry always goes first (so nothing starves), then later entries in arrival
-order fill what is left of the token budget (``max_batch_tokens``) and the sequence budget
-(``max_batch_requests``). ``complete()`` retires a step and reports which requests are finished.
-A request with more inputs than one step holds simply spans several steps.
+Every input of every request is its own :class:`Entry`. ``schedule()`` packs work into one step: the
+oldest waiting entry always goes first (so nothing starves), then later entries in arrival order fill what
+is left of the token budget (``max_batch_tokens``) and the sequence budget (``max_batch_requests``).
+``complete()`` retires a step and reports which requests are finished. A request with more inputs than one
+step holds simply spans several steps.
+
+Chunked prefill (causal models only, ``chunk_tokens`` set): an input longer than ``chunk_tokens`` runs as
+consecutive chunks, one per step, each attending to the cached keys of the earlier ones. Its key cache is
+reserved whole when its first chunk is scheduled and counted against ``max_kv_tokens``; when that is full,
+new long inputs wait while short ones keep flowing. In-progress chunks take at most half of a step's token
+budget while anything else waits, so short inputs are never queued behind a whole long one.
 
 The caller owns locking: the engine calls these methods under one lock.
 """
@@ -30,13 +36,37 @@ class Entry:
     payload: Any = None  # opaque to the scheduler (the token ids)
 
 
+    done: int = 0  # tokens already run (chunked inputs)
+
+
+@dataclass(slots=True)
+class Work:
+    """One input's part of a step: the whole input, or one chunk of a long one."""
+
+    entry: Entry
+    start: int
+    length: int
+
+    @property
+    def final(self) -> bool:
+        return self.start + self.length == self.entry.num_tokens
+
+    @property
+    def chunked(self) -> bool:
+        return self.length != self.entry.num_tokens
+
+
 @dataclass(slots=True)
 class Step:
-    entries: list[Entry]
+    items: list[Work]
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [w.entry for w in self.items]
 
     @property
     def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.entries)
+        return sum(w.length for w in self.items)
 
 
 @dataclass(slots=True)
@@ -44,7 +74,7 @@ class _Request:
     total: int
     remaining: int
     waiting: int
-    running: int = 0
+    running: int = 0  # entries in the step now
     aborted: bool = False
 
 
@@ -52,31 +82,60 @@ class _Request:
 class SchedulerStats:
     waiting_inputs: int = 0
     waiting_tokens: int = 0
-    running_inputs: int = 0
+    running_inputs: int = 0  # started and not finished: in a step, or a long input between its chunks
+    kv_tokens: int = 0  # key-cache tokens reserved by long inputs in progress
     steps: int = 0
     dropped_inputs: int = 0
 
 
 class Scheduler:
-    def __init__(self, *, max_batch_tokens: int, max_batch_requests: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_batch_tokens: int,
+        max_batch_requests: int,
+        max_queue: int,
+        chunk_tokens: int | None = None,
+        max_kv_tokens: int | None = None,
+    ) -> None:
         if min(max_batch_tokens, max_batch_requests, max_queue) < 1:
             raise ConfigError("scheduler budgets must be positive")
+        if chunk_tokens is not None and not 1 <= chunk_tokens <= max_batch_tokens // 2:
+            raise ConfigError(
+                f"chunk size {chunk_tokens} must be between 1 and half of max_batch_tokens ({max_batch_tokens // 2})"
+            )
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_queue = max_queue
+        self.chunk_tokens = chunk_tokens
+        self.max_kv_tokens = max_kv_tokens if chunk_tokens is not None else None
         # Waiting entries in arrival order, keyed by (request_id, index) so abort() is O(own inputs).
         self._waiting: OrderedDict[tuple[int, int], Entry] = OrderedDict()
+        # Long inputs between chunks, in the order they started.
+        self._active: OrderedDict[tuple[int, int], Entry] = OrderedDict()
         self._requests: dict[int, _Request] = {}
+        self._released: list[tuple[int, int]] = []
         self.stats = SchedulerStats()
 
     # -- queries --------------------------------------------------------------------------------------
     def has_waiting(self) -> bool:
-        return bool(self._waiting)
+        return bool(self._waiting) or bool(self._active)
 
     @property
     def queued_inputs(self) -> int:
         """Inputs waiting or running: what ``max_queue`` bounds."""
         return self.stats.waiting_inputs + self.stats.running_inputs
+
+    def take_released(self) -> list[tuple[int, int]]:
+        """(request id, input index) of long inputs whose key cache can be freed now (finished or aborted)."""
+        out, self._released = self._released, []
+        return out
+
+    def _longest_allowed(self) -> int:
+        return self.max_batch_tokens if self.chunk_tokens is None else self.max_kv_tokens
+
+    def _is_long(self, e: Entry) -> bool:
+        return self.chunk_tokens is not None and e.num_tokens > self.chunk_tokens
 
     # -- commands -------------------------------------------------------------------------------------
     def add(self, request_id: int, entries: list[Entry]) -> None:
@@ -87,11 +146,12 @@ class Scheduler:
             raise ValueError(f"this is a bug: request {request_id} added twice")
         if sorted(e.index for e in entries) != list(range(len(entries))):
             raise ValueError("this is a bug: entry indexes must be 0..n-1, each once")
+        limit = self._longest_allowed()
         for e in entries:
-            if e.num_tokens > self.max_batch_tokens:
+            if e.num_tokens > limit:
                 raise ValueError(
-                    f"this is a bug: an input of {e.num_tokens} tokens exceeds max_batch_tokens="
-                    f"{self.max_batch_tokens} and can never be scheduled"
+                    f"this is a bug: an input of {e.num_tokens} tokens exceeds the scheduler's limit of {limit} "
+                    "and can never be scheduled"
                 )
         if self.queued_inputs + len(entries) > self.max_queue:
             raise Overloaded(
@@ -104,21 +164,32 @@ class Scheduler:
             self.stats.waiting_tokens += e.num_tokens
         self.stats.waiting_inputs += len(entries)
 
+    def _release(self, e: Entry) -> None:
+        self.stats.kv_tokens -= e.num_tokens
+        self._released.append((e.request_id, e.index))
+
     def abort(self, request_id: int) -> int:
-        """Drop a request's waiting inputs; its running ones finish but are discarded. Returns inputs dropped."""
+        """Drop a request's waiting inputs and its long inputs between chunks (their key cache is released);
+        inputs in the step now finish but are discarded. Returns inputs dropped."""
         req = self._requests.get(request_id)
         if req is None:
             return 0
         dropped = 0
-        if req.waiting:
-            for i in range(req.total):
-                e = self._waiting.pop((request_id, i), None)
-                if e is not None:
-                    dropped += 1
-                    self.stats.waiting_tokens -= e.num_tokens
-        self.stats.waiting_inputs -= dropped
+        for i in range(req.total):
+            key = (request_id, i)
+            e = self._waiting.pop(key, None)
+            if e is not None:
+                dropped += 1
+                req.waiting -= 1
+                self.stats.waiting_inputs -= 1
+                self.stats.waiting_tokens -= e.num_tokens
+                continue
+            e = self._active.pop(key, None)
+            if e is not None:
+                dropped += 1
+                self.stats.running_inputs -= 1
+                self._release(e)
         self.stats.dropped_inputs += dropped
-        req.waiting -= dropped
         if req.running:
             req.aborted = True
         else:
@@ -126,41 +197,79 @@ class Scheduler:
         return dropped
 
     def schedule(self) -> Step | None:
-        """Take the next step's entries off the queue, or None when nothing waits."""
-        if not self._waiting:
+        """Take the next step's work off the queue, or None when nothing waits."""
+        if not self._waiting and not self._active:
             return None
         budget = self.max_batch_tokens
-        picked: list[Entry] = []
-        for n, (key, e) in enumerate(self._waiting.items()):
-            if n >= _LOOKAHEAD or len(picked) >= self.max_batch_requests or budget == 0:
+        slots = self.max_batch_requests
+        items: list[Work] = []
+        # 1. Long inputs in progress: their next chunk, within half the budget while others wait.
+        cap = budget // 2 if self._waiting else budget
+        used = 0
+        for key, e in list(self._active.items()):
+            n = min(self.chunk_tokens, e.num_tokens - e.done)
+            if used + n > cap or len(items) >= slots:
                 break
-            if e.num_tokens <= budget:
-                picked.append(e)
-                budget -= e.num_tokens
-        for e in picked:
+            del self._active[key]
+            self._requests[e.request_id].running += 1
+            items.append(Work(e, e.done, n))
+            used += n
+        budget -= used
+        # 2. Waiting inputs, oldest first; a long one starts only when its key cache fits.
+        started: list[Entry] = []
+        for scanned, (key, e) in enumerate(self._waiting.items()):
+            if scanned >= _LOOKAHEAD or len(items) >= slots or budget == 0:
+                break
+            if self._is_long(e):
+                if self.stats.kv_tokens + e.num_tokens > self.max_kv_tokens:
+                    continue  # waits for key cache; short inputs behind it go on
+                n = self.chunk_tokens
+            else:
+                n = e.num_tokens
+            if n > budget:
+                continue
+            if self._is_long(e):
+                self.stats.kv_tokens += e.num_tokens
+            items.append(Work(e, 0, n))
+            started.append(e)
+            budget -= n
+        for e in started:
             del self._waiting[(e.request_id, e.index)]
             req = self._requests[e.request_id]
             req.waiting -= 1
             req.running += 1
             self.stats.waiting_tokens -= e.num_tokens
-        self.stats.waiting_inputs -= len(picked)
-        self.stats.running_inputs += len(picked)
+        self.stats.waiting_inputs -= len(started)
+        self.stats.running_inputs += len(started)
+        if not items:
+            return None
         self.stats.steps += 1
-        return Step(picked)
+        return Step(items)
 
     def complete(self, step: Step) -> list[int]:
         """Retire a finished (or failed) step. Returns the requests that have no inputs left to run."""
         finished = []
-        for e in step.entries:
+        for w in step.items:
+            e = w.entry
             req = self._requests.get(e.request_id)
             if req is None:
                 raise ValueError(f"this is a bug: step entry for unknown request {e.request_id}")
             req.running -= 1
-            req.remaining -= 1
+            e.done = w.start + w.length
+            if not w.final and not req.aborted:
+                self._active[(e.request_id, e.index)] = e  # its next chunk goes in a later step
+                continue
+            if self._is_long(e):
+                self._release(e)
             self.stats.running_inputs -= 1
-            if req.aborted and req.running == 0 and req.waiting == 0:
-                del self._requests[e.request_id]
-            elif req.remaining == 0:
+            if req.aborted:
+                if not w.final:
+                    self.stats.dropped_inputs += 1
+                if req.running == 0:
+                    del self._requests[e.request_id]
+                continue
+            req.remaining -= 1
+            if req.remaining == 0:
                 del self._requests[e.request_id]
                 finished.append(e.request_id)
         return finished

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class Tokenizer:
-    def __init__(self, directory: Path, *, max_length: int, do_lower_case: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, max_length: int, do_lower_case: bool = False, cap_to_tokenizer: bool = True
+    ) -> None:
         # transformers resolves tokenizer_config.json, added tokens and the post-processor; we only
         # keep its Rust backend.
         from transformers import AutoTokenizer
@@ -31,8 +33,9 @@ class Tokenizer:
             raise ModelLoadError(f"cannot load a tokenizer from {directory}: {e}") from e
         if not getattr(hf, "is_fast", False):
             raise ModelLoadError(f"{directory} has no fast (Rust) tokenizer; add a tokenizer.json")
+        # sentence-transformers' max_seq_length, when the folder sets one, wins over the tokenizer's own limit.
         tokenizer_max = getattr(hf, "model_max_length", None)
-        if isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000:
+        if cap_to_tokenizer and isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000:
             max_length = min(max_length, tokenizer_max)
         self.max_length = max_length
         self.do_lower_case = do_lower_case

@@ -88,6 +88,50 @@ class LlamaArgs:
         )
 
 
+@dataclass
+class KVCache:
+    """The keys and values of one long input, filled chunk by chunk. ``[layers, length, kv_heads, head_dim]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    filled: int = 0  # tokens whose keys are in the cache: the next chunk's first position
+
+
+class _Prefixes:
+    """Per forward pass: where each sequence's chunk sits in the packed queries, and its cache if any."""
+
+    def __init__(self, caches: list[KVCache | None], lengths: list[int]) -> None:
+        self.caches = caches
+        self.lengths = lengths
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        self.starts = starts
+        # Runs of consecutive uncached sequences are copied as one slice.
+        self.runs: list[tuple[int, int, KVCache | None]] = []
+        for i, (start, n, c) in enumerate(zip(starts, lengths, caches)):
+            if c is None and self.runs and self.runs[-1][2] is None:
+                s0, n0, _ = self.runs[-1]
+                self.runs[-1] = (s0, n0 + n, None)
+            else:
+                self.runs.append((start, n, c))
+
+    def keys_and_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the chunks' new keys in their caches and return the packed keys/values each query sees."""
+        ks, vs = [], []
+        for start, n, c in self.runs:
+            if c is None:
+                ks.append(k[start : start + n])
+                vs.append(v[start : start + n])
+            else:
+                end = c.filled + n
+                c.k[layer, c.filled : end] = k[start : start + n]
+                c.v[layer, c.filled : end] = v[start : start + n]
+                ks.append(c.k[layer, :end])
+                vs.append(c.v[layer, :end])
+        return torch.cat(ks), torch.cat(vs)
+
+
 class LlamaLayer(nn.Module):
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
@@ -105,7 +149,10 @@ class LlamaLayer(nn.Module):
         if self.act != "silu":
             raise ModelLoadError(f"hidden_act {a.hidden_act!r} is not supported for this family (silu only)")
 
-    def forward(self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: str) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: str,
+        prefixes: _Prefixes | None = None, index: int = 0,
+    ) -> torch.Tensor:
         T = h.shape[0]
         d = self.head_dim
         x = rms_norm(h, self.attn_norm, self.eps)
@@ -118,6 +165,8 @@ class LlamaLayer(nn.Module):
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if prefixes is not None:
+            k, v = prefixes.keys_and_values(index, k, v)  # [Tk, nkv, d]: cached prefixes + this step's keys
         a = varlen_attention(q, k, v, attn, scale=d**-0.5).reshape(T, self.heads * d)
         h = h + linear(a, self.o.weight, self.o.bias, backend=lb)
         x = rms_norm(h, self.mlp_norm, self.eps)
@@ -127,6 +176,7 @@ class LlamaLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     causal = True
+    supports_chunking = True
     weight_prefixes = ("", "model.")
     ignored_weights = (r"lm_head\..*", r".*rotary_emb\.inv_freq", r"score\..*")
 
@@ -170,18 +220,44 @@ class LlamaModel(nn.Module):
                 m[dst + "down.bias"] = (src + "mlp.down_proj.bias",)
         return m
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-    ) -> torch.Tensor:
-        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
+    def new_cache(self, length: int, device: torch.device) -> KVCache:
         a = self.args
+        shape = (a.num_layers, length, a.num_kv_heads, a.head_dim)
+        dtype = self.embed.weight.dtype
+        return KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        caches: list[KVCache | None] | None = None,
+    ) -> torch.Tensor:
+        """``input_ids [T]``, ``positions [T]`` (within each whole input) -> hidden ``[T, H]``.
+
+        ``caches``: per sequence, the key cache of a long input whose chunk this is (its earlier chunks'
+        keys are attended to, this chunk's are appended), or None for a whole input."""
+        a = self.args
+        prefixes, cu_k, max_k = None, None, None
+        if caches is not None and any(c is not None for c in caches):
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            prefixes = _Prefixes(caches, lengths)
+            k_lengths = [n + (c.filled if c is not None else 0) for n, c in zip(lengths, caches)]
+            cu_k = torch.tensor([0] + k_lengths, device=cu_seqlens.device).cumsum(0).to(torch.int32)
+            max_k = max(k_lengths)
         batches = {
-            w: prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=True, window=w)
+            w: prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=True, window=w,
+                       cu_seqlens_k=cu_k, max_seqlen_k=max_k)
             for w in set(a.windows)
         }
         inv_freq = a.rope.inv_freq(a.head_dim).to(input_ids.device)
         cos, sin = cos_sin(positions, inv_freq, self.embed.weight.dtype)  # [T, 1, d]
         h = self.embed(input_ids)  # [T, H]
-        for layer, window in zip(self.layers, a.windows):
-            h = layer(h, batches[window], cos, sin, self.linear_backend)
+        for i, (layer, window) in enumerate(zip(self.layers, a.windows)):
+            h = layer(h, batches[window], cos, sin, self.linear_backend, prefixes, i)
+        if prefixes is not None:
+            for n, c in zip(prefixes.lengths, caches):
+                if c is not None:
+                    c.filled += n
         return rms_norm(h, self.norm, a.rms_norm_eps)

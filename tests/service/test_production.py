@@ -9,7 +9,6 @@ import signal
 import time
 
 import httpx
-import pytest
 
 from serving import run_server
 

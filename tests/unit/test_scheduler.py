@@ -129,3 +129,96 @@ def test_an_entry_that_can_never_fit_is_a_bug_not_a_hang():
 
 def test_empty_queue_schedules_nothing():
     assert make().schedule() is None
+
+
+def chunked(tokens=100, chunk=25, kv=300, requests=16, queue=1000) -> Scheduler:
+    return Scheduler(max_batch_tokens=tokens, max_batch_requests=requests, max_queue=queue, chunk_tokens=chunk,
+                     max_kv_tokens=kv)
+
+
+def work(step) -> list[tuple[int, int, int]]:
+    return [(w.entry.request_id, w.start, w.length) for w in step.items]
+
+
+def test_a_long_input_runs_chunk_by_chunk_with_short_ones_packed_beside_it():
+    s = chunked()
+    s.add(1, entries(1, 110))  # 5 chunks of 25, 25, 25, 25, 10
+    steps = []
+    arrivals = iter(range(2, 100))
+    while (step := s.schedule()) is not None:
+        steps.append(work(step))
+        if len(steps) < 4:  # a short request arrives during each of the first passes
+            rid = next(arrivals)
+            s.add(rid, entries(rid, 20))
+        s.complete(step)
+    long_chunks = [(a, b, c) for st in steps for (a, b, c) in st if a == 1]
+    assert long_chunks == [(1, 0, 25), (1, 25, 25), (1, 50, 25), (1, 75, 25), (1, 100, 10)]
+    # Each short request rode in the very next step, next to a chunk of the long one.
+    for i, st in enumerate(steps[1:4], start=2):
+        assert (i, 0, 20) in st and any(a == 1 for a, _, _ in st)
+
+
+def test_chunks_take_at_most_half_the_budget_while_others_wait():
+    s = chunked(tokens=100, chunk=50, kv=1000)
+    s.add(1, entries(1, 400))
+    s.add(2, entries(2, 400))
+    first = s.schedule()
+    assert work(first) == [(1, 0, 50), (2, 0, 50)]  # both start: nothing else waits yet
+    s.complete(first)
+    s.add(3, entries(3, 40))
+    second = s.schedule()
+    # With request 3 waiting, in-progress chunks get half the budget: one chunk, then the short input.
+    assert work(second) == [(1, 50, 50), (3, 0, 40)]
+    s.complete(second)
+    assert work(s.schedule())[:2] == [(2, 50, 50), (1, 100, 50)]
+
+
+def test_key_cache_budget_holds_new_long_inputs_back_but_not_short_ones():
+    s = chunked(tokens=100, chunk=25, kv=300)
+    s.add(1, entries(1, 200))
+    s.add(2, entries(2, 200))  # 200 + 200 > 300: must wait for request 1's cache
+    s.add(3, entries(3, 10))
+    step = s.schedule()
+    assert work(step) == [(1, 0, 25), (3, 0, 10)]
+    assert s.stats.kv_tokens == 200
+    s.complete(step)
+    while (step := s.schedule()) is not None and all(a == 1 for a, _, _ in work(step)):
+        s.complete(step)
+    # Request 2 starts only in the step after request 1's last chunk completed and released its cache.
+    assert work(step) == [(2, 0, 25)]
+    assert s.take_released() == [(1, 0)]
+    assert s.stats.kv_tokens == 200
+
+
+def test_abort_releases_an_in_progress_long_input_at_once():
+    s = chunked()
+    s.add(1, entries(1, 200, 5))
+    step = s.schedule()
+    assert work(step) == [(1, 0, 25), (1, 0, 5)]
+    s.complete(step)
+    assert s.stats.kv_tokens == 200 and s.stats.running_inputs == 1
+    assert s.abort(1) == 1
+    assert s.take_released() == [(1, 0)]
+    assert s.stats.kv_tokens == 0 and s.stats.running_inputs == 0
+    assert s.schedule() is None
+
+
+def test_abort_while_a_chunk_runs_releases_when_it_returns():
+    s = chunked()
+    s.add(1, entries(1, 200))
+    step = s.schedule()
+    s.abort(1)
+    assert s.take_released() == []  # the chunk is on the device now
+    assert s.complete(step) == []
+    assert s.take_released() == [(1, 0)]
+    assert s.stats.kv_tokens == 0 and s.schedule() is None
+
+
+def test_finished_long_input_reports_its_request():
+    s = chunked(chunk=50)
+    s.add(1, entries(1, 120, 3))
+    finished = []
+    while (step := s.schedule()) is not None:
+        finished += s.complete(step)
+    assert finished == [1]
+    assert s.stats.kv_tokens == 0 and s.stats.running_inputs == 0

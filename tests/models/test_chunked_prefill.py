@@ -1,0 +1,97 @@
+"""Chunked prefill: a long input run chunk by chunk over a key cache gives the vector of one whole pass."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from embedserve.engine.front import Engine
+from tiny import build_tiny_decoder, long_text, mixed_texts
+
+LONG = 5200  # tokens
+
+
+@pytest.fixture(scope="module", params=[("qwen3", "last"), ("qwen3", "mean"), ("llama", "mean"), ("llama", "last")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def folder(request, tmp_path_factory):
+    kind, pooling = request.param
+    path = tmp_path_factory.mktemp(f"{kind}-{pooling}")
+    build_tiny_decoder(path, kind, pooling=pooling, seed=5, max_position_embeddings=8192)
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192}))
+    return path
+
+
+def engine_for(path, chunk: int | None, batch_tokens: int = 8192) -> Engine:
+    scheduler = SchedulerConfig(max_batch_tokens=batch_tokens, chunk_tokens=chunk if chunk else 0)
+    e = Engine(EngineConfig(model=ModelConfig(path=str(path)), scheduler=scheduler))
+    e.start()
+    return e
+
+
+def run(engine: Engine, groups):
+    async def go():
+        return await asyncio.gather(*(engine.embed(g) for g in groups))
+
+    try:
+        return asyncio.run(go())
+    finally:
+        engine.shutdown()
+
+
+def test_chunk_sizes_give_the_unchunked_vector_alone_and_among_short_inputs(folder):
+    text = long_text(LONG, seed=1)
+    short = mixed_texts(12, seed=9)
+    (whole,) = run(engine_for(folder, None), [[text]])
+    assert whole.token_counts[0] > 5000
+    for chunk in (64, 100, 257):
+        alone, *others = run(engine_for(folder, chunk, batch_tokens=2 * chunk + 600), [[text]] + [[t] for t in short])
+        assert F.cosine_similarity(alone.vectors, whole.vectors).min() >= 0.99999, chunk
+        # The short inputs shared steps with the chunks and still get their own vectors.
+        (ref,) = run(engine_for(folder, None), [short])
+        got = torch.cat([r.vectors for r in others])
+        assert F.cosine_similarity(got, ref.vectors).min() >= 0.99999, chunk
+
+
+def test_chunks_interleave_with_short_requests(folder):
+    engine = engine_for(folder, 100, batch_tokens=400)
+    steps = []
+    real = engine.runner.run
+
+    def spy(inputs, dims, normalize, want=None, chunks=None):
+        steps.append((len(inputs), sum(c is not None for c in chunks or [])))
+        return real(inputs, dims, normalize, want, chunks)
+
+    engine.runner.run = spy
+    results = run(engine, [[long_text(2000, seed=3)]] + [[t] for t in mixed_texts(30, seed=1)])
+    assert len(results) == 31
+    mixed = [s for s in steps if s[1] and s[0] > s[1]]
+    assert mixed, steps  # some steps carried a chunk and short inputs together
+    assert engine.runner.kv_inputs == 0  # the cache was freed with the last chunk
+
+
+def test_cancelling_a_long_input_frees_its_cache(folder):
+    engine = engine_for(folder, 64, batch_tokens=256)
+
+    async def go():
+        task = asyncio.create_task(engine.embed([long_text(LONG, seed=2)]))
+        while engine.runner.kv_inputs == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if engine.runner.kv_inputs == 0 and engine.scheduler.stats.kv_tokens == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        assert asyncio.run(go())
+        assert engine.scheduler.stats.dropped_inputs == 1
+    finally:
+        engine.shutdown()

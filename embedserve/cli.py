@@ -89,7 +89,7 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           "4096 on CPU")
     f.add("--max-batch-requests", default=512, type=int, help="inputs packed into one forward pass")
     f.add("--chunk-tokens", type=int, help="causal models: inputs longer than this run as chunks over a key "
-          "cache, one per step, beside short inputs; 0 turns chunking off. Default: max-batch-tokens / 4")
+          "cache, one per step, beside short inputs; 0 turns chunking off. Default: max-batch-tokens / 8")
     f.add("--max-kv-tokens", type=int, help="causal models: key-cache tokens long inputs in progress may hold "
           "together; new long inputs wait beyond it. Default: max(4 x max-batch-tokens, the model's maximum)")
     f.add("--max-queue", default=16384, type=int, help="inputs queued or running before requests get 429")

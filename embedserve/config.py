@@ -56,7 +56,7 @@ class SchedulerConfig:
     """Inputs waiting or running; beyond it new requests are refused with 429."""
     chunk_tokens: int | None = None
     """Causal models: inputs longer than this run as chunks over a key cache, one per step.
-    None: max_batch_tokens // 4; 0: never chunk (then max_batch_tokens must hold the longest input)."""
+    None: max_batch_tokens // 8; 0: never chunk (then max_batch_tokens must hold the longest input)."""
     max_kv_tokens: int | None = None
     """Causal models: key-cache tokens that long inputs in progress may hold together; new long inputs wait
     beyond it. None: max(4 * max_batch_tokens, the model's maximum input length)."""

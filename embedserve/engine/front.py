@@ -155,7 +155,7 @@ class Engine:
         max_kv = None
         if chunking:
             # Causal models run long inputs as chunks over a key cache: any length up to the model's.
-            self.chunk_tokens = sc.chunk_tokens or max(1, self.max_batch_tokens // 4)
+            self.chunk_tokens = sc.chunk_tokens or max(1, self.max_batch_tokens // 8)
             max_kv = sc.max_kv_tokens or max(4 * self.max_batch_tokens, self.max_length)
             if max_kv < self.max_length:
                 raise ConfigError(

@@ -7,6 +7,7 @@ import base64
 import hmac
 
 import msgspec
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,6 +24,10 @@ from embedserve.protocol import (
     encoder,
     parse_input,
 )
+
+
+# Answers with more floats than this are JSON-encoded on a worker thread (about a millisecond of work).
+_ENCODE_INLINE_FLOATS = 32_768
 
 
 class ClientGone(Exception):
@@ -137,7 +142,11 @@ async def embeddings(request: Request) -> Response:
     m.queue_seconds.observe(t.queue_s)
     m.tokenize_seconds.observe(t.tokenize_s)
     m.inference_seconds.observe(t.inference_s)
-    body = encode_embeddings(result.vectors, result.token_counts, fmt, svc.served_name, result.base64)
+    args = (result.vectors, result.token_counts, fmt, svc.served_name, result.base64)
+    if result.vectors.numel() > _ENCODE_INLINE_FLOATS:
+        body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
+    else:
+        body = encode_embeddings(*args)
     headers = {
         "x-queue-time": f"{1000 * t.queue_s:.2f}",
         "x-tokenization-time": f"{1000 * t.tokenize_s:.2f}",

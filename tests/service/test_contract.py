@@ -67,6 +67,15 @@ def test_case_1_string_gives_one_item_and_list_keeps_order(server, st_embed):
     assert [d["index"] for d in data] == list(range(len(TEXTS)))
     assert cosine(vectors(r), st_embed(TEXTS)).min() >= 0.9999
 
+    # A big answer (200 x 384 floats) is encoded off the event loop; same shape, same order.
+    many = [f"sentence number {i} " + "x" * (i % 7) for i in range(200)]
+    for fmt in ("float", "base64"):
+        r = post(server, {"input": many, "model": "m", "encoding_format": fmt})
+        data = r.json()["data"]
+        assert [d["index"] for d in data] == list(range(200))
+    got = vectors(post(server, {"input": many, "model": "m"}))
+    assert cosine(got, st_embed(many)).min() >= 0.9999
+
 
 def test_case_2_usage_counts_the_tokens_embedded(server, st_model):
     texts = ["hello world", "word " * 1000]

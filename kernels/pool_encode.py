@@ -151,7 +151,7 @@ def pool_encode_triton(
     total = int(offsets[-1])  # one host sync: the buffer's size
     vectors = torch.empty(B, H, dtype=torch.float32, device=dev)
     b64 = torch.empty(max(total, 1), dtype=torch.uint8, device=dev)
-    block_h = triton.next_power_of_2(H)
+    block_h = max(16, triton.next_power_of_2(H))  # tiny tiles are masked, never degenerate
     _pool_encode_kernel[(B,)](
         hidden, hidden.stride(0), cu_seqlens.to(device=dev, dtype=torch.int32), dims,
         normalize.to(device=dev, dtype=torch.int8), offsets,

@@ -207,10 +207,6 @@ class Engine:
         with self._cond:
             return st.waiting_inputs, st.waiting_tokens, st.running_inputs, st.dropped_inputs
 
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._pending
-
     # -- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
         """One full ``max_batch_tokens`` pass before serving: the first request pays no start-up cost, and a
@@ -419,9 +415,4 @@ class Engine:
             p.loop.call_soon_threadsafe(_set_result, p.future, result)
 
 
-def sync_embed(engine: Engine, inputs: Sequence[str], options: EmbedOptions = EmbedOptions()) -> EmbedResult:
-    """Convenience for scripts: run one request to completion on a private event loop."""
-    return asyncio.run(engine.embed(inputs, options))
-
-
-__all__ = ["Engine", "EmbedOptions", "EmbedResult", "EmbedServeError", "StepObserver", "Timings", "sync_embed"]
+__all__ = ["Engine", "EmbedOptions", "EmbedResult", "EmbedServeError", "StepObserver", "Timings"]

@@ -10,6 +10,8 @@
 ARG VARIANT=cuda
 
 # PyPI's Linux x86_64 torch 2.9.1 wheel is the CUDA 12.8 build: the base image carries the matching runtime.
+# (torch >= 2.12, whose PyPI wheels are CUDA 13 builds, adds what embedserve needs from torch's own flash
+# varlen attention: scale, windows, GQA. With 2.9 the CUDA path attends with SDPA, logged at start-up.)
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS cuda-base
 # hadolint ignore=DL3008
 RUN apt-get update \

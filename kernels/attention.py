@@ -73,16 +73,30 @@ class AttentionBatch:
     k_lengths: list[int] = field(default_factory=list)
 
 
+# varlen_attn arrived in torch 2.9 with is_causal only; scale and window_size came in 2.10, GQA in 2.12.
+_VARLEN_NEEDS = ("scale", "window_size", "enable_gqa")
+
+
+def _torch_varlen_usable() -> bool:
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    params = inspect.signature(varlen_attn).parameters
+    missing = [p for p in _VARLEN_NEEDS if p not in params]
+    if missing:
+        log.info("torch.nn.attention.varlen.varlen_attn lacks %s in torch %s: not used", missing, torch.__version__)
+    return not missing
+
+
 def _available_backends(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     found = []
     # The flash kernels take fp16/bf16 only: fp32 on CUDA runs SDPA.
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        try:
-            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-
+        if _torch_varlen_usable():
             found.append("torch_varlen")
-        except ImportError:
-            pass
         if importlib.util.find_spec("flash_attn") is not None:
             found.append("flash_attn")
     found += ["sdpa_bucketed", "sdpa_segments", "dense"]

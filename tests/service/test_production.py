@@ -85,16 +85,25 @@ def test_a_failing_forward_pass_fails_its_batch_with_500_and_the_server_keeps_se
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     with run_server(tmp_path, "--max-batch-tokens", "512", "--shutdown-grace", "120") as s:
-        texts = ["word " * 200] * 6  # ~1,200 tokens a request: 50 of them keep 2 cores busy for seconds
+        # The first request holds ~16K tokens (seconds of work); the 49 behind it queue FIFO, so all 50 are
+        # in flight together however fast the machine is.
+        head = ["word " * 250] * 64
+        texts = ["word " * 200] * 6
 
         async def scenario():
-            async with httpx.AsyncClient(timeout=180) as c:
-                flight = [asyncio.create_task(c.post(s.url + "/v1/embeddings", json={"input": texts, "model": "m"}))
-                          for _ in range(50)]
+            async with httpx.AsyncClient(timeout=300) as c:
+                def send(inputs):
+                    return asyncio.create_task(c.post(s.url + "/v1/embeddings", json={"input": inputs, "model": "m"}))
+
+                flight = [send(head)]
                 deadline = time.monotonic() + 60
+                while metric(s, "embedserve_in_flight_requests") < 1:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                flight += [send(texts) for _ in range(49)]
                 while metric(s, "embedserve_in_flight_requests") < 50:
                     assert time.monotonic() < deadline, "the 50 requests never were in flight together"
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.02)
                 s.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)
                 late = await c.post(s.url + "/v1/embeddings", json={"input": "late", "model": "m"})
@@ -104,7 +113,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
 
         done, late, ready = asyncio.run(scenario())
         assert [r.status_code for r in done] == [200] * 50
-        assert all(len(r.json()["data"]) == 6 for r in done)
+        assert [len(r.json()["data"]) for r in done] == [64] + [6] * 49
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
         assert ready.status_code == 503
         assert s.proc.wait(60) == 0

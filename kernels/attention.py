@@ -25,6 +25,7 @@ different sequences never see each other. GQA (fewer key/value heads than query 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -79,8 +80,6 @@ _VARLEN_NEEDS = ("scale", "window_size", "enable_gqa")
 
 def _torch_varlen_usable() -> bool:
     try:
-        import inspect
-
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False

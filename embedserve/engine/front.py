@@ -28,7 +28,6 @@ from embedserve.engine.tokenizer import Tokenizer
 from embedserve.errors import (
     ConfigError,
     ContextLengthExceeded,
-    EmbedServeError,
     EngineError,
     InvalidRequest,
     ShuttingDown,
@@ -144,6 +143,8 @@ class Engine:
             cap_to_tokenizer=self.model.spec.max_seq_length is None,
         )
         self.max_length = self.tokenizer.max_length
+        if config.token_ids == "cl100k":
+            cl100k()  # build the id table now, on the loading thread, not inside the first request
         # Test hook: a step holding an input equal to this text's tokens raises, as a broken forward would.
         self._fault_ids = (
             self.tokenizer.encode([config.fault_marker], truncate=True)[0] if config.fault_marker else None
@@ -308,6 +309,13 @@ class Engine:
         texts = [x for x in inputs if isinstance(x, str)]
         if texts and len(texts) != len(inputs):
             raise InvalidRequest("input must be all strings or all token-id lists, not a mix", param="input")
+        if not texts:
+            # Checked here, on the tokenisation pool: a request may carry millions of ids.
+            for i, x in enumerate(inputs):
+                if not x:
+                    raise InvalidRequest(f"input[{i}] is an empty token-id array", param="input")
+                if not all(type(t) is int for t in x):  # JSON true/false are bools, not token ids
+                    raise InvalidRequest(f"input[{i}] must be an array of integer token ids", param="input")
         if not texts and self.config.token_ids == "cl100k":
             decoder = cl100k()
             texts = [decoder.decode(list(x), index=i) for i, x in enumerate(inputs)]
@@ -323,8 +331,6 @@ class Engine:
         vocab = self.tokenizer.vocab_size
         for i, x in enumerate(inputs):
             x = list(x)
-            if not x:
-                raise InvalidRequest(f"input[{i}] is an empty token list", param="input")
             bad = next((t for t in x if not 0 <= t < vocab), None)
             if bad is not None:
                 raise InvalidRequest(
@@ -415,4 +421,4 @@ class Engine:
             p.loop.call_soon_threadsafe(_set_result, p.future, result)
 
 
-__all__ = ["Engine", "EmbedOptions", "EmbedResult", "EmbedServeError", "StepObserver", "Timings"]
+__all__ = ["Engine", "EmbedOptions", "EmbedResult", "StepObserver", "Timings"]

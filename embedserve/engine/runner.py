@@ -2,10 +2,10 @@
 
 Only the engine thread calls :meth:`Runner.run`. After the forward pass one pool+encode launch turns the
 packed hidden states into final float32 rows and, for rows whose request asked for base64, their
-little-endian float32 base64 text. A model with sentence-transformers Dense layers splits that launch
-around them: pool (no cut, no normalisation) -> Dense -> the same kernel over one-token segments, which
-cuts, normalises and encodes. The Dense layers are ordinary GEMMs; folding them into the kernel would
-buy nothing and cost a second implementation.
+little-endian float32 base64 text. With sentence-transformers Dense layers, or a chunk of a long input
+in the step, the rows are pooled first (torch, on the device: chunks carry pooling state across steps)
+and the Dense GEMMs run on them; the same kernel then finishes the rows as one-token segments (cut,
+normalise, encode). Folding GEMMs into the kernel would buy nothing and cost a second implementation.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Runner:
         # Position within its own input for every packed token (a chunk continues where the last one ended).
         starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.long())
         positions = torch.arange(total, dtype=torch.long) - starts
-        caches = None
+        caches: list | None = None
         if chunks is not None and any(c is not None for c in chunks):
             offsets = torch.tensor([c.start if c is not None else 0 for c in chunks], dtype=torch.long)
             positions += torch.repeat_interleave(offsets, lengths.long())
@@ -132,32 +132,27 @@ class Runner:
         norm_t = torch.tensor(normalize, dtype=torch.bool, device=dev)
         want_t = torch.tensor(want_base64 if want_base64 is not None else [False] * B, dtype=torch.bool, device=dev)
 
-        if caches is None:
-            hidden = m.encoder(input_ids.to(dev), positions.to(dev), cu_dev, max_seqlen)  # [T, H]
-        else:
-            try:
-                hidden = m.encoder(input_ids.to(dev), positions.to(dev), cu_dev, max_seqlen, caches)
-            except BaseException:
+        packed = (input_ids.to(dev), positions.to(dev), cu_dev, max_seqlen)
+        try:
+            hidden = m.encoder(*packed, caches) if caches else m.encoder(*packed)  # [T, H]
+        except BaseException:
+            if caches:
                 self.free([c.key for c in chunks if c is not None])  # a half-written cache is useless
-                raise
-            # Pool every row here (chunks need state), then finish like the Dense path does.
-            x = self._pool_chunks(hidden, cu_dev, chunks, lengths.tolist())
+            raise
+        if not caches and not len(m.dense):
+            # The common case: one launch pools, cuts, normalises and encodes.
+            vectors, b64, offsets = self._pool_encode(hidden, cu_dev, m.spec.pooling, dims_t, norm_t, want_t)
+        else:
+            # Pooled rows first (chunks carry state across steps; Dense layers sit between pooling and the
+            # cut), then the same kernel finishes them as one-token segments.
+            if caches:
+                x = self._pool_chunks(hidden, cu_dev, chunks, lengths.tolist())
+            else:
+                x = pool(hidden, cu_dev, m.spec.pooling)
             if len(m.dense):
                 x = x.to(m.dtype)
                 for layer in m.dense:
-                    x = layer(x)
+                    x = layer(x)  # [B, D]
             ones = torch.arange(B + 1, dtype=torch.int32, device=dev)
             vectors, b64, offsets = self._pool_encode(x, ones, "cls", dims_t, norm_t, want_t)
-            return StepOutput(vectors.cpu(), b64.cpu().numpy().tobytes(), offsets.cpu().tolist())
-        if len(m.dense):
-            H = hidden.shape[1]
-            no = torch.zeros(B, dtype=torch.bool, device=dev)
-            pooled, _, _ = self._pool_encode(hidden, cu_dev, m.spec.pooling, torch.full_like(dims_t, H), no, no)
-            x = pooled.to(m.dtype)
-            for layer in m.dense:
-                x = layer(x)  # [B, D]
-            hidden, cu_dev, mode = x, torch.arange(B + 1, dtype=torch.int32, device=dev), "cls"
-        else:
-            mode = m.spec.pooling
-        vectors, b64, offsets = self._pool_encode(hidden, cu_dev, mode, dims_t, norm_t, want_t)
         return StepOutput(vectors.cpu(), b64.cpu().numpy().tobytes(), offsets.cpu().tolist())

@@ -1,8 +1,8 @@
 """The model's fast tokenizer, used the way sentence-transformers uses it.
 
-Two copies of the Rust tokenizer are kept: one that never truncates (to learn an input's real length,
-for the error that refuses over-long input) and one that truncates to the model's maximum exactly as
-transformers' ``truncation=True`` does. Neither is mutated after construction, so the tokenisation pool's
+Two copies of the Rust tokenizer are kept: one that truncates to the model's maximum exactly as
+transformers' ``truncation=True`` does (the default path), and one that never truncates (to learn an
+input's real length for the error that refuses over-long input when truncation is off). Neither is mutated after construction, so the tokenisation pool's
 threads may share them.
 """
 
@@ -56,14 +56,10 @@ class Tokenizer:
         """Token ids with special tokens for each text; over-long ones truncated or refused."""
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
-        encodings = self._full.encode_batch(list(texts), add_special_tokens=True)
-        ids = [e.ids for e in encodings]
-        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
-        if long:
-            if not truncate:
-                i = long[0]
-                raise ContextLengthExceeded(self.max_length, len(ids[i]), index=i)
-            cut = self._cut.encode_batch([texts[i] for i in long], add_special_tokens=True)
-            for i, e in zip(long, cut):
-                ids[i] = e.ids
+        if truncate:  # one pass: the truncating tokenizer cuts exactly as transformers' truncation=True
+            return [e.ids for e in self._cut.encode_batch(list(texts), add_special_tokens=True)]
+        ids = [e.ids for e in self._full.encode_batch(list(texts), add_special_tokens=True)]
+        for i, x in enumerate(ids):
+            if len(x) > self.max_length:
+                raise ContextLengthExceeded(self.max_length, len(x), index=i)
         return ids

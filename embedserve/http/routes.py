@@ -7,6 +7,7 @@ import base64
 import hmac
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -165,8 +166,6 @@ async def models(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus exposition. Open without a key, like the probes (documented)."""
-    from prometheus_client import CONTENT_TYPE_LATEST
-
     return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

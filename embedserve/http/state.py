@@ -8,16 +8,14 @@ from typing import TYPE_CHECKING
 
 from embedserve.config import ServerConfig
 from embedserve.errors import ServiceUnavailable, ShuttingDown
+from embedserve.http.metrics import Metrics
 
 if TYPE_CHECKING:
     from embedserve.engine.front import Engine
-    from embedserve.http.metrics import Metrics
 
 
 class Service:
     def __init__(self, config: ServerConfig, served_name: str) -> None:
-        from embedserve.http.metrics import Metrics
-
         self.config = config
         self.served_name = served_name
         self.key_bytes = tuple(k.encode() for k in config.api_keys)

@@ -182,7 +182,7 @@ class Gemma3Model(nn.Module):
         for t in set(a.layer_types):
             window = a.sliding_window if t == SLIDING else None
             batches[t] = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=a.causal, window=window)
-            rope[t] = cos_sin(positions, a.rope[t].inv_freq(a.head_dim).to(input_ids.device), dtype)
+            rope[t] = cos_sin(positions, a.rope[t].inv_freq_on(a.head_dim, input_ids.device), dtype)
         # The scale is rounded to the weights' dtype first, as transformers does.
         h = self.embed(input_ids) * torch.tensor(a.hidden_size**0.5, dtype=dtype)  # [T, H]
         for layer, t in zip(self.layers, a.layer_types):

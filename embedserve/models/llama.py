@@ -251,7 +251,7 @@ class LlamaModel(nn.Module):
                        cu_seqlens_k=cu_k, max_seqlen_k=max_k)
             for w in set(a.windows)
         }
-        inv_freq = a.rope.inv_freq(a.head_dim).to(input_ids.device)
+        inv_freq = a.rope.inv_freq_on(a.head_dim, input_ids.device)
         cos, sin = cos_sin(positions, inv_freq, self.embed.weight.dtype)  # [T, 1, d]
         h = self.embed(input_ids)  # [T, H]
         for i, (layer, window) in enumerate(zip(self.layers, a.windows)):

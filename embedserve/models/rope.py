@@ -7,6 +7,7 @@ default, linear, llama3; anything else is refused by name rather than silently c
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,6 +50,10 @@ class RopeSpec:
             ),
         )
 
+    def inv_freq_on(self, head_dim: int, device: torch.device) -> torch.Tensor:
+        """:meth:`inv_freq` on ``device``, computed once per (spec, head_dim, device), not every forward pass."""
+        return _inv_freq_cached(self, head_dim, str(device))
+
     def inv_freq(self, head_dim: int) -> torch.Tensor:
         """``[head_dim / 2]`` float32 inverse frequencies, scaled as the config says."""
         inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -66,6 +71,11 @@ class RopeSpec:
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             return torch.where(medium, smoothed, scaled)
         return inv
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq_cached(spec: RopeSpec, head_dim: int, device: str) -> torch.Tensor:
+    return spec.inv_freq(head_dim).to(device)
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,23 +9,30 @@
 
 ARG VARIANT=cuda
 
-# PyPI's Linux x86_64 torch 2.9.1 wheel is the CUDA 12.8 build: the base image carries the matching runtime.
-# (torch >= 2.12, whose PyPI wheels are CUDA 13 builds, adds what embedserve needs from torch's own flash
-# varlen attention: scale, windows, GQA. With 2.9 the CUDA path attends with SDPA, logged at start-up.)
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS cuda-base
+# CUDA: torch 2.13.0 from PyPI is the CUDA 13.0 build (cuda-toolkit 13.0.3, cuDNN 9.20, cuBLAS, NCCL and
+# Triton 3.7 come as wheels with it), so the base is CUDA 13.0's `base` flavour: the CUDA runtime and the
+# NVIDIA_REQUIRE_CUDA check (a host driver older than 580 is refused at `docker run` with a clear message),
+# none of the cuDNN/cuBLAS libraries of the `runtime`/`cudnn` flavours that the wheels already bundle.
+# torch >= 2.12 is what embedserve needs from its flash varlen_attn: scale, sliding windows and GQA.
+# Triton compiles a small C launcher the first time a kernel runs: gcc, the C library headers and Python's
+# headers must be there at run time, and its cache must be writable by the non-root user (TRITON_CACHE_DIR).
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04 AS cuda-base
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --no-cache-dir torch==2.9.1
+RUN pip install --no-cache-dir torch==2.13.0
+# No visible GPU is a start-up error that names the cause (driver, --gpus), never a silent CPU fallback.
+ENV EMBEDSERVE_DEVICE=cuda
 
 FROM python:3.12-slim-bookworm AS cpu-base
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # The CPU-only build keeps the image small; torch on plain PyPI would bring the CUDA libraries.
-RUN pip install --no-cache-dir torch==2.9.1 --index-url https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+ENV EMBEDSERVE_DEVICE=cpu
 
 # hadolint ignore=DL3006
 FROM ${VARIANT}-base AS runtime
@@ -36,8 +43,8 @@ COPY kernels ./kernels
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedserve
 USER 10001
-# Listen on every interface inside the container; nothing is fetched at run time; caches go to /tmp
-# (the only writable path when the root filesystem is read-only).
+# Listen on every interface inside the container; nothing is fetched at run time; caches (Triton's compiled
+# kernels and launcher among them) go to /tmp, the only writable path when the root filesystem is read-only.
 ENV EMBEDSERVE_HOST=0.0.0.0 \
     EMBEDSERVE_PORT=8000 \
     HF_HUB_OFFLINE=1 \

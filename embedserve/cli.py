@@ -15,6 +15,7 @@ from embedserve import __version__
 from embedserve.config import (
     ATTENTION_BACKENDS,
     DTYPES,
+    FAULT_KINDS,
     POOL_KERNELS,
     TOKEN_ID_POLICIES,
     Config,
@@ -114,6 +115,10 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--log-format", default="plain", choices=["plain", "json"], help="plain text or one JSON object per "
           "line; either way one line per request with its id, status, inputs, tokens, queue and total ms")
     f.add("--fault-marker", help="testing only: a forward pass holding an input equal to this text fails")
+    f.add("--fault-kind", default="error", choices=FAULT_KINDS, help="testing only: how the --fault-marker pass "
+          "fails: error = its requests get 500; fatal = as a lost CUDA context (the engine stops, /health turns "
+          "503, the process exits non-zero after --shutdown-grace); oom = as out of device memory (the step is "
+          "split and retried)")
     return parser
 
 
@@ -138,6 +143,7 @@ def build_config(args: argparse.Namespace) -> Config:
             max_tokens_per_request=args.max_tokens_per_request,
             max_input_tokens=args.max_input_tokens,
             fault_marker=args.fault_marker,
+            fault_kind=args.fault_kind,
         ),
         server=ServerConfig(
             host=args.host,

@@ -12,6 +12,7 @@ from embedserve.errors import ConfigError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKEN_ID_POLICIES = ("cl100k", "model")
 POOL_KERNELS = ("auto", "triton", "torch")
+FAULT_KINDS = ("error", "fatal", "oom")
 ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments", "dense")
 
 
@@ -85,6 +86,9 @@ class EngineConfig:
     """Tokens (after tokenisation) one request may hold; None: no limit beyond the queue."""
     fault_marker: str | None = None
     """Testing only: a forward pass holding an input equal to this text fails."""
+    fault_kind: str = "error"
+    """Testing only: how that pass fails: "error" (that step's requests get 500), "fatal" (as a lost CUDA
+    context: the engine stops and the process exits), "oom" (as torch.OutOfMemoryError: the step is split)."""
     token_ids: str = "cl100k"
     """How token-id inputs are read: "cl100k" (OpenAI clients' tiktoken ids, decoded to text) or "model"
     (ids of the served model's own tokenizer, used as given)."""
@@ -93,6 +97,8 @@ class EngineConfig:
         _positive("tokenizer_workers", self.tokenizer_workers)
         _positive("max_tokens_per_request", self.max_tokens_per_request)
         _positive("max_input_tokens", self.max_input_tokens)
+        if self.fault_kind not in FAULT_KINDS:
+            raise ConfigError(f"fault_kind must be one of {', '.join(FAULT_KINDS)}, got {self.fault_kind!r}")
         if self.token_ids not in TOKEN_ID_POLICIES:
             raise ConfigError(f"token_ids must be one of {', '.join(TOKEN_ID_POLICIES)}, got {self.token_ids!r}")
 

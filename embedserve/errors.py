@@ -41,6 +41,20 @@ class ContextLengthExceeded(InvalidRequest):
         self.requested = requested
 
 
+class InputTooLarge(InvalidRequest):
+    """One input does not fit in device memory even in a forward pass of its own."""
+
+    code = "input_too_large"
+
+    def __init__(self, index: int, tokens: int, max_batch_tokens: int) -> None:
+        super().__init__(
+            f"input[{index}] ({tokens} tokens) does not fit in the device's memory even in a forward pass of its "
+            f"own. Send a shorter input. The server's operator can leave more memory free by lowering "
+            f"--max-batch-tokens (now {max_batch_tokens}), or cap inputs with --max-input-tokens.",
+            param="input",
+        )
+
+
 class Unauthorized(EmbedServeError):
     status = 401
     type = "authentication_error"
@@ -80,6 +94,12 @@ class ServiceUnavailable(EmbedServeError):
 
 class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
+
+
+class EngineFailed(ServiceUnavailable):
+    """The engine stopped for good (a device error poisoned the CUDA context): this replica is going away."""
+
+    code = "engine_failed"
 
 
 class EngineError(EmbedServeError):

@@ -3,19 +3,27 @@
 Sequences are concatenated along the token axis: ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` and
 ``cu_seqlens [B+1]`` (int32 offsets). A token attends only to tokens of its own sequence.
 
-Backends, chosen once at start-up by :func:`select_backend` and logged:
+Backends, chosen once per model at start-up by :func:`select_backend` (from the model's
+:class:`AttentionShape`, the device, the dtype and what this torch offers) and logged:
 
-- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA only).
-- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when that package is installed (CUDA only).
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA, fp16/bf16). Its signature grew
+  release by release (:class:`VarlenCaps`): 2.10 takes ``is_causal`` only, 2.11 adds ``scale`` and
+  ``window_size``, 2.12 ``enable_gqa`` and ``num_splits``. What an older one lacks is made up around the
+  call: GQA by expanding K/V heads, a scale by scaling q; only sliding windows need 2.11.
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func``, when that package imports and runs a tiny call.
 - ``sdpa_bucketed``: sequences sorted by length and grouped so that padding stays small; each group is
   gathered into a padded ``[G, H, L, D]`` block for one SDPA call and scattered back. Padding lives
-  inside attention only: every other layer runs on the packed tokens. The CPU default (measured by
-  ``benchmarks/bench_attention.py``).
+  inside attention only: every other layer runs on the packed tokens. The CPU default and the CUDA
+  fallback (fp32, or no flash kernel for the model). On CPU, sequences of ``SOLO_MIN_LENGTH`` tokens or
+  more run as one SDPA call each (measured by ``benchmarks/bench_kernels.py``); on CUDA every length is
+  bucketed. On CUDA, SDPA runs with its math kernel switched off: a mask or fp32 with GQA expands K/V
+  heads so that the memory-efficient kernel takes the call, never a ``[heads, n, n_keys]`` score tensor.
 - ``sdpa_segments``: one SDPA call per sequence.
 - ``dense``: one ``[T, T]`` block-diagonal masked SDPA call. The reference the others are tested against.
 
-Callers build an :class:`AttentionBatch` once per forward pass (it holds the host-side bookkeeping)
-and pass it to :func:`varlen_attention` in every layer.
+Callers build an :class:`AttentionBatch` once per forward pass with :func:`prepare` (it holds the host-side
+bookkeeping; given the host ``lengths``, it never waits on the device) and pass it to
+:func:`varlen_attention` in every layer.
 
 Masking: ``causal`` keeps a token off later tokens; ``window`` (transformers' ``sliding_window``) keeps it
 off tokens ``window`` or more positions away (only earlier ones matter when causal). Query and key tokens of
@@ -24,10 +32,13 @@ different sequences never see each other. GQA (fewer key/value heads than query 
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import functools
 import inspect
 import logging
+import sys
 from dataclasses import dataclass, field
+from typing import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +46,198 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch_varlen", "flash_attn", "sdpa_bucketed", "sdpa_segments", "dense")
+HALF = (torch.float16, torch.bfloat16)
 
 # Bucketing: a group's padded area (count * longest^2) may exceed its real area by this factor.
 _BUCKET_WASTE = 1.3
-# Sequences at least this long run as their own SDPA call on a strided view (no gather, no padding);
+# CPU: sequences at least this long run as their own SDPA call on a strided view (no gather, no padding);
 # shorter ones are bucketed, where one call for many sequences beats a call each.
-# benchmarks/bench_kernels.py measured the crossover on the development CPU.
+# benchmarks/bench_kernels.py measured the crossover on the development CPU. CUDA buckets every length.
 SOLO_MIN_LENGTH = 64
+# The flash kernels take head dims up to 256, in multiples of 8 (smaller multiples are zero-padded here).
+FLASH_MAX_HEAD_DIM = 256
+_HEAD_DIM_ALIGN = 8
+
+
+# -- what the model asks, what the torch offers, and the choice ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a model asks of attention. The backend is chosen per model from it."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool = False
+    window: bool = False  # some layer attends within a sliding window
+    chunked: bool = False  # chunks of long inputs attend to the cached keys of earlier chunks (cu_seqlens_k)
+
+    @property
+    def gqa(self) -> bool:
+        return self.kv_heads != self.heads
+
+    def describe(self) -> str:
+        parts = ["causal" if self.causal else "bidirectional", "GQA" if self.gqa else "MHA",
+                 f"{self.heads} heads of {self.head_dim}"]
+        if self.window:
+            parts.append("sliding windows")
+        if self.chunked:
+            parts.append("chunks over cached keys")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class VarlenCaps:
+    """What this torch's ``varlen_attn`` takes. All False: no ``torch.nn.attention.varlen`` (torch <= 2.9)."""
+
+    present: bool = False
+    scale: bool = False  # 2.11
+    window: bool = False  # 2.11: window_size, and causal is window_size (-1, 0) rather than is_causal
+    gqa: bool = False  # 2.12: enable_gqa
+    num_splits: bool = False  # 2.12: num_splits=1 keeps a sequence's result independent of its batch
+
+    @classmethod
+    def from_params(cls, params: Collection[str] | None) -> VarlenCaps:
+        if params is None:
+            return cls()
+        return cls(True, "scale" in params, "window_size" in params, "enable_gqa" in params, "num_splits" in params)
+
+    def describe(self) -> str:
+        if not self.present:
+            return "no varlen_attn"
+        took = [n for n, on in (("scale", self.scale), ("window_size", self.window), ("enable_gqa", self.gqa)) if on]
+        return "varlen_attn(" + (", ".join(took) if took else "is_causal only") + ")"
+
+
+@functools.lru_cache(maxsize=1)
+def torch_varlen_caps() -> VarlenCaps:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return VarlenCaps()
+    return VarlenCaps.from_params(set(inspect.signature(varlen_attn).parameters))
+
+
+@functools.lru_cache(maxsize=8)
+def flash_attn_works(device_index: int = 0) -> str | None:
+    """None when the flash_attn package imports and runs a tiny varlen call on this GPU; else why not.
+    A package that imports but was built for another torch or GPU fails here, at start-up, not mid-request."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as e:  # ImportError, or an extension built against another torch (OSError, RuntimeError)
+        return f"flash_attn does not import ({type(e).__name__}: {e})"
+    try:
+        dev = torch.device("cuda", device_index)
+        q = torch.randn(5, 2, 64, device=dev, dtype=torch.float16)
+        cu = torch.tensor([0, 2, 5], device=dev, dtype=torch.int32)
+        out = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, causal=True)
+        torch.cuda.synchronize(dev)
+        if out.shape != q.shape or not bool(torch.isfinite(out).all()):
+            return "flash_attn's test call gave a wrong answer"
+    except Exception as e:
+        return f"flash_attn's test call failed ({type(e).__name__}: {e})"
+    return None
+
+
+def _flash_problem(device_type: str, dtype: torch.dtype, shape: AttentionShape) -> str | None:
+    if device_type != "cuda":
+        return f"flash kernels run on CUDA only, not {device_type}"
+    if dtype not in HALF:
+        return f"flash kernels take float16/bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if shape.head_dim > FLASH_MAX_HEAD_DIM:
+        return f"flash kernels take head dims up to {FLASH_MAX_HEAD_DIM}, not {shape.head_dim}"
+    return None
+
+
+def backend_problems(
+    device_type: str, dtype: torch.dtype, shape: AttentionShape, *, caps: VarlenCaps, flash_attn: str | None
+) -> dict[str, str | None]:
+    """For each backend, None if it can serve a model of ``shape``, else why it cannot. Pure: the table test
+    feeds it every torch signature. ``flash_attn``: :func:`flash_attn_works`'s answer."""
+    flash = _flash_problem(device_type, dtype, shape)
+    varlen = flash
+    if varlen is None and not caps.present:
+        varlen = f"torch {torch.__version__.split('+')[0]} has no torch.nn.attention.varlen (torch >= 2.10)"
+    elif varlen is None and shape.window and not caps.window:
+        varlen = "this torch's varlen_attn takes no window_size (torch >= 2.11) and the model has sliding windows"
+    return {
+        "torch_varlen": varlen,
+        "flash_attn": flash or flash_attn,
+        "sdpa_bucketed": None,
+        "sdpa_segments": None,
+        "dense": None,
+    }
+
+
+def choose_backend(
+    device_type: str, dtype: torch.dtype, shape: AttentionShape, requested: str | None = "auto", *,
+    caps: VarlenCaps, flash_attn: str | None,
+) -> str:
+    """The backend for one model: the first usable of :data:`BACKENDS` for ``auto``; an explicit choice that
+    cannot serve this model is an error that says why, never a silent downgrade."""
+    problems = backend_problems(device_type, dtype, shape, caps=caps, flash_attn=flash_attn)
+    usable = [b for b in BACKENDS if problems[b] is None]
+    if requested in ("auto", None):
+        return usable[0]
+    name = "sdpa_bucketed" if requested == "sdpa" else requested
+    if name not in problems:
+        raise ValueError(f"unknown attention backend {requested!r}; known: auto, sdpa, {', '.join(BACKENDS)}")
+    if problems[name] is not None:
+        raise ValueError(
+            f"attention backend {requested!r} cannot serve this model ({shape.describe()}) on {device_type} with "
+            f"{str(dtype).removeprefix('torch.')}: {problems[name]}. Usable here: {', '.join(usable)}"
+        )
+    return name
+
+
+_DEFAULT_SHAPE = AttentionShape(heads=1, kv_heads=1, head_dim=64)
+
+
+def _flash_capable(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in HALF
+
+
+def _probe_flash_attn(device: torch.device, dtype: torch.dtype) -> str | None:
+    if not _flash_capable(device, dtype):
+        return "flash kernels need CUDA and float16/bfloat16"
+    return flash_attn_works(device.index or 0)
+
+
+def _caps_for(device: torch.device, dtype: torch.dtype) -> VarlenCaps:
+    # Importing torch.nn.attention.varlen registers custom ops (about a second on a CPU): only where it can run.
+    return torch_varlen_caps() if _flash_capable(device, dtype) else VarlenCaps()
+
+
+def usable_backends(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, shape: AttentionShape = _DEFAULT_SHAPE
+) -> list[str]:
+    problems = backend_problems(
+        device.type, dtype, shape, caps=_caps_for(device, dtype), flash_attn=_probe_flash_attn(device, dtype)
+    )
+    return [b for b in BACKENDS if problems[b] is None]
+
+
+def select_backend(
+    device: torch.device, requested: str = "auto", dtype: torch.dtype = torch.float32,
+    shape: AttentionShape = _DEFAULT_SHAPE,
+) -> str:
+    """Pick the backend for a model of ``shape`` on this device and torch, and log the choice and why the
+    faster ones were passed over."""
+    caps = _caps_for(device, dtype)
+    flash = _probe_flash_attn(device, dtype)
+    choice = choose_backend(device.type, dtype, shape, requested, caps=caps, flash_attn=flash)
+    problems = backend_problems(device.type, dtype, shape, caps=caps, flash_attn=flash)
+    passed = [f"{b}: {problems[b]}" for b in BACKENDS[: BACKENDS.index(choice)] if problems[b]]
+    log.info(
+        "varlen attention backend: %s for %s on %s (torch %s%s)%s", choice, shape.describe(), device.type,
+        torch.__version__, f": {caps.describe()}" if _flash_capable(device, dtype) else "",
+        ("; not " + "; not ".join(passed)) if passed else "",
+    )
+    return choice
+
+
+# -- per forward pass ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -63,7 +259,7 @@ class AttentionBatch:
     backend: str
     cu_seqlens: torch.Tensor  # [B+1] int32 on the compute device
     max_seqlen: int
-    lengths: list[int]
+    lengths: list[int] | None  # host copies; None for the flash backends, which need none
     causal: bool = False
     window: int | None = None
     buckets: list[_Bucket] = field(default_factory=list)
@@ -71,53 +267,15 @@ class AttentionBatch:
     solo: list[tuple[int, int, int, int]] = field(default_factory=list)
     cu_seqlens_k: torch.Tensor | None = None  # None: keys are the queries' own tokens
     max_seqlen_k: int = 0
-    k_lengths: list[int] = field(default_factory=list)
+    k_lengths: list[int] | None = None
 
 
-# varlen_attn arrived in torch 2.9 with is_causal only; scale and window_size came in 2.10, GQA in 2.12.
-_VARLEN_NEEDS = ("scale", "window_size", "enable_gqa")
-
-
-def _torch_varlen_usable() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return False
-    params = inspect.signature(varlen_attn).parameters
-    missing = [p for p in _VARLEN_NEEDS if p not in params]
-    if missing:
-        log.info("torch.nn.attention.varlen.varlen_attn lacks %s in torch %s: not used", missing, torch.__version__)
-    return not missing
-
-
-def _available_backends(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    found = []
-    # The flash kernels take fp16/bf16 only: fp32 on CUDA runs SDPA.
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        if _torch_varlen_usable():
-            found.append("torch_varlen")
-        if importlib.util.find_spec("flash_attn") is not None:
-            found.append("flash_attn")
-    found += ["sdpa_bucketed", "sdpa_segments", "dense"]
-    return found
-
-
-def select_backend(device: torch.device, requested: str = "auto", dtype: torch.dtype = torch.float32) -> str:
-    """Pick the backend once for the process; an unavailable explicit choice is an error, not a downgrade."""
-    available = _available_backends(device, dtype)
-    if requested in ("auto", None):
-        choice = available[0]
-    elif requested == "sdpa":
-        choice = "sdpa_bucketed"
-    elif requested in available:
-        choice = requested
-    else:
-        raise ValueError(
-            f"attention backend {requested!r} is not available on {device.type} with {dtype}; "
-            f"available: {', '.join(available)}"
-        )
-    log.info("varlen attention backend: %s (available on %s: %s)", choice, device.type, ", ".join(available))
-    return choice
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """One host list -> one int64 tensor on ``device``; on CUDA through pinned memory, without waiting."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _make_buckets(
@@ -140,7 +298,9 @@ def _make_buckets(
     if current:
         groups.append(current)
 
-    buckets = []
+    # Every index list of every bucket goes to the device as one tensor; the buckets hold views of it.
+    flat: list[int] = []
+    spans: list[tuple[int, list[int]]] = []
     for members in groups:
         longest = max(lengths[i] for i in members)
         gather: list[int] = []
@@ -149,37 +309,54 @@ def _make_buckets(
         slot_pos: list[int] = []
         scatter: list[int] = []
         for g, i in enumerate(members):
-            start, n = offsets[i], lengths[i]
+            start, n, k_start = offsets[i], lengths[i], k_offsets[i]
             gather.extend(range(start, start + n))
             # Padding slots repeat the sequence's first token: the key mask hides them from real
             # queries, and the padded query rows are never read back.
             gather.extend([start] * (longest - n))
-            k_start = k_offsets[i]
             k_gather.extend(range(k_start, k_start + n))
             k_gather.extend([k_start] * (longest - n))
             slot_group.extend([g] * n)
             slot_pos.extend(range(n))
             scatter.extend(range(start, start + n))
-        padded = any(lengths[i] != longest for i in members)
+        marks = [len(flat)]
+        for part in (gather, k_gather, slot_group, slot_pos, scatter, [lengths[i] for i in members]):
+            flat.extend(part)
+            marks.append(len(flat))
+        spans.append((longest, marks))
+    every = _to_device(flat, device) if flat else None
+    buckets = []
+    for members, (longest, m) in zip(groups, spans):
+        view = [every[a:b] for a, b in zip(m[:-1], m[1:])]
         key_mask = None
-        if padded:
-            key_mask = (
-                torch.arange(longest).unsqueeze(0) < torch.tensor([lengths[i] for i in members]).unsqueeze(1)
-            ).view(len(members), 1, 1, longest).to(device)
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        if any(lengths[i] != longest for i in members):
+            key_mask = (torch.arange(longest, device=device).unsqueeze(0) < view[5].unsqueeze(1)).view(
+                len(members), 1, 1, longest
+            )
         buckets.append(
             _Bucket(
-                gather=as_tensor(gather),
-                k_gather=as_tensor(gather) if k_offsets is offsets else as_tensor(k_gather),
+                gather=view[0],
+                k_gather=view[0] if k_offsets is offsets else view[1],
                 key_mask=key_mask,
-                slot_group=as_tensor(slot_group),
-                slot_pos=as_tensor(slot_pos),
-                scatter=as_tensor(scatter),
+                slot_group=view[2],
+                slot_pos=view[3],
+                scatter=view[4],
                 groups=len(members),
                 length=longest,
             )
         )
     return buckets, solo
+
+
+def _host_lengths(cu: torch.Tensor, given: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    if given is None:
+        offsets = cu.tolist()  # waits for the device: callers on the serving path pass host lengths
+        return [b - a for a, b in zip(offsets[:-1], offsets[1:])], offsets
+    lengths = list(given)
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return lengths, offsets
 
 
 def prepare(
@@ -192,39 +369,43 @@ def prepare(
     solo_min: int | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
+    lengths: Sequence[int] | None = None,
+    k_lengths: Sequence[int] | None = None,
 ) -> AttentionBatch:
-    """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device.
+    """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device; ``lengths`` (and
+    ``k_lengths``) are the host copies of what it encodes: given, nothing here waits on the device.
 
     ``cu_seqlens_k``: when a sequence's keys are more than its queries (a chunk of a long input attending to
     the cached keys of its earlier chunks), the key offsets. The queries are then the *last* tokens of their
     sequence: causal masking aligns them to the end of the keys.
     """
-    offsets = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    if cu_seqlens_k is None:
-        k_offsets, k_lengths, max_k = offsets, lengths, max_seqlen
-    else:
-        k_offsets = cu_seqlens_k.tolist()
-        k_lengths = [b - a for a, b in zip(k_offsets[:-1], k_offsets[1:])]
-        max_k = max_seqlen_k or max(k_lengths)
+    flash = backend in ("torch_varlen", "flash_attn")
+    if cu_seqlens_k is not None and max_seqlen_k is None:
+        k_lengths = _host_lengths(cu_seqlens_k, k_lengths)[0]
+        max_seqlen_k = max(k_lengths)
+    max_k = max_seqlen if cu_seqlens_k is None else max_seqlen_k
     if window is not None and window >= max_k:
         window = None  # the window covers every sequence whole: plain (causal) attention
-    batch = AttentionBatch(backend, cu_seqlens, max_seqlen, lengths, causal, window)
-    batch.k_lengths = k_lengths
-    batch.max_seqlen_k = max_k
-    if cu_seqlens_k is not None:
-        batch.cu_seqlens_k = cu_seqlens_k
-    prefixed = {i for i, (n, nk) in enumerate(zip(lengths, k_lengths)) if n != nk}
+    batch = AttentionBatch(backend, cu_seqlens, max_seqlen, None, causal, window, cu_seqlens_k=cu_seqlens_k,
+                           max_seqlen_k=max_k)
+    if flash:
+        return batch  # the kernels read the offsets on the device
+    q_lengths, offsets = _host_lengths(cu_seqlens, lengths)
+    if cu_seqlens_k is None:
+        kl, k_offsets = q_lengths, offsets
+    else:
+        kl, k_offsets = _host_lengths(cu_seqlens_k, k_lengths)
+    batch.lengths, batch.k_lengths = q_lengths, kl
+    prefixed = {i for i, (n, nk) in enumerate(zip(q_lengths, kl)) if n != nk}
     if backend == "sdpa_bucketed":
-        batch.buckets, solo = _make_buckets(
-            lengths, offsets, k_offsets, cu_seqlens.device, SOLO_MIN_LENGTH if solo_min is None else solo_min,
-            prefixed,
-        )
+        if solo_min is None:
+            solo_min = sys.maxsize if cu_seqlens.device.type == "cuda" else SOLO_MIN_LENGTH
+        batch.buckets, solo = _make_buckets(q_lengths, offsets, k_offsets, cu_seqlens.device, solo_min, prefixed)
     elif backend == "sdpa_segments":
-        solo = list(range(len(lengths)))
+        solo = list(range(len(q_lengths)))
     else:
         solo = []
-    batch.solo = [(offsets[i], lengths[i], k_offsets[i], k_lengths[i]) for i in solo]
+    batch.solo = [(offsets[i], q_lengths[i], k_offsets[i], kl[i]) for i in solo]
     return batch
 
 
@@ -232,17 +413,88 @@ def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, *, scale: float | None = None
 ) -> torch.Tensor:
     """Attention within each packed sequence. q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` -> ``[Tq, Hq, D]``."""
+    D = q.shape[-1]
+    if q.is_cuda and D % _HEAD_DIM_ALIGN:
+        # Zero columns change no dot product; the padded output columns are cut off again. With this the
+        # flash and memory-efficient kernels take any head dim.
+        pad = _HEAD_DIM_ALIGN - D % _HEAD_DIM_ALIGN
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        return _IMPLS[batch.backend](q, k, v, batch, D**-0.5 if scale is None else scale)[..., :D]
     return _IMPLS[batch.backend](q, k, v, batch, scale)
 
 
-def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return q.shape[1] != k.shape[1]
+# -- the backends ----------------------------------------------------------------------------------------------
+
+
+def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V ``[T, Hkv, D]`` -> ``[T, heads, D]``: each key/value head repeated for its group of query heads."""
+    rep = heads // k.shape[-2]
+    return k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
 
 
 def _flash_window(batch: AttentionBatch) -> tuple[int, int]:
     """(left, right) token distances a query may look, -1 for unlimited: flash-attention's convention."""
     reach = -1 if batch.window is None else batch.window - 1
     return reach, 0 if batch.causal else reach
+
+
+def _torch_varlen(q, k, v, batch: AttentionBatch, scale: float | None):
+    from torch.nn.attention.varlen import varlen_attn
+
+    caps = torch_varlen_caps()
+    kw: dict = {}
+    default = q.shape[-1] ** -0.5
+    scale = default if scale is None else scale
+    if q.shape[1] != k.shape[1]:
+        if caps.gqa:
+            kw["enable_gqa"] = True
+        else:
+            k, v = _expand_kv(k, v, q.shape[1])
+    if caps.scale:
+        kw["scale"] = scale
+    elif scale != default:
+        q = q * (scale / default)  # a torch without `scale` applies the default: fold ours into q
+    if caps.window:
+        kw["window_size"] = _flash_window(batch)
+    else:
+        kw["is_causal"] = batch.causal  # choose_backend keeps windowed models off such a torch
+    if caps.num_splits:
+        kw["num_splits"] = 1  # no split-KV: a sequence's vector does not depend on what shares its batch
+    cu_k = batch.cu_seqlens if batch.cu_seqlens_k is None else batch.cu_seqlens_k
+    return varlen_attn(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, batch.max_seqlen_k, **kw)
+
+
+def _flash_attn(q, k, v, batch: AttentionBatch, scale: float | None):
+    from flash_attn import flash_attn_varlen_func
+
+    cu_k = batch.cu_seqlens if batch.cu_seqlens_k is None else batch.cu_seqlens_k
+    return flash_attn_varlen_func(
+        q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, batch.max_seqlen_k,
+        softmax_scale=scale, causal=batch.causal, window_size=_flash_window(batch),
+    )
+
+
+def _no_math_on_cuda(t: torch.Tensor):
+    """On CUDA, SDPA may use its flash, memory-efficient or cuDNN kernels but never the math one, which
+    materialises every score: a call no fused kernel takes fails loudly instead of running slowly."""
+    if not t.is_cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+
+
+def _sdpa(qs, ks, vs, *, mask=None, causal=False, scale=None):
+    """SDPA on ``[G, H, L, D]`` blocks. On CUDA, GQA goes to the kernel only when the flash kernel can take
+    the call (half precision, no mask); otherwise K/V heads are expanded for the memory-efficient kernel."""
+    gqa = qs.shape[1] != ks.shape[1]
+    if gqa and qs.is_cuda and (mask is not None or qs.dtype not in HALF):
+        ks, vs = _expand_kv(ks.transpose(1, 2), vs.transpose(1, 2), qs.shape[1])
+        ks, vs, gqa = ks.transpose(1, 2), vs.transpose(1, 2), False
+    with _no_math_on_cuda(qs):
+        if mask is None:
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def _mask(n: int, batch: AttentionBatch, device: torch.device, nk: int | None = None) -> torch.Tensor | None:
@@ -261,29 +513,7 @@ def _mask(n: int, batch: AttentionBatch, device: torch.device, nk: int | None = 
     return allowed
 
 
-def _torch_varlen(q, k, v, batch: AttentionBatch, scale):
-    from torch.nn.attention.varlen import varlen_attn
-
-    window = _flash_window(batch)
-    cu_k = batch.cu_seqlens if batch.cu_seqlens_k is None else batch.cu_seqlens_k
-    return varlen_attn(
-        q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, batch.max_seqlen_k,
-        scale=scale, window_size=window, enable_gqa=_gqa(q, k),
-    )
-
-
-def _flash_attn(q, k, v, batch: AttentionBatch, scale):
-    from flash_attn import flash_attn_varlen_func
-
-    cu_k = batch.cu_seqlens if batch.cu_seqlens_k is None else batch.cu_seqlens_k
-    return flash_attn_varlen_func(
-        q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, batch.max_seqlen_k,
-        softmax_scale=scale, causal=batch.causal, window_size=_flash_window(batch),
-    )
-
-
 def _one_by_one(q, k, v, out, spans, batch: AttentionBatch, scale) -> None:
-    gqa = _gqa(q, k)
     windowed = batch.window is not None
     for start, n, k_start, nk in spans:
         # Strided [1, H, n, D] views of the packed tensors: no copies in.
@@ -292,10 +522,9 @@ def _one_by_one(q, k, v, out, spans, batch: AttentionBatch, scale) -> None:
         vs = v[k_start : k_start + nk].transpose(0, 1).unsqueeze(0)
         if windowed or (batch.causal and nk != n):
             # SDPA's is_causal aligns top-left; a chunk after cached keys needs bottom-right: explicit mask.
-            mask = _mask(n, batch, q.device, nk)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = _sdpa(qs, ks, vs, mask=_mask(n, batch, q.device, nk), scale=scale)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=batch.causal, scale=scale, enable_gqa=gqa)
+            o = _sdpa(qs, ks, vs, causal=batch.causal, scale=scale)
         out[start : start + n] = o[0].transpose(0, 1)
 
 
@@ -308,7 +537,6 @@ def _sdpa_segments(q, k, v, batch: AttentionBatch, scale):
 def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
     Hq, D = q.shape[1:]
     Hkv = k.shape[1]
-    gqa = Hq != Hkv
     out = torch.empty_like(q)
     _one_by_one(q, k, v, out, batch.solo, batch, scale)
     for b in batch.buckets:
@@ -324,10 +552,7 @@ def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
             mask = None
         else:
             mask = shape if b.key_mask is None else shape & b.key_mask  # [G, 1, L, L]
-        if mask is None and batch.causal:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = _sdpa(qs, ks, vs, mask=mask, causal=mask is None and batch.causal, scale=scale)
         # o [G, Hq, L, D]: pick the real (group, position) slots straight into packed order.
         out.index_copy_(0, b.scatter, o[b.slot_group, :, b.slot_pos])
     return out
@@ -351,10 +576,8 @@ def _dense(q, k, v, batch: AttentionBatch, scale):
         mask &= k_pos[None, :] <= q_pos[:, None]
     if batch.window is not None:
         mask &= (q_pos[:, None] - k_pos[None, :]).abs() < batch.window
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, scale=scale, enable_gqa=_gqa(q, k),
-    )
+    o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+              mask=mask, scale=scale)
     return o[0].transpose(0, 1)
 
 

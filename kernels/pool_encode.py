@@ -1,12 +1,17 @@
 """Segment pooling + Matryoshka cut + L2 normalisation + little-endian float32 base64, in one launch.
 
-``pool_encode(hidden [T, H], cu_seqlens [B+1], mode, dims [B], normalize [B], base64 [B])`` returns
+``pool_encode(hidden [T, H], cu_seqlens [B+1], mode, dims [B], normalize [B], base64 [B], *, offsets, total)``
+returns
 
 - ``vectors [B, H]`` float32: row b pooled (mean / cls / last, fp32 accumulation), zeroed past ``dims[b]``,
   L2-normalised when ``normalize[b]``;
 - ``b64 [N]`` uint8 and ``offsets [B+1]`` int64: the standard base64 (``=`` padded) of the first
   ``4 * dims[b]`` little-endian bytes of row b at ``b64[offsets[b]:offsets[b+1]]``, empty where
   ``base64[b]`` is false.
+
+The caller may pass the base64 ``offsets [B+1]`` (on the device) and their ``total`` (on the host), computed on
+the host where it already knows dims and the requests' formats; ``base64`` may then be None. Otherwise they
+are computed here (the Triton launcher then reads ``total`` back from the device: one sync).
 
 Two implementations with that one signature: :func:`pool_encode_torch`, the pure-torch twin (the CPU path
 and the test oracle), and :func:`pool_encode_triton`, one Triton program per sequence (the CUDA path; runs
@@ -52,11 +57,16 @@ def pool_encode_torch(
     mode: str,
     dims: torch.Tensor,
     normalize: torch.Tensor,
-    want_base64: torch.Tensor,
+    want_base64: torch.Tensor | None,
+    *,
+    offsets: torch.Tensor | None = None,
+    total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     vectors = finish(pool(hidden, cu_seqlens, mode), dims, normalize.bool())
-    offsets = _offsets(dims, want_base64)
-    rows = [i for i, w in enumerate(want_base64.tolist()) if w]
+    if offsets is None:
+        offsets = _offsets(dims, want_base64)
+    bounds = offsets.tolist()
+    rows = [i for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
     if not rows:
         return vectors, torch.empty(0, dtype=torch.uint8), offsets
     host = vectors.cpu().numpy().astype("<f4", copy=False)
@@ -135,7 +145,10 @@ def pool_encode_triton(
     mode: str,
     dims: torch.Tensor,
     normalize: torch.Tensor,
-    want_base64: torch.Tensor,
+    want_base64: torch.Tensor | None,
+    *,
+    offsets: torch.Tensor | None = None,
+    total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if triton is None:
         raise RuntimeError("this is a bug: the triton pool_encode backend was chosen but triton is not installed")
@@ -147,8 +160,10 @@ def pool_encode_triton(
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     dims = dims.to(device=dev, dtype=torch.int32)
-    offsets = _offsets(dims, want_base64.to(dev))
-    total = int(offsets[-1])  # one host sync: the buffer's size
+    if offsets is None:
+        offsets = _offsets(dims, want_base64.to(dev))
+    if total is None:
+        total = int(offsets[-1])  # one host sync: the buffer's size
     vectors = torch.empty(B, H, dtype=torch.float32, device=dev)
     b64 = torch.empty(max(total, 1), dtype=torch.uint8, device=dev)
     block_h = max(16, triton.next_power_of_2(H))  # tiny tiles are masked, never degenerate

@@ -23,7 +23,8 @@ def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Ten
     if mode == "mean":
         lengths = ends - starts  # [B]
         B = lengths.shape[0]
-        seg = torch.repeat_interleave(torch.arange(B, device=hidden.device), lengths)  # [T]
+        # output_size: the total is known, so the device is not asked for it (no host sync on CUDA).
+        seg = torch.repeat_interleave(torch.arange(B, device=hidden.device), lengths, output_size=hidden.shape[0])
         sums = torch.zeros(B, hidden.shape[1], dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, seg, hidden.float())
         # An empty segment cannot occur (every input has at least its special tokens); clamp anyway

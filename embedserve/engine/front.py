@@ -1,41 +1,57 @@
 """The async front the HTTP layer awaits, and the engine thread behind it.
 
 ``await engine.embed(inputs, options)`` tokenizes in a thread pool, queues every input in the scheduler,
-and waits on a future. One engine thread owns the model: it takes a step from the scheduler, runs it,
+and waits on a future. One engine thread owns the model: it takes a step from the scheduler, launches it,
 writes each row into its request's result and resolves finished requests on their event loop with
 ``loop.call_soon_threadsafe``. The thread blocks on a condition variable while the queue is empty: no
 timers, no polling, and whatever arrives during a forward pass is packed into the next one.
+
+On CUDA the thread keeps two steps in flight: while the device runs one, the next is packed, staged and
+queued behind it, and the first one's results are handed back when its event fires. On the CPU a launch
+computes the step, so one step at a time.
+
+Faults (see :mod:`embedserve.engine.faults`): an ordinary failure fails exactly its step's requests (500);
+out-of-memory splits the step and retries the parts, refusing only an input that does not fit alone (400);
+a fatal device error stops the engine: the failing step's requests get 500, every other request held gets
+503, new ones 503, and ``on_fatal`` tells the server, which turns unhealthy and exits for a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from embedserve.config import EngineConfig
-from embedserve.engine.runner import Chunk, Runner
-from embedserve.engine.scheduler import Entry, Scheduler, Step
+from embedserve.engine.device import bind_thread, release_cached_memory, resolve_device, resolve_dtype
+from embedserve.engine.faults import classify, injected
+from embedserve.engine.runner import Chunk, Runner, StepHandle
+from embedserve.engine.scheduler import Entry, Scheduler, Step, Work
 from embedserve.engine.token_ids import cl100k
 from embedserve.engine.tokenizer import Tokenizer
 from embedserve.errors import (
     ConfigError,
     ContextLengthExceeded,
+    EmbedServeError,
     EngineError,
+    EngineFailed,
+    InputTooLarge,
     InvalidRequest,
     ShuttingDown,
 )
 from embedserve.kernels.attention import select_backend
 from embedserve.kernels.linear import select_linear_backend
 from embedserve.kernels.pool_encode import select_pool_backend
-from embedserve.models.sentence import DTYPES, LoadedModel, load_model
+from embedserve.models.sentence import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +111,25 @@ class StepObserver:
 
     def step_failed(self, inputs: int) -> None: ...
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return device
+    def step_split(self, inputs: int) -> None:
+        """A step ran out of device memory and is retried in parts."""
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+@dataclass
+class _InFlight:
+    step: Step
+    plan: list[_Pending | None]
+    handle: StepHandle
+    started: float
+
+
+class _Fatal(Exception):
+    """A device error that poisons the CUDA context, with the steps it took down."""
+
+    def __init__(self, error: BaseException, failing: list[Step]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.failing = failing
 
 
 def _set_result(fut: asyncio.Future, value: object) -> None:
@@ -124,15 +145,25 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
 class Engine:
     """Owns the model, the tokenizer, the scheduler and the engine thread."""
 
-    def __init__(self, config: EngineConfig, observer: StepObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        observer: StepObserver | None = None,
+        *,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        pipeline_depth: int | None = None,
+    ) -> None:
+        """``on_fatal``: called from the engine thread once the engine has stopped for good (a device error
+        that poisons the CUDA context, or a bug that killed the thread). ``pipeline_depth``: steps in flight at
+        once; default 2 on CUDA (the next step is staged while one runs), 1 on the CPU."""
         self.config = config
         self.observer = observer or StepObserver()
+        self._on_fatal = on_fatal
         self.device = resolve_device(config.model.device)
+        bind_thread(self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         started = time.perf_counter()
         self.model: LoadedModel = load_model(config.model.path, dtype=self.dtype, device=self.device)
-        self.attention_backend = select_backend(self.device, config.model.attention, self.dtype)
-        self.model.encoder.attention_backend = self.attention_backend
         self.linear_backend = select_linear_backend(self.device, self.dtype)
         self.model.encoder.linear_backend = self.linear_backend
         max_length = self.model.max_length
@@ -143,9 +174,19 @@ class Engine:
             cap_to_tokenizer=self.model.spec.max_seq_length is None,
         )
         self.max_length = self.tokenizer.max_length
+        # Ids must fit the embedding table, not only the tokenizer: on CUDA an id past the table is a
+        # device-side assert that takes the whole process down.
+        rows = self.model.encoder.embedding_rows
+        self.id_limit = min(self.tokenizer.vocab_size, rows)
+        self._text_ids_may_overflow = self.tokenizer.vocab_size > rows
+        if self._text_ids_may_overflow:
+            log.warning(
+                "the tokenizer has %d tokens but the model's embedding table %d rows: texts that tokenize to an "
+                "id past the table are refused with 400", self.tokenizer.vocab_size, rows,
+            )
         if config.token_ids == "cl100k":
             cl100k()  # build the id table now, on the loading thread, not inside the first request
-        # Test hook: a step holding an input equal to this text's tokens raises, as a broken forward would.
+        # Test hook: a step holding an input equal to this text's tokens fails as --fault-kind says.
         self._fault_ids = (
             self.tokenizer.encode([config.fault_marker], truncate=True)[0] if config.fault_marker else None
         )
@@ -153,16 +194,16 @@ class Engine:
         self.max_batch_tokens = sc.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         chunking = bool(getattr(self.model.encoder, "supports_chunking", False)) and sc.chunk_tokens != 0
         self.chunk_tokens: int | None = None
-        max_kv = None
+        self.max_kv_tokens: int | None = None
         if chunking:
             # Causal models run long inputs as chunks over a key cache: any length up to the model's.
             self.chunk_tokens = sc.chunk_tokens or max(1, self.max_batch_tokens // 8)
-            max_kv = sc.max_kv_tokens or max(4 * self.max_batch_tokens, self.max_length)
-            if max_kv < self.max_length:
+            self.max_kv_tokens = sc.max_kv_tokens or max(4 * self.max_batch_tokens, self.max_length)
+            if self.max_kv_tokens < self.max_length:
                 raise ConfigError(
-                    f"max_kv_tokens={max_kv} is below the model's maximum input length {self.max_length}: "
-                    f"the longest input could never hold its key cache. Raise --max-kv-tokens to at least "
-                    f"{self.max_length}."
+                    f"max_kv_tokens={self.max_kv_tokens} is below the model's maximum input length "
+                    f"{self.max_length}: the longest input could never hold its key cache. Raise --max-kv-tokens "
+                    f"to at least {self.max_length}."
                 )
         elif self.max_batch_tokens < self.max_length:
             raise ConfigError(
@@ -171,15 +212,26 @@ class Engine:
                 f"long could never be scheduled. Raise --max-batch-tokens to at least {self.max_length}, or "
                 f"lower --max-input-tokens."
             )
+        # The attention backend is chosen for this model: its heads, windows and chunks, on this torch.
+        shape = self.model.encoder.attention_shape
+        if not chunking:
+            shape = dataclasses.replace(shape, chunked=False)
+        try:
+            self.attention_backend = select_backend(self.device, config.model.attention, self.dtype, shape)
+        except ValueError as e:
+            raise ConfigError(f"--attention {config.model.attention}: {e}") from e
+        self.model.encoder.attention_backend = self.attention_backend
         self.scheduler = Scheduler(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_requests=sc.max_batch_requests,
             max_queue=sc.max_queue,
             chunk_tokens=self.chunk_tokens,
-            max_kv_tokens=max_kv,
+            max_kv_tokens=self.max_kv_tokens,
         )
         self.pool_backend = select_pool_backend(self.device, config.model.pool_kernel)
         self.runner = Runner(self.model, self.pool_backend)
+        self._depth = pipeline_depth or (2 if self.device.type == "cuda" else 1)
+        self._inflight: deque[_InFlight] = deque()  # engine thread only
         self._cond = threading.Condition()
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count()
@@ -188,14 +240,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
         log.info(
-            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pool+encode %s, pooling %s%s%s, dimensions %d, "
-            "max input %d tokens, max batch %d tokens / %d inputs",
+            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pool+encode %s, pooling %s%s%s, "
+            "dimensions %d, max input %d tokens, max batch %d tokens / %d inputs, %d step(s) in flight",
             self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
             self.device, str(self.dtype).removeprefix("torch."), self.attention_backend, self.linear_backend,
             self.pool_backend, self.model.spec.pooling,
             f" + {len(self.model.dense)} dense" if len(self.model.dense) else "",
             " + normalize" if self.model.spec.normalize else "", self.model.dimensions, self.max_length,
-            self.max_batch_tokens, sc.max_batch_requests,
+            self.max_batch_tokens, sc.max_batch_requests, self._depth,
         )
 
     @property
@@ -210,8 +262,11 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
-        """One full ``max_batch_tokens`` pass before serving: the first request pays no start-up cost, and a
-        budget the device cannot hold fails here, at boot, naming the flag to lower."""
+        """Run the shapes serving will run before the first request: a full ``max_batch_tokens`` pass, and for
+        chunking models a long input in chunks over its key cache (on CUDA the longest input the model takes,
+        beside full steps, with the rest of ``--max-kv-tokens`` held). A budget the device cannot hold fails
+        here, at boot, naming the flag to lower."""
+        bind_thread(self.device)
         ids = self.tokenizer.encode(["warm up " * self.max_length], truncate=True)[0]
         ids = ids[: min(len(ids), self.max_batch_tokens)]
         count = max(1, min(self.max_batch_tokens // len(ids), self.scheduler.max_batch_requests))
@@ -224,6 +279,42 @@ class Engine:
                 f"(now {self.max_batch_tokens}): {e}"
             ) from e
         log.info("warm-up: %d inputs, %d tokens in %.2fs", count, count * len(ids), time.perf_counter() - started)
+        if self.chunk_tokens is not None and self.max_length > self.chunk_tokens:
+            self._warm_up_chunks()
+
+    def _warm_up_chunks(self) -> None:
+        chunk, cuda = self.chunk_tokens, self.device.type == "cuda"
+        # On the CPU memory is not what can fail: two chunks exercise the path. On CUDA, the worst case.
+        length = self.max_length if cuda else min(self.max_length, chunk + 1)
+        ids = self.tokenizer.encode(["warm up " * length], truncate=True)[0]
+        ids = (ids * (length // len(ids) + 1))[:length]
+        filler = ids[:chunk]
+        key = ("warm-up",)
+        started = time.perf_counter()
+        reserve = None
+        try:
+            if cuda and self.max_kv_tokens > length:
+                # The key caches of other long inputs in progress, which the budget allows at the same time.
+                reserve = self.model.encoder.new_cache(self.max_kv_tokens - length, self.device)
+            for start in range(0, length, chunk):
+                n = min(chunk, length - start)
+                fill = (self.max_batch_tokens - n) // chunk if cuda else 0
+                inputs = [ids[start : start + n]] + [filler] * fill
+                chunks = [Chunk(key, start, length, start + n == length)] + [None] * fill
+                B = len(inputs)
+                self.runner.run(inputs, [self.dimensions] * B, [False] * B, [False] * B, chunks)
+        except torch.OutOfMemoryError as e:
+            raise ConfigError(
+                f"warm-up of a {length}-token input in chunks of {chunk} beside full steps of "
+                f"{self.max_batch_tokens} tokens, with {self.max_kv_tokens} key-cache tokens held, ran out of device "
+                f"memory; lower --max-kv-tokens (now {self.max_kv_tokens}) or --max-batch-tokens (now "
+                f"{self.max_batch_tokens}): {e}"
+            ) from e
+        finally:
+            self.runner.free([key])
+            del reserve
+        log.info("warm-up: a %d-token input in chunks of %d over its key cache in %.2fs", length, chunk,
+                 time.perf_counter() - started)
 
     def start(self) -> None:
         if self._thread is None:
@@ -278,7 +369,7 @@ class Engine:
             if self._stopping:
                 raise ShuttingDown("The server is shutting down; retry on another replica.")
             if self._dead is not None:
-                raise EngineError("The inference engine has stopped; the server must be restarted.")
+                raise EngineFailed("The inference engine stopped after a device error; retry on another replica.")
             self.scheduler.add(rid, entries)  # may raise Overloaded
             self._pending[rid] = _Pending(
                 loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, counts,
@@ -322,13 +413,23 @@ class Engine:
         if texts:
             if prompt:
                 texts = [prompt + t for t in texts]
-            return self.tokenizer.encode(texts, truncate=truncate)
+            ids = self.tokenizer.encode(texts, truncate=truncate)
+            if self._text_ids_may_overflow:
+                rows = self.id_limit
+                for i, x in enumerate(ids):
+                    bad = next((t for t in x if t >= rows), None)
+                    if bad is not None:
+                        raise InvalidRequest(
+                            f"input[{i}] tokenizes to id {bad}, past the {rows} rows of the served model's "
+                            "embedding table (its tokenizer knows more tokens than its weights)", param="input",
+                        )
+            return ids
         if prompt:
             raise InvalidRequest(
                 "a prompt cannot be applied to token ids in the model's vocabulary; send text", param="prompt_name"
             )
         out = []
-        vocab = self.tokenizer.vocab_size
+        vocab = self.id_limit  # the tokenizer's tokens that the embedding table has rows for
         for i, x in enumerate(inputs):
             x = list(x)
             bad = next((t for t in x if not 0 <= t < vocab), None)
@@ -349,76 +450,183 @@ class Engine:
     # -- the engine thread ----------------------------------------------------------------------------
     def _run_forever(self) -> None:
         try:
+            bind_thread(self.device)
             while True:
                 with self._cond:
-                    while not self.scheduler.has_waiting() and not self._stopping:
+                    while not self._inflight and not self.scheduler.has_waiting() and not self._stopping:
                         self.runner.free(self.scheduler.take_released())  # cancelled long inputs
                         self._cond.wait()
                     self.runner.free(self.scheduler.take_released())
-                    step = self.scheduler.schedule()
-                    if step is None:  # stopping and drained
-                        return
-                    plan = [self._pending.get(e.request_id) for e in step.entries]
-                self._run_step(step, plan)
+                    step = self.scheduler.schedule() if len(self._inflight) < self._depth else None
+                    if step is None and not self._inflight:
+                        if self.scheduler.has_waiting():
+                            raise RuntimeError("this is a bug: inputs wait but none can be scheduled")
+                        return  # stopping and drained
+                    plan = [self._pending.get(e.request_id) for e in step.entries] if step is not None else []
+                if step is not None:
+                    self._launch(step, plan)
+                    if len(self._inflight) < self._depth:
+                        continue  # stage the next step while this one runs
+                if self._inflight:
+                    self._deliver(self._inflight.popleft())
+        except _Fatal as fatal:
+            self._die(fatal.error, fatal.failing)
         except BaseException as exc:  # the thread must never die silently with callers waiting
-            log.exception("engine thread died; failing every pending request")
-            with self._cond:
-                self._dead = exc
-                pending, self._pending = self._pending, {}
-            for p in pending.values():
-                p.loop.call_soon_threadsafe(
-                    _set_exception, p.future, EngineError("The inference engine stopped unexpectedly.")
-                )
+            log.exception("engine thread died")
+            self._die(exc, [])
 
-    def _run_step(self, step: Step, plan: list[_Pending | None]) -> None:
-        inputs = [w.entry.payload[w.start : w.start + w.length] if w.chunked else w.entry.payload for w in step.items]
+    @staticmethod
+    def _step_args(items: Sequence[Work], plan: Sequence[_Pending | None], dims: int):
+        inputs = [w.entry.payload[w.start : w.start + w.length] if w.chunked else w.entry.payload for w in items]
         chunks = [
             Chunk((w.entry.request_id, w.entry.index), w.start, w.entry.num_tokens, w.final) if w.chunked else None
-            for w in step.items
+            for w in items
         ]
+        return (
+            inputs,
+            [p.dims if p else dims for p in plan],
+            [p.normalize if p else False for p in plan],
+            [bool(p and p.base64 is not None) for p in plan],
+            chunks if any(chunks) else None,
+        )
+
+    def _forward(self, inputs, dims, normalize, want_b64, chunks) -> StepHandle:
+        if self._fault_ids is not None and self._fault_ids in inputs:
+            raise injected(self.config.fault_kind)
+        return self.runner.launch(inputs, dims, normalize, want_b64, chunks)
+
+    def _launch(self, step: Step, plan: list[_Pending | None]) -> None:
         started = time.perf_counter()
         for p in plan:
             if p is not None and p.started_at is None:
                 p.started_at = started
-        dims = [p.dims if p else self.dimensions for p in plan]
-        normalize = [p.normalize if p else False for p in plan]
-        want_b64 = [bool(p and p.base64 is not None) for p in plan]
         try:
-            if self._fault_ids is not None and self._fault_ids in inputs:
-                raise RuntimeError("fault injected by --fault-marker")
-            out = self.runner.run(inputs, dims, normalize, want_b64, chunks if any(chunks) else None)
+            handle = self._forward(*self._step_args(step.items, plan, self.dimensions))
         except Exception as exc:
-            log.exception("forward pass of %d inputs (%d tokens) failed", len(inputs), step.num_tokens)
-            self.observer.step_failed(len(inputs))
-            failed = {e.request_id for e in step.entries}
-            with self._cond:
-                self.scheduler.complete(step)
-                doomed = []
-                for rid in failed:
-                    self.scheduler.abort(rid)
-                    p = self._pending.pop(rid, None)
-                    if p is not None:
-                        doomed.append(p)
-                self.runner.free(self.scheduler.take_released())
-            err = EngineError(f"The forward pass failed ({type(exc).__name__}); the request can be retried.")
-            for p in doomed:
-                p.loop.call_soon_threadsafe(_set_exception, p.future, err)
+            kind = classify(exc)
+            if kind == "fatal":
+                raise _Fatal(exc, [step] + [f.step for f in self._inflight]) from exc
+            if kind == "oom":
+                self._split_after_oom(step, plan, started)
+            else:
+                self._fail_step(step, plan, exc, started)
             return
+        self._inflight.append(_InFlight(step, plan, handle, started))
+
+    def _deliver(self, f: _InFlight) -> None:
+        try:
+            out = self.runner.collect(f.handle)
+        except Exception as exc:
+            if classify(exc) == "fatal":
+                raise _Fatal(exc, [f.step] + [g.step for g in self._inflight]) from exc
+            self._fail_step(f.step, f.plan, exc, f.started)
+            return
+        rows = {i: (out.vectors[i], out.base64_row(i)) for i in range(len(f.step.items))}
+        self._finish(f.step, f.plan, rows, {}, f.started)
+
+    def _split_after_oom(self, step: Step, plan: list[_Pending | None], started: float) -> None:
+        """The step did not fit in device memory: run it in halves (and their halves), so that only an input
+        that does not fit on its own fails, with a 400; requests that merely shared the step are answered."""
+        log.warning("out of device memory in a step of %d inputs (%d tokens): retrying it in parts",
+                    len(step.items), step.num_tokens)
+        self.observer.step_split(len(step.items))
+        while self._inflight:  # their memory comes back first
+            self._deliver(self._inflight.popleft())
+        release_cached_memory(self.device)
+        rows: dict[int, tuple[torch.Tensor, bytes]] = {}
+        failures: dict[int, EmbedServeError] = {}
+        self._run_parts(list(range(len(step.items))), step, plan, rows, failures)
+        self._finish(step, plan, rows, failures, started)
+
+    def _run_parts(self, idx: list[int], step: Step, plan, rows: dict, failures: dict) -> None:
+        idx = [i for i in idx if step.items[i].entry.request_id not in failures]  # their request failed already
+        if not idx:
+            return
+        items = [step.items[i] for i in idx]
+        try:
+            out = self.runner.collect(self._forward(*self._step_args(items, [plan[i] for i in idx], self.dimensions)))
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == "fatal":
+                raise _Fatal(exc, [step]) from exc
+            if kind == "oom" and len(idx) > 1:
+                release_cached_memory(self.device)
+                half = len(idx) // 2
+                self._run_parts(idx[:half], step, plan, rows, failures)
+                self._run_parts(idx[half:], step, plan, rows, failures)
+                return
+            for w in items:
+                if kind == "oom":
+                    log.warning("input %d of request %d (%d tokens) does not fit in device memory alone: refused",
+                                w.entry.index, w.entry.request_id, w.entry.num_tokens)
+                    failures[w.entry.request_id] = InputTooLarge(w.entry.index, w.entry.num_tokens,
+                                                                 self.max_batch_tokens)
+                else:
+                    log.error("forward pass of %d inputs failed: %r", len(items), exc)
+                    failures[w.entry.request_id] = _engine_error(exc)
+            return
+        for j, i in enumerate(idx):
+            rows[i] = (out.vectors[j], out.base64_row(j))
+
+    def _fail_step(self, step: Step, plan: list[_Pending | None], exc: BaseException, started: float) -> None:
+        log.error("forward pass of %d inputs (%d tokens) failed", len(step.items), step.num_tokens, exc_info=exc)
+        self.observer.step_failed(len(step.items))
+        err = _engine_error(exc)
+        self._finish(step, plan, {}, {e.request_id: err for e in step.entries}, started)
+
+    def _finish(
+        self, step: Step, plan: list[_Pending | None], rows: dict[int, tuple[torch.Tensor, bytes]],
+        failures: dict[int, EmbedServeError], started: float,
+    ) -> None:
+        """Retire a step: its rows into their requests, finished requests answered, failed ones refused."""
         finished_at = time.perf_counter()
-        self.observer.step(len(inputs), step.num_tokens, finished_at - started)
+        if rows:
+            self.observer.step(len(rows), sum(step.items[i].length for i in rows), finished_at - started)
         with self._cond:
-            for i, (row, w, p) in enumerate(zip(out.vectors, step.items, plan)):
-                if p is not None and w.final:
+            for i, (w, p) in enumerate(zip(step.items, plan)):
+                if p is not None and w.final and i in rows and w.entry.request_id not in failures:
+                    row, text = rows[i]
                     p.rows[w.entry.index] = row
                     if p.base64 is not None:
-                        p.base64[w.entry.index] = out.base64_row(i)
+                        p.base64[w.entry.index] = text
             finished = self.scheduler.complete(step)
-            self.runner.free(self.scheduler.take_released())  # long inputs cancelled while their chunk ran
+            doomed = []
+            for rid, err in failures.items():
+                self.scheduler.abort(rid)  # its inputs still queued, and long ones' key caches, go
+                p = self._pending.pop(rid, None)
+                if p is not None:
+                    doomed.append((p, err))
+            self.runner.free(self.scheduler.take_released())  # long inputs cancelled or failed meanwhile
             done = [self._pending.pop(rid) for rid in finished if rid in self._pending]
+        for p, err in doomed:
+            p.loop.call_soon_threadsafe(_set_exception, p.future, err)
         for p in done:
             timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
             result = EmbedResult(p.rows[:, : p.dims], p.token_counts, p.base64, timings)
             p.loop.call_soon_threadsafe(_set_result, p.future, result)
+
+    def _die(self, exc: BaseException, failing: list[Step]) -> None:
+        """The engine cannot go on: answer every request it holds (500 for the steps that failed, 503 for the
+        rest, which another replica can serve), refuse new ones, and tell the server."""
+        with self._cond:
+            self._dead = exc
+            pending, self._pending = self._pending, {}
+        culprits = {e.request_id for s in failing for e in s.entries}
+        log.critical(
+            "the engine stopped: %s: %s. %d requests held were refused (%d in the failing step(s) with 500, the "
+            "rest with 503); new requests get 503 and the process exits for a restart.",
+            type(exc).__name__, exc, len(pending), len(culprits & set(pending)),
+        )
+        for rid, p in pending.items():
+            err = (_engine_error(exc) if rid in culprits else
+                   EngineFailed("The inference engine stopped after a device error; retry on another replica."))
+            p.loop.call_soon_threadsafe(_set_exception, p.future, err)
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
+
+
+def _engine_error(exc: BaseException) -> EngineError:
+    return EngineError(f"The forward pass failed ({type(exc).__name__}); the request can be retried.")
 
 
 __all__ = ["Engine", "EmbedOptions", "EmbedResult", "StepObserver", "Timings"]

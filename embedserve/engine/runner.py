@@ -1,11 +1,24 @@
 """The runner owns the model and its device: one step of packed inputs in, finished vectors out.
 
-Only the engine thread calls :meth:`Runner.run`. After the forward pass one pool+encode launch turns the
-packed hidden states into final float32 rows and, for rows whose request asked for base64, their
-little-endian float32 base64 text. With sentence-transformers Dense layers, or a chunk of a long input
-in the step, the rows are pooled first (torch, on the device: chunks carry pooling state across steps)
-and the Dense GEMMs run on them; the same kernel then finishes the rows as one-token segments (cut,
-normalise, encode). Folding GEMMs into the kernel would buy nothing and cost a second implementation.
+Only the engine thread calls it. :meth:`Runner.launch` stages a step and queues its work on the device
+without waiting for it; :meth:`Runner.collect` waits for that step's results. On CUDA that is what lets the
+engine pack and stage the next step while this one runs:
+
+- staging: the token ids, positions, sequence offsets (query and key), dims, normalise flags and base64
+  offsets are written into one pinned host buffer and copied to the device with one non-blocking copy;
+- the forward pass reads its attention bookkeeping from host lengths: nothing in it waits on the device;
+- one pool+encode launch turns the packed hidden states into final float32 rows and, for rows whose request
+  asked for base64, their little-endian float32 base64 text (offsets computed on the host);
+- the rows and the base64 bytes are copied back into pinned host memory without waiting, and an event marks
+  when they have landed.
+
+On the CPU the same code runs with plain host tensors and no copies. With sentence-transformers Dense
+layers, or a chunk of a long input in the step, the rows are pooled first (torch, on the device: chunks
+carry pooling state across steps) and the Dense GEMMs run on them; the same kernel then finishes the rows as
+one-token segments (cut, normalise, encode).
+
+A launch that raises leaves the long inputs' state (key caches, running sums) as it found it, so that the
+engine may retry the step's inputs in smaller groups after an out-of-memory.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from embedserve.kernels.pool_encode import IMPLS
@@ -34,6 +48,16 @@ class StepOutput:
         return self.b64[self.offsets[i] : self.offsets[i + 1]]
 
 
+@dataclass
+class StepHandle:
+    """A launched step. Its results are in host memory once ``event`` has completed (None: already there)."""
+
+    vectors: torch.Tensor  # [B, D] float32 on the host
+    b64: torch.Tensor  # [N] uint8 on the host
+    offsets: list[int]
+    event: Any = None  # torch.cuda.Event
+
+
 @dataclass(frozen=True)
 class Chunk:
     """This input is one chunk of a long one: tokens [start, start + len) of ``total``."""
@@ -51,6 +75,25 @@ class _LongInput:
     first: torch.Tensor | None = None  # [H] fp32, CLS pooling's first token
 
 
+@dataclass
+class _Staged:
+    ids: torch.Tensor  # [T] int32, on the device
+    positions: torch.Tensor  # [T] int32
+    cu: torch.Tensor  # [B+1] int32
+    cu_k: torch.Tensor | None  # [B+1] int32, when chunks attend to cached keys
+    dims: torch.Tensor  # [B] int32
+    normalize: torch.Tensor  # [B] int32 (0/1)
+    b64_offsets: torch.Tensor  # [B+1] int32
+    lengths: list[int]
+    offsets: list[int]  # base64 offsets, host
+    max_seqlen: int
+
+
+def b64_chars(dims: Sequence[int], want: Sequence[bool]) -> list[int]:
+    """Base64 characters of each row's ``4 * dims`` bytes, 0 where not wanted."""
+    return [4 * ((4 * d + 2) // 3) if w else 0 for d, w in zip(dims, want)]
+
+
 class Runner:
     def __init__(self, model: LoadedModel, pool_backend: str = "torch") -> None:
         self.model = model
@@ -58,15 +101,77 @@ class Runner:
         self.pool_backend = pool_backend
         self._pool_encode = IMPLS[pool_backend]
         self._long: dict[Any, _LongInput] = {}  # long inputs between chunks
+        self._cuda = self.device.type == "cuda"
 
     @property
     def kv_inputs(self) -> int:
         return len(self._long)
 
     def free(self, keys: Sequence[Any]) -> None:
-        """Drop the key caches of long inputs that were cancelled (finished ones free themselves)."""
+        """Drop the key caches of long inputs that were cancelled or failed (finished ones free themselves)."""
         for key in keys:
             self._long.pop(key, None)
+
+    # -- staging ------------------------------------------------------------------------------------------------
+    def _stage(
+        self, inputs: Sequence[Sequence[int]], dims: Sequence[int], normalize: Sequence[bool],
+        want: Sequence[bool], starts: list[int] | None,
+    ) -> _Staged:
+        """Everything the device needs for a step, in one int32 buffer and one copy."""
+        B = len(inputs)
+        lengths = [len(x) for x in inputs]
+        T = sum(lengths)
+        offsets = [0, *itertools.accumulate(b64_chars(dims, want))]
+        nk = B + 1 if starts is not None else 0
+        size = 2 * T + 2 * (B + 1) + nk + 2 * B
+        host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
+        a = host.numpy()
+        ids, pos, rest = a[:T], a[T : 2 * T], a[2 * T :]
+        ids[:] = np.fromiter(itertools.chain.from_iterable(inputs), dtype=np.int32, count=T)
+        cu = rest[: B + 1]
+        cu[0] = 0
+        np.cumsum(lengths, out=cu[1:])
+        # Position within its own input for every packed token (a chunk continues where the last one ended).
+        pos[:] = np.arange(T, dtype=np.int32) - np.repeat(cu[:-1], lengths)
+        at = B + 1
+        if starts is not None:
+            pos += np.repeat(np.asarray(starts, dtype=np.int32), lengths)
+            cu_k = rest[at : at + nk]
+            cu_k[0] = 0
+            np.cumsum(np.asarray(lengths) + np.asarray(starts), out=cu_k[1:])
+            at += nk
+        rest[at : at + B] = dims
+        rest[at + B : at + 2 * B] = normalize
+        rest[at + 2 * B : at + 3 * B + 1] = offsets
+        dev = host.to(self.device, non_blocking=True) if self._cuda else host
+        d_rest = dev[2 * T :]
+        return _Staged(
+            ids=dev[:T], positions=dev[T : 2 * T], cu=d_rest[: B + 1],
+            cu_k=d_rest[B + 1 : B + 1 + nk] if starts is not None else None,
+            dims=d_rest[at : at + B], normalize=d_rest[at + B : at + 2 * B],
+            b64_offsets=d_rest[at + 2 * B : at + 3 * B + 1], lengths=lengths, offsets=offsets,
+            max_seqlen=max(lengths),
+        )
+
+    # -- long inputs' state ---------------------------------------------------------------------------------------
+    def _snapshot(self, chunks: Sequence[Chunk | None]) -> list[tuple[Any, _LongInput | None, int, Any, Any]]:
+        out = []
+        for c in chunks:
+            if c is not None:
+                state = self._long.get(c.key)
+                if state is None:
+                    out.append((c.key, None, 0, None, None))
+                else:
+                    out.append((c.key, state, state.cache.filled, state.sum, state.first))
+        return out
+
+    def _restore(self, snapshot) -> None:
+        for key, state, filled, total, first in snapshot:
+            if state is None:
+                self._long.pop(key, None)
+            else:
+                state.cache.filled, state.sum, state.first = filled, total, first
+                self._long[key] = state
 
     def _pool_chunks(
         self, hidden: torch.Tensor, cu: torch.Tensor, chunks: Sequence[Chunk | None], lengths: list[int]
@@ -92,67 +197,80 @@ class Runner:
                 del self._long[c.key]
         return rows
 
+    # -- a step ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(
+    def launch(
         self,
         inputs: Sequence[Sequence[int]],
         dims: Sequence[int],
         normalize: Sequence[bool],
         want_base64: Sequence[bool] | None = None,
         chunks: Sequence[Chunk | None] | None = None,
-    ) -> StepOutput:
-        """Embed one packed step. With ``chunks``, some inputs are chunks of long ones; their rows are
-        meaningful only on their final chunk."""
+    ) -> StepHandle:
+        """Stage one packed step and queue its work on the device. With ``chunks``, some inputs are chunks of
+        long ones; their rows are meaningful only on their final chunk."""
         m = self.model
         dev = self.device
         B = len(inputs)
-        lengths = torch.tensor([len(x) for x in inputs], dtype=torch.int32)
-        cu_seqlens = torch.zeros(B + 1, dtype=torch.int32)
-        torch.cumsum(lengths, 0, out=cu_seqlens[1:])
-        total = int(cu_seqlens[-1])
-        input_ids = torch.tensor(list(itertools.chain.from_iterable(inputs)), dtype=torch.long)
-        # Position within its own input for every packed token (a chunk continues where the last one ended).
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.long())
-        positions = torch.arange(total, dtype=torch.long) - starts
-        caches: list | None = None
-        if chunks is not None and any(c is not None for c in chunks):
-            offsets = torch.tensor([c.start if c is not None else 0 for c in chunks], dtype=torch.long)
-            positions += torch.repeat_interleave(offsets, lengths.long())
-            caches = []
-            for c in chunks:
-                if c is None:
-                    caches.append(None)
-                    continue
-                if c.start == 0:
-                    self._long[c.key] = _LongInput(m.encoder.new_cache(c.total, dev))
-                caches.append(self._long[c.key].cache)
-        max_seqlen = int(lengths.max())
-        cu_dev = cu_seqlens.to(dev, non_blocking=True)
-        dims_t = torch.tensor(dims, dtype=torch.int32, device=dev)
-        norm_t = torch.tensor(normalize, dtype=torch.bool, device=dev)
-        want_t = torch.tensor(want_base64 if want_base64 is not None else [False] * B, dtype=torch.bool, device=dev)
-
-        packed = (input_ids.to(dev), positions.to(dev), cu_dev, max_seqlen)
+        want = list(want_base64) if want_base64 is not None else [False] * B
+        if chunks is not None and all(c is None for c in chunks):
+            chunks = None
+        snapshot = self._snapshot(chunks) if chunks is not None else []
         try:
-            hidden = m.encoder(*packed, caches) if caches else m.encoder(*packed)  # [T, H]
-        except BaseException:
-            if caches:
-                self.free([c.key for c in chunks if c is not None])  # a half-written cache is useless
-            raise
-        if not caches and not len(m.dense):
-            # The common case: one launch pools, cuts, normalises and encodes.
-            vectors, b64, offsets = self._pool_encode(hidden, cu_dev, m.spec.pooling, dims_t, norm_t, want_t)
-        else:
-            # Pooled rows first (chunks carry state across steps; Dense layers sit between pooling and the
-            # cut), then the same kernel finishes them as one-token segments.
-            if caches:
-                x = self._pool_chunks(hidden, cu_dev, chunks, lengths.tolist())
+            st = self._stage(inputs, dims, normalize, want, [c.start if c else 0 for c in chunks] if chunks else None)
+            if chunks is not None:
+                caches = []
+                for c in chunks:
+                    if c is None:
+                        caches.append(None)
+                        continue
+                    if c.start == 0:
+                        self._long[c.key] = _LongInput(m.encoder.new_cache(c.total, dev))
+                    caches.append(self._long[c.key].cache)
+                hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, caches, lengths=st.lengths,
+                                   cu_seqlens_k=st.cu_k)  # [T, H]
             else:
-                x = pool(hidden, cu_dev, m.spec.pooling)
-            if len(m.dense):
-                x = x.to(m.dtype)
-                for layer in m.dense:
-                    x = layer(x)  # [B, D]
-            ones = torch.arange(B + 1, dtype=torch.int32, device=dev)
-            vectors, b64, offsets = self._pool_encode(x, ones, "cls", dims_t, norm_t, want_t)
-        return StepOutput(vectors.cpu(), b64.cpu().numpy().tobytes(), offsets.cpu().tolist())
+                hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths)  # [T, H]
+            total = st.offsets[-1]
+            if chunks is None and not len(m.dense):
+                # The common case: one launch pools, cuts, normalises and encodes.
+                vectors, b64, _ = self._pool_encode(
+                    hidden, st.cu, m.spec.pooling, st.dims, st.normalize, None, offsets=st.b64_offsets, total=total
+                )
+            else:
+                # Pooled rows first (chunks carry state across steps; Dense layers sit between pooling and the
+                # cut), then the same kernel finishes them as one-token segments.
+                if chunks is not None:
+                    x = self._pool_chunks(hidden, st.cu, chunks, st.lengths)
+                else:
+                    x = pool(hidden, st.cu, m.spec.pooling)
+                if len(m.dense):
+                    x = x.to(m.dtype)
+                    for layer in m.dense:
+                        x = layer(x)  # [B, D]
+                ones = torch.arange(B + 1, dtype=torch.int32, device=dev)
+                vectors, b64, _ = self._pool_encode(
+                    x, ones, "cls", st.dims, st.normalize, None, offsets=st.b64_offsets, total=total
+                )
+            if not self._cuda:
+                return StepHandle(vectors, b64, st.offsets)
+            host_vec = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+            host_vec.copy_(vectors, non_blocking=True)
+            host_b64 = torch.empty(b64.shape, dtype=b64.dtype, pin_memory=True)
+            host_b64.copy_(b64, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return StepHandle(host_vec, host_b64, st.offsets, event)
+        except BaseException:
+            self._restore(snapshot)  # the long inputs are where they were: the step may be retried
+            raise
+
+    def collect(self, handle: StepHandle) -> StepOutput:
+        """Wait for a launched step's results (a device error of the step surfaces here or at a later launch)."""
+        if handle.event is not None:
+            handle.event.synchronize()
+        return StepOutput(handle.vectors, handle.b64.numpy().tobytes(), handle.offsets)
+
+    def run(self, *args, **kw) -> StepOutput:
+        """:meth:`launch` one step (same arguments) and wait for it."""
+        return self.collect(self.launch(*args, **kw))

@@ -2,6 +2,8 @@
 
 The process answers ``/health`` at once; the model loads and warms up on a background thread, and
 ``/ready`` turns 200 only after that. A model that fails to load stops the server with the error logged.
+An engine that stops for good (a device error) turns ``/health`` and ``/ready`` to 503 at once and calls
+``on_engine_failure``, which makes the server exit after its grace period.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from embedserve.http.state import Service
 log = logging.getLogger(__name__)
 
 
-def _load_engine(config: Config, svc: Service):
+def _load_engine(config: Config, svc: Service, on_fatal: Callable[[BaseException], None]):
     from embedserve.engine.front import Engine
     from embedserve.http.metrics import EngineMetrics
 
-    engine = Engine(config.engine, observer=EngineMetrics(svc.metrics))
+    engine = Engine(config.engine, observer=EngineMetrics(svc.metrics), on_fatal=on_fatal)
     engine.warmup()
     engine.start()
     return engine
@@ -41,8 +43,10 @@ def create_app(
     *,
     engine: Any = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    on_engine_failure: Callable[[BaseException], None] | None = None,
 ) -> Starlette:
-    """``engine``: an already started engine (tests pass a fake); None loads ``config.engine`` in the background."""
+    """``engine``: an already started engine (tests pass a fake); None loads ``config.engine`` in the background.
+    Both callbacks run on the event loop."""
     served = config.server.served_model_name or Path(config.engine.model.path).name
     svc = Service(config.server, served)
 
@@ -52,11 +56,16 @@ def create_app(
         if engine is not None:
             svc.engine = engine
         else:
+            def engine_failed(exc: BaseException) -> None:  # on the event loop
+                svc.engine_failed(exc)
+                if on_engine_failure is not None:
+                    on_engine_failure(exc)
+
             def load() -> None:
                 try:
-                    loaded = _load_engine(config, svc)
+                    loaded = _load_engine(config, svc, lambda exc: loop.call_soon_threadsafe(engine_failed, exc))
                 except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
-                    log.error("model failed to load: %s", exc)
+                    log.error("start-up failed: %s", exc)
                     if on_load_failure is not None:
                         loop.call_soon_threadsafe(on_load_failure, exc)
                     return

@@ -65,6 +65,8 @@ class Metrics:
         self.batch_seconds = Histogram("embedserve_batch_seconds", "Forward pass time", buckets=_LATENCY,
                                        registry=r)
         self.engine_errors = Counter("embedserve_engine_errors", "Forward passes that failed", registry=r)
+        self.oom_splits = Counter("embedserve_oom_splits", "Steps that ran out of device memory and were retried "
+                                  "in parts", registry=r)
         r.register(_QueueCollector(service))
 
     def render(self) -> bytes:
@@ -84,3 +86,6 @@ class EngineMetrics:
 
     def step_failed(self, inputs: int) -> None:
         self.m.engine_errors.inc()
+
+    def step_split(self, inputs: int) -> None:
+        self.m.oom_splits.inc()

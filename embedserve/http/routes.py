@@ -170,7 +170,9 @@ async def metrics(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Alive: the process answers. Open without a key (probes carry none)."""
+    """Alive: the process answers and its engine has not failed for good. Open without a key (probes carry
+    none)."""
+    _service(request).require_alive()
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 

@@ -3,6 +3,12 @@
 On the first SIGTERM (or SIGINT) the server keeps listening but answers new embedding requests with 503
 and ``/ready`` with 503, waits until every accepted request is answered (at most ``shutdown_grace_s``),
 then lets uvicorn close and the engine stop; the process exits 0. A second signal exits at once.
+
+When the engine stops for good (a CUDA error that poisons the context), every request it held has been
+answered (500 or 503), ``/health`` and ``/ready`` answer 503 from then on, and the process exits with
+:data:`EXIT_ENGINE_FAILED` once ``shutdown_grace_s`` has passed (load balancers see the 503s and move
+traffic first), so that Docker's restart policy or Kubernetes restarts it. A model that fails to load exits
+with :data:`EXIT_LOAD_FAILED` at once.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from embedserve.config import Config
 from embedserve.http.app import create_app
 
 log = logging.getLogger("embedserve")
+
+EXIT_LOAD_FAILED = 1
+EXIT_ENGINE_FAILED = 3
 
 
 class JsonFormatter(logging.Formatter):
@@ -77,16 +86,25 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run(config: Config) -> int:
-    failure: list[BaseException] = []
+    exit_code = 0
     server: _DrainingServer | None = None
+    sc = config.server
 
     def on_load_failure(exc: BaseException) -> None:
-        failure.append(exc)
+        nonlocal exit_code
+        exit_code = EXIT_LOAD_FAILED
         assert server is not None
         server.should_exit = True
 
-    app = create_app(config, on_load_failure=on_load_failure)
-    sc = config.server
+    def on_engine_failure(exc: BaseException) -> None:
+        nonlocal exit_code
+        exit_code = EXIT_ENGINE_FAILED
+        log.critical("engine failed: /health and /ready answer 503; exiting with %d in %.0f s for a restart",
+                     EXIT_ENGINE_FAILED, sc.shutdown_grace_s)
+        assert server is not None
+        asyncio.get_running_loop().call_later(sc.shutdown_grace_s, setattr, server, "should_exit", True)
+
+    app = create_app(config, on_load_failure=on_load_failure, on_engine_failure=on_engine_failure)
     server = _DrainingServer(
         uvicorn.Config(app, host=sc.host, port=sc.port, log_config=None, access_log=False,
                        timeout_graceful_shutdown=max(1, int(sc.shutdown_grace_s))),
@@ -95,4 +113,4 @@ def run(config: Config) -> int:
     )
     log.info("embedserve %s starting on http://%s:%d", __version__, sc.host, sc.port)
     server.run()
-    return 1 if failure else 0
+    return exit_code

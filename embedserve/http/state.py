@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from embedserve.config import ServerConfig
-from embedserve.errors import ServiceUnavailable, ShuttingDown
+from embedserve.errors import EngineFailed, ServiceUnavailable, ShuttingDown
 from embedserve.http.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -22,11 +22,21 @@ class Service:
         self.created = int(time.time())
         self.engine: Engine | None = None  # set once loaded and warmed up
         self.shutting_down = False
+        self.failure: BaseException | None = None  # the engine stopped for good; the process is on its way out
         self.metrics: Metrics = Metrics(self)
         self.in_flight = 0
         self._drained: asyncio.Event | None = None
 
+    def engine_failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        self.shutting_down = True
+
+    def require_alive(self) -> None:
+        if self.failure is not None:
+            raise EngineFailed("The inference engine stopped after a device error; this replica is restarting.")
+
     def require_ready(self) -> Engine:
+        self.require_alive()
         if self.shutting_down:
             raise ShuttingDown("The server is shutting down; retry the request.")
         if self.engine is None:

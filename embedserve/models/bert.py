@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
 from embedserve.kernels.linear import linear
 from embedserve.models.layers import Embedding, activation
 
@@ -119,6 +119,16 @@ class BertModel(nn.Module):
     def hidden_size(self) -> int:
         return self.args.hidden_size
 
+    @property
+    def embedding_rows(self) -> int:
+        """Token ids must be below this: an id past the table is a device-side assert on CUDA."""
+        return self.word_embeddings.weight.shape[0]
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        a = self.args
+        return AttentionShape(heads=a.num_heads, kv_heads=a.num_heads, head_dim=a.hidden_size // a.num_heads)
+
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         m = {
             "word_embeddings.weight": ("embeddings.word_embeddings.weight",),
@@ -140,10 +150,13 @@ class BertModel(nn.Module):
         return m
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+        lengths: list[int] | None = None,
     ) -> torch.Tensor:
-        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
-        attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False)
+        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``.
+        ``lengths``: the sequences' lengths on the host (what ``cu_seqlens`` encodes), so that nothing waits on
+        the device."""
+        attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths)
         h = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions + self.args.position_offset)

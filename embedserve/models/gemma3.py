@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
 from embedserve.kernels.linear import linear
 from embedserve.models.layers import Embedding, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
@@ -152,6 +152,16 @@ class Gemma3Model(nn.Module):
     def hidden_size(self) -> int:
         return self.args.hidden_size
 
+    @property
+    def embedding_rows(self) -> int:
+        return self.embed.weight.shape[0]
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        a = self.args
+        return AttentionShape(heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim, causal=a.causal,
+                              window=SLIDING in a.layer_types)
+
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         a = self.args
         m = {"embed.weight": ("embed_tokens.weight",), "norm": ("norm.weight",)}
@@ -173,15 +183,18 @@ class Gemma3Model(nn.Module):
         return m
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+        lengths: list[int] | None = None,
     ) -> torch.Tensor:
-        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
+        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``.
+        ``lengths``: the host copy of the sequence lengths (nothing then waits on the device)."""
         a = self.args
         dtype = self.embed.weight.dtype
         batches, rope = {}, {}
         for t in set(a.layer_types):
             window = a.sliding_window if t == SLIDING else None
-            batches[t] = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=a.causal, window=window)
+            batches[t] = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=a.causal, window=window,
+                                 lengths=lengths)
             rope[t] = cos_sin(positions, a.rope[t].inv_freq_on(a.head_dim, input_ids.device), dtype)
         # The scale is rounded to the weights' dtype first, as transformers does.
         h = self.embed(input_ids) * torch.tensor(a.hidden_size**0.5, dtype=dtype)  # [T, H]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
 from embedserve.kernels.linear import linear
 from embedserve.models.layers import Embedding, activation, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
@@ -197,6 +197,16 @@ class LlamaModel(nn.Module):
     def hidden_size(self) -> int:
         return self.args.hidden_size
 
+    @property
+    def embedding_rows(self) -> int:
+        return self.embed.weight.shape[0]
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        a = self.args
+        return AttentionShape(heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim, causal=True,
+                              window=any(w is not None for w in a.windows), chunked=True)
+
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         a = self.args
         m = {"embed.weight": ("embed_tokens.weight",), "norm": ("norm.weight",)}
@@ -233,22 +243,32 @@ class LlamaModel(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         caches: list[KVCache | None] | None = None,
+        *,
+        lengths: list[int] | None = None,
+        cu_seqlens_k: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``input_ids [T]``, ``positions [T]`` (within each whole input) -> hidden ``[T, H]``.
 
         ``caches``: per sequence, the key cache of a long input whose chunk this is (its earlier chunks'
-        keys are attended to, this chunk's are appended), or None for a whole input."""
+        keys are attended to, this chunk's are appended), or None for a whole input. ``lengths``: the host
+        copy of the sequence lengths; ``cu_seqlens_k``: the key offsets on the device when there are caches
+        (each sequence's keys are its cache's filled part plus its own tokens). Given both, nothing here
+        waits on the device."""
         a = self.args
-        prefixes, cu_k, max_k = None, None, None
+        prefixes, max_k, k_lengths = None, None, None
         if caches is not None and any(c is not None for c in caches):
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            if lengths is None:
+                lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
             prefixes = _Prefixes(caches, lengths)
             k_lengths = [n + (c.filled if c is not None else 0) for n, c in zip(lengths, caches)]
-            cu_k = torch.tensor([0] + k_lengths, device=cu_seqlens.device).cumsum(0).to(torch.int32)
+            if cu_seqlens_k is None:
+                cu_seqlens_k = torch.tensor([0] + k_lengths, device=cu_seqlens.device).cumsum(0).to(torch.int32)
             max_k = max(k_lengths)
+        else:
+            cu_seqlens_k = None
         batches = {
             w: prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=True, window=w,
-                       cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_k, lengths=lengths, k_lengths=k_lengths)
             for w in set(a.windows)
         }
         inv_freq = a.rope.inv_freq_on(a.head_dim, input_ids.device)

@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from embedserve.config import EngineConfig, SchedulerConfig
 from embedserve.engine.front import Engine
+from on_device import ON_CUDA, cos_min, model_config
 from tiny import build_tiny_decoder, long_text, mixed_texts
+
+pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
 LONG = 5200  # tokens
 
@@ -26,9 +29,9 @@ def folder(request, tmp_path_factory):
     return path
 
 
-def engine_for(path, chunk: int | None, batch_tokens: int = 8192) -> Engine:
+def engine_for(path, chunk: int | None, batch_tokens: int = 8192, dtype: str = "float32") -> Engine:
     scheduler = SchedulerConfig(max_batch_tokens=batch_tokens, chunk_tokens=chunk if chunk else 0)
-    e = Engine(EngineConfig(model=ModelConfig(path=str(path)), scheduler=scheduler))
+    e = Engine(EngineConfig(model=model_config(path, dtype=dtype), scheduler=scheduler))
     e.start()
     return e
 
@@ -43,30 +46,33 @@ def run(engine: Engine, groups):
         engine.shutdown()
 
 
-def test_chunk_sizes_give_the_unchunked_vector_alone_and_among_short_inputs(folder):
+# On CUDA also in bf16, where chunks attend to their cached keys through the flash kernel.
+@pytest.mark.parametrize("dtype", ["float32"] + (["bfloat16"] if ON_CUDA else []))
+def test_chunk_sizes_give_the_unchunked_vector_alone_and_among_short_inputs(folder, dtype):
     text = long_text(LONG, seed=1)
     short = mixed_texts(12, seed=9)
-    (whole,) = run(engine_for(folder, None), [[text]])
+    (whole,) = run(engine_for(folder, None, dtype=dtype), [[text]])
     assert whole.token_counts[0] > 5000
     for chunk in (64, 100, 257):
-        alone, *others = run(engine_for(folder, chunk, batch_tokens=2 * chunk + 600), [[text]] + [[t] for t in short])
-        assert F.cosine_similarity(alone.vectors, whole.vectors).min() >= 0.99999, chunk
+        alone, *others = run(engine_for(folder, chunk, batch_tokens=2 * chunk + 600, dtype=dtype),
+                             [[text]] + [[t] for t in short])
+        assert F.cosine_similarity(alone.vectors, whole.vectors).min() >= cos_min(dtype), chunk
         # The short inputs shared steps with the chunks and still get their own vectors.
-        (ref,) = run(engine_for(folder, None), [short])
+        (ref,) = run(engine_for(folder, None, dtype=dtype), [short])
         got = torch.cat([r.vectors for r in others])
-        assert F.cosine_similarity(got, ref.vectors).min() >= 0.99999, chunk
+        assert F.cosine_similarity(got, ref.vectors).min() >= cos_min(dtype), chunk
 
 
 def test_chunks_interleave_with_short_requests(folder):
     engine = engine_for(folder, 100, batch_tokens=400)
     steps = []
-    real = engine.runner.run
+    real = engine.runner.launch
 
     def spy(inputs, dims, normalize, want=None, chunks=None):
         steps.append((len(inputs), sum(c is not None for c in chunks or [])))
         return real(inputs, dims, normalize, want, chunks)
 
-    engine.runner.run = spy
+    engine.runner.launch = spy
     results = run(engine, [[long_text(2000, seed=3)]] + [[t] for t in mixed_texts(30, seed=1)])
     assert len(results) == 31
     mixed = [s for s in steps if s[1] and s[0] > s[1]]

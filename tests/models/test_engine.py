@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 
 import pytest
 import torch
 
+from on_device import model_config
 from tiny import build_tiny_encoder
-from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from embedserve.config import EngineConfig, SchedulerConfig
 from embedserve.engine.front import EmbedOptions, Engine
-from embedserve.errors import ConfigError, ContextLengthExceeded, EngineError, InvalidRequest, Overloaded
+from embedserve.errors import (
+    ConfigError,
+    ContextLengthExceeded,
+    EngineError,
+    EngineFailed,
+    InputTooLarge,
+    InvalidRequest,
+    Overloaded,
+)
+
+pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +36,21 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def engine(tiny_dir, request):
     kw = getattr(request, "param", {})
-    e = Engine(EngineConfig(model=ModelConfig(path=str(tiny_dir)), **kw))
+    e = Engine(EngineConfig(model=model_config(tiny_dir), **kw))
     e.start()
     yield e
     e.shutdown(timeout=10)
 
 
 class Gate:
-    """Wraps Runner.run so a test can hold the engine thread inside a forward pass."""
+    """Wraps Runner.launch so a test can hold the engine thread inside a forward pass."""
 
     def __init__(self, engine: Engine) -> None:
-        self.real = engine.runner.run
+        self.real = engine.runner.launch
         self.entered = threading.Event()
         self.release = threading.Event()
         self.calls: list[int] = []  # inputs per step
-        engine.runner.run = self
+        engine.runner.launch = self
 
     def __call__(self, inputs, *args):
         self.calls.append(len(inputs))
@@ -181,7 +193,7 @@ def test_token_id_inputs_in_model_vocabulary(engine):
 
 
 def test_shutdown_finishes_queued_work(tiny_dir):
-    e = Engine(EngineConfig(model=ModelConfig(path=str(tiny_dir)), scheduler=SchedulerConfig(max_batch_tokens=512)))
+    e = Engine(EngineConfig(model=model_config(tiny_dir), scheduler=SchedulerConfig(max_batch_tokens=512)))
     e.start()
     gate = Gate(e)
 
@@ -202,4 +214,162 @@ def test_shutdown_finishes_queued_work(tiny_dir):
 
 def test_batch_budget_below_the_model_maximum_is_refused_at_start(tiny_dir):
     with pytest.raises(ConfigError, match="--max-batch-tokens"):
-        Engine(EngineConfig(model=ModelConfig(path=str(tiny_dir)), scheduler=SchedulerConfig(max_batch_tokens=100)))
+        Engine(EngineConfig(model=model_config(tiny_dir), scheduler=SchedulerConfig(max_batch_tokens=100)))
+
+
+# -- faults -------------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A StepObserver that remembers what the engine reported."""
+
+    def __init__(self) -> None:
+        self.splits: list[int] = []
+        self.failed: list[int] = []
+
+    def step(self, inputs, tokens, seconds) -> None:
+        pass
+
+    def step_failed(self, inputs) -> None:
+        self.failed.append(inputs)
+
+    def step_split(self, inputs) -> None:
+        self.splits.append(inputs)
+
+
+def faulty_engine(tiny_dir, kind: str, **kw) -> tuple[Engine, Recorder, list]:
+    fatal: list[BaseException] = []
+    rec = Recorder()
+    config = EngineConfig(model=model_config(tiny_dir), fault_marker="too big", fault_kind=kind, **kw)
+    e = Engine(config, rec, on_fatal=fatal.append)
+    e.start()
+    return e, rec, fatal
+
+
+def test_out_of_memory_splits_the_step_and_refuses_only_the_input_that_does_not_fit(tiny_dir):
+    e, rec, _ = faulty_engine(tiny_dir, "oom")
+    gate = Gate(e)
+    try:
+        async def run():
+            first = asyncio.create_task(e.embed(["first"]))
+            await wait_for(gate.entered)
+            tasks, queued = [], 0
+            for inputs in (["alpha one", "alpha two"], ["bravo", "too big"], ["charlie"]):  # queued in this order
+                tasks.append(asyncio.create_task(e.embed(inputs)))
+                queued += len(inputs)
+                while e.scheduler.stats.waiting_inputs < queued:
+                    await asyncio.sleep(0.01)
+            a, b, c = tasks
+            gate.release.set()
+            return await asyncio.gather(first, a, b, c, return_exceptions=True)
+
+        first, a, b, c = asyncio.run(run())
+        # The 5-input step ran out of memory (before reaching the runner), then ran in parts without the input
+        # that does not fit on its own.
+        assert rec.splits == [5] and rec.failed == []
+        assert gate.calls[0] == 1 and sum(gate.calls[1:]) == 4 and max(gate.calls[1:]) < 5
+        assert isinstance(b, InputTooLarge) and b.status == 400 and "--max-batch-tokens" in b.message
+        # Requests that merely shared the step are answered, with the vectors they get alone.
+        alone = asyncio.run(e.embed(["alpha one", "alpha two", "charlie"])).vectors
+        torch.testing.assert_close(torch.cat([a.vectors, c.vectors]), alone, atol=1e-5, rtol=0)
+        assert asyncio.run(e.embed(["bravo"])).vectors.shape == (1, 36)  # still serving
+    finally:
+        e.shutdown(timeout=10)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_fatal_device_error_stops_the_engine_and_answers_every_request_held(tiny_dir, depth):
+    e, rec, fatal = faulty_engine(tiny_dir, "fatal", scheduler=SchedulerConfig(max_batch_requests=2))
+    e._depth = depth
+    gate = Gate(e)
+    try:
+        async def run():
+            first = asyncio.create_task(e.embed(["first"]))
+            await wait_for(gate.entered)
+            tasks, queued = [], 0
+            for inputs in (["too big"], ["golf"], ["hotel", "india", "juliet", "kilo"]):  # queued in this order
+                tasks.append(asyncio.create_task(e.embed(inputs)))
+                queued += len(inputs)
+                while e.scheduler.stats.waiting_inputs < queued:
+                    await asyncio.sleep(0.01)
+            f, g, h = tasks
+            gate.release.set()
+            return await asyncio.wait_for(asyncio.gather(first, f, g, h, return_exceptions=True), 30)
+
+        first, f, g, h = asyncio.run(run())
+        if depth == 1:
+            assert first.vectors.shape == (1, 36)
+        else:  # still in flight when the device failed: nothing of it can be trusted
+            assert isinstance(first, EngineError)
+        # The failing step (two inputs: "too big" and "golf") gets 500; what waited behind it, 503.
+        assert isinstance(f, EngineError) and isinstance(g, EngineError) and f.status == 500
+        assert isinstance(h, EngineFailed) and h.status == 503
+        assert len(fatal) == 1 and "illegal memory access" in str(fatal[0])
+        with pytest.raises(EngineFailed):
+            asyncio.run(e.embed(["after"]))
+        e._thread.join(10)
+        assert not e._thread.is_alive()
+    finally:
+        e.shutdown(timeout=10)
+
+
+@pytest.mark.parametrize("engine", [{"fault_marker": "boom"}], indirect=True)
+def test_an_ordinary_failure_is_not_fatal(engine):
+    with pytest.raises(EngineError):
+        asyncio.run(engine.embed(["boom"]))
+    assert engine._dead is None
+    assert asyncio.run(engine.embed(["fine"])).vectors.shape == (1, 36)
+
+
+# -- two steps in flight -------------------------------------------------------------------------------------------
+
+
+def test_two_steps_in_flight_give_the_vectors_of_one_at_a_time(tiny_dir):
+    """The CUDA pipeline's bookkeeping, run on the CPU: the next step is launched before the last is delivered."""
+    texts = [f"text number {i} " * (1 + i % 7) for i in range(60)]
+    out = {}
+    for depth in (1, 2):
+        e = Engine(EngineConfig(model=model_config(tiny_dir), scheduler=SchedulerConfig(max_batch_tokens=512,
+                                                                                               max_batch_requests=8)),
+                   pipeline_depth=depth)
+        e.start()
+        in_flight = []
+        real = e.runner.collect
+
+        def spy(handle, real=real, e=e, seen=in_flight):
+            seen.append(len(e._inflight) + 1)  # this one plus those launched behind it
+            return real(handle)
+
+        e.runner.collect = spy
+
+        async def go(e=e):
+            return await asyncio.gather(*(e.embed([t], EmbedOptions(base64=True)) for t in texts))
+
+        try:
+            results = asyncio.run(go())
+        finally:
+            e.shutdown(timeout=10)
+        out[depth] = results
+        assert max(in_flight) == depth
+    for one, two in zip(out[1], out[2]):
+        torch.testing.assert_close(two.vectors, one.vectors, atol=1e-6, rtol=0)
+        assert two.base64 == [base64.b64encode(two.vectors[0].numpy().tobytes())]
+
+
+def test_ids_past_the_embedding_table_are_refused_even_if_the_tokenizer_knows_them(tmp_path):
+    build_tiny_encoder(tmp_path, "bert", seed=2, vocab_size=30000)  # MiniLM's tokenizer has 30522 tokens
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    # Every token past 30000 is a word piece ("##x"): "a" + x tokenizes to [CLS], a, ##x, [SEP].
+    word = next("a" + w[2:] for w, i in tok.vocab.items() if i >= 30000 and i in tok("a" + w[2:])["input_ids"])
+    e = Engine(EngineConfig(model=model_config(tmp_path), token_ids="model"))
+    e.start()
+    try:
+        with pytest.raises(InvalidRequest, match=r"vocabulary \(0..29999\)"):
+            asyncio.run(e.embed([[101, 30100, 102]]))
+        with pytest.raises(InvalidRequest, match="past the 30000 rows"):
+            asyncio.run(e.embed(["fine", f"a {word} b"]))
+        assert asyncio.run(e.embed(["fine"])).vectors.shape == (1, 36)
+    finally:
+        e.shutdown(timeout=10)

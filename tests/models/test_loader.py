@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from on_device import model_config
 from tiny import build_tiny_encoder
 from embedserve.errors import ModelLoadError
 from embedserve.models.sentence import load_model
@@ -144,7 +145,7 @@ def test_dense_head_and_sentence_configs_are_read(copy):
 
     from sentence_transformers import SentenceTransformer
 
-    from embedserve.config import EngineConfig, ModelConfig
+    from embedserve.config import EngineConfig
     from embedserve.engine.front import Engine
 
     texts = ["a dense head", "word " * 300, ""]
@@ -152,7 +153,7 @@ def test_dense_head_and_sentence_configs_are_read(copy):
     from embedserve.engine.front import EmbedOptions
 
     for kernel in ("torch", "triton"):  # the fused kernel splits around the Dense layer
-        engine = Engine(EngineConfig(model=ModelConfig(path=str(copy), pool_kernel=kernel)))
+        engine = Engine(EngineConfig(model=model_config(copy, pool_kernel=kernel)))
         engine.start()
         try:
             result = asyncio.run(engine.embed(texts, EmbedOptions(base64=True)))

@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedserve.config import EngineConfig, ModelConfig
+from embedserve.config import EngineConfig
 from embedserve.engine.front import EmbedOptions, Engine
 from embedserve.errors import InvalidRequest
+from on_device import model_config
 from tiny import build_tiny_decoder, mixed_texts
+
+pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
 PROMPTS = {"query": "Instruct: Given a web search query, retrieve relevant passages\nQuery: ", "document": ""}
 
@@ -33,7 +36,7 @@ def test_qwen3_folder_with_prompts_matches_sentence_transformers(qwen3_folder):
 
     texts = mixed_texts(20, seed=6) + ["", "word " * 400]
     st = SentenceTransformer(str(qwen3_folder), device="cpu")
-    engine = Engine(EngineConfig(model=ModelConfig(path=str(qwen3_folder))))
+    engine = Engine(EngineConfig(model=model_config(qwen3_folder)))
     engine.start()
     try:
         for prompt in (None, "query", "document"):
@@ -89,7 +92,7 @@ def test_gemma_folder_with_dense_and_prompts_matches_sentence_transformers(gemma
 
     texts = mixed_texts(16, seed=8) + ["", "word " * 300]
     st = SentenceTransformer(str(gemma_folder), device="cpu")
-    engine = Engine(EngineConfig(model=ModelConfig(path=str(gemma_folder), pool_kernel=kernel)))
+    engine = Engine(EngineConfig(model=model_config(gemma_folder, pool_kernel=kernel)))
     engine.start()
     try:
         assert engine.dimensions == 40 and engine.model.spec.normalize and len(engine.model.dense) == 2

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from on_device import DEVICE
 
 import llama_index.core
 
@@ -39,6 +40,7 @@ def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, w
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSERVE_")}
+    full_env["EMBEDSERVE_DEVICE"] = str(DEVICE)  # the test device, not whatever "auto" finds
     full_env.update(env or {})
     # Nothing may reach a hub at run time: prove the server works offline.
     full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -128,3 +128,65 @@ def test_json_logs_one_object_per_line(tmp_path):
     access = next(x for x in lines if x.get("request_id") == "json-1")
     assert access["status"] == 200 and access["inputs"] == 2 and access["path"] == "/v1/embeddings"
     assert any("ready" in x["message"] for x in lines)
+
+
+async def _heavy_then(s, *bodies):
+    """Send a request that keeps the engine busy for many steps, then ``bodies`` together behind it, so that
+    they arrive during a pass and share the next steps. Returns (heavy, *answers)."""
+    async with httpx.AsyncClient(timeout=120) as c:
+        heavy = asyncio.create_task(c.post(s.url + "/v1/embeddings", json={"input": ["word " * 250] * 24, "model": "m"}))
+        deadline = time.monotonic() + 60
+        while metric(s, "embedserve_running_inputs") < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        answers = await asyncio.gather(
+            *(c.post(s.url + "/v1/embeddings", json={"model": "m", **b}) for b in bodies)
+        )
+        return (await heavy, *answers)
+
+
+def test_out_of_memory_in_a_step_fails_only_the_input_that_does_not_fit_alone(tmp_path):
+    flags = ("--fault-marker", "explode now", "--fault-kind", "oom", "--max-batch-tokens", "512")
+    with run_server(tmp_path, *flags) as s:
+        heavy, bad, good = asyncio.run(_heavy_then(s, {"input": ["b1", "explode now"]}, {"input": ["fine", "ok"]}))
+        assert heavy.status_code == 200 and good.status_code == 200
+        assert bad.status_code == 400
+        err = bad.json()["error"]
+        assert err["code"] == "input_too_large" and err["param"] == "input" and "--max-batch-tokens" in err["message"]
+        assert "input[1]" in err["message"]
+        # The good request shared a step with the bad one: that step was split, and it still got its vectors.
+        assert metric(s, "embedserve_oom_splits_total") >= 1
+        shared = [int(n) for n in re.findall(r"out of device memory in a step of (\d+) inputs", s.output())]
+        assert shared and max(shared) >= 3
+        ref = post(s, {"input": ["fine", "ok"]}).json()["data"]
+        for a, b in zip(good.json()["data"], ref):
+            assert max(abs(x - y) for x, y in zip(a["embedding"], b["embedding"])) < 1e-5
+        assert metric(s, "embedserve_engine_errors_total") == 0
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
+def test_a_fatal_device_error_answers_everything_turns_unhealthy_and_exits_non_zero(tmp_path):
+    flags = ("--fault-marker", "explode now", "--fault-kind", "fatal", "--max-batch-tokens", "512",
+             "--shutdown-grace", "2")
+    with run_server(tmp_path, *flags) as s:
+        heavy, bad, other = asyncio.run(_heavy_then(s, {"input": ["explode now"]}, {"input": ["x"] * 40}))
+        statuses = [r.status_code for r in (heavy, bad, other)]
+        assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error"
+        assert set(statuses) <= {200, 500, 503}, statuses  # nothing hangs, nothing else
+        assert 503 in statuses or other.status_code == 500  # what waited behind the failing step is refused
+        failed_at = time.monotonic()
+        # At once: the probes and every new request say 503 until the process goes.
+        for path in ("/health", "/ready"):
+            r = httpx.get(s.url + path)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed", path
+        assert post(s, {"input": "later"}).status_code == 503
+        assert s.proc.wait(30) == 3  # non-zero: Docker's restart policy and Kubernetes restart it
+        assert time.monotonic() - failed_at >= 1  # it waited out (most of) --shutdown-grace first
+    out = s.output()
+    assert "the engine stopped: RuntimeError: CUDA error" in out and "exiting with 3" in out
+
+
+def test_a_gpu_asked_for_and_not_there_stops_the_server_at_start_up(tmp_path):
+    with run_server(tmp_path, env={"EMBEDSERVE_DEVICE": "cuda"}, wait_ready=False) as s:
+        assert s.proc.wait(60) == 1
+    assert "--device cuda:" in s.output() and "start-up failed" in s.output()

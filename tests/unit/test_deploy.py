@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -45,3 +46,38 @@ def test_dockerfile_runs_the_server_as_non_root_with_a_healthcheck():
     assert "HEALTHCHECK" in text and "/health" in text
     assert "EMBEDSERVE_HOST=0.0.0.0" in text and "HF_HUB_OFFLINE=1" in text
     assert "AS cpu-base" in text and "AS cuda-base" in text
+
+
+def stages() -> dict[str, str]:
+    """Dockerfile stage name -> its instructions (comments dropped, continuation lines joined)."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    out, name = {}, None
+    for line in joined.splitlines():
+        m = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line)
+        if m:
+            name = m.group(2)
+            out[name] = line + "\n"
+        elif name:
+            out[name] += line + "\n"
+    return out
+
+
+def test_the_cuda_image_can_compile_triton_and_pins_a_torch_with_what_flash_varlen_needs():
+    s = stages()
+    cuda, cpu, runtime = s["cuda-base"], s["cpu-base"], s["runtime"]
+    # Triton builds its C launcher at the first kernel launch: a compiler, libc headers, Python's headers.
+    installed = re.search(r"apt-get install (.*)", cuda).group(1).split()
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(installed)
+    # A torch whose varlen_attn takes scale, windows and GQA (>= 2.12), on the CUDA base its wheels are built for.
+    torch_pin = re.search(r"pip install --no-cache-dir torch==(\d+)\.(\d+)\.\d+\s*$", cuda, re.M)
+    assert torch_pin and (int(torch_pin.group(1)), int(torch_pin.group(2))) >= (2, 12)
+    base = re.match(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-(\w+)-ubuntu", cuda)
+    assert base and (base.group(1), base.group(2)) == ("13", "0")  # PyPI's torch 2.13.0 is the CUDA 13.0 build
+    assert base.group(3) == "base"  # not runtime/cudnn-runtime: the torch wheels bundle cuBLAS and cuDNN
+    # A GPU that is not visible fails at start-up in the CUDA image; the CPU image serves on the CPU.
+    assert "EMBEDSERVE_DEVICE=cuda" in cuda and "EMBEDSERVE_DEVICE=cuda" not in cpu + runtime
+    assert "EMBEDSERVE_DEVICE=cpu" in cpu
+    # Triton's cache is a path the non-root user can write (HOME and caches under /tmp).
+    assert re.search(r"TRITON_CACHE_DIR=/tmp/", runtime) and "USER 10001" in runtime

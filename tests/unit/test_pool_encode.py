@@ -1,4 +1,5 @@
-"""The fused pool+encode Triton kernel (interpreted on CPU) against its pure-torch twin and Python's base64."""
+"""The fused pool+encode Triton kernel against its pure-torch twin and Python's base64: interpreted on CPU tensors,
+compiled on CUDA ones (EMBEDSERVE_TEST_DEVICE=cuda)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ from embedserve.kernels.pool_encode import (
     triton_available,
 )
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+from on_device import DEVICE
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason="triton is not installed")]
 
 LENGTHS = {"short": [1, 2, 3, 1, 7], "long": [1, 4096, 2, 3]}
 
 
 def check(hidden, lengths, mode, dims, normalize, want):
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    dims, normalize, want = torch.tensor(dims), torch.tensor(normalize), torch.tensor(want)
+    hidden = hidden.to(DEVICE)
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    dims, normalize, want = (torch.tensor(x, device=DEVICE) for x in (dims, normalize, want))
     vec, b64, off = pool_encode_triton(hidden, cu, mode, dims, normalize, want)
     ref_vec, ref_b64, ref_off = pool_encode_torch(hidden, cu, mode, dims, normalize, want)
+    vec, b64, off, ref_vec, ref_off, dims, want = (t.cpu() for t in (vec, b64, off, ref_vec, ref_off, dims, want))
     tol = 1e-6 if hidden.dtype == torch.float32 else 1e-5
     torch.testing.assert_close(vec, ref_vec, atol=tol, rtol=tol)
     assert torch.equal(off, ref_off)
@@ -74,6 +79,25 @@ def test_wide_hidden_with_a_long_segment():
 def test_strided_hidden_and_no_base64_rows():
     hidden = torch.randn(10, 20)[:, :16]  # row stride 20, not 16
     check(hidden, [4, 6], "mean", [16, 8], [1, 0], [0, 0])
+
+
+def test_offsets_computed_on_the_host_as_the_runner_passes_them():
+    """int32 base64 offsets and their total given by the caller (the runner computes them on the host, so the
+    launch never reads the device) give the rows and bytes the kernel computes by itself."""
+    torch.manual_seed(3)
+    lengths = [3, 1, 9]
+    hidden = torch.randn(sum(lengths), 24).to(DEVICE)
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    dims = torch.tensor([24, 7, 1], dtype=torch.int32, device=DEVICE)
+    norm = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE)
+    chars = [4 * ((4 * d + 2) // 3) for d in (24, 7)] + [0]
+    offsets = torch.tensor([0, chars[0], chars[0] + chars[1], sum(chars)], dtype=torch.int32, device=DEVICE)
+    vec, b64, _ = pool_encode_triton(hidden, cu, "mean", dims, norm, None, offsets=offsets, total=sum(chars))
+    ref, _, _ = pool_encode_torch(hidden, cu, "mean", dims, norm, None, offsets=offsets, total=sum(chars))
+    torch.testing.assert_close(vec.cpu(), ref.cpu(), atol=1e-6, rtol=1e-6)
+    text = bytes(b64.cpu().numpy())
+    assert text[: chars[0]] == base64.b64encode(np.asarray(vec[0].cpu(), "<f4").tobytes())
+    assert text[chars[0] :] == base64.b64encode(np.asarray(vec[1, :7].cpu(), "<f4").tobytes())
 
 
 def test_backend_choice_is_logged(caplog):

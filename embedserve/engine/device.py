@@ -1,0 +1,92 @@
+"""The compute device: resolved once at start-up with errors an operator can act on, then bound per thread.
+
+``--device cuda`` (the CUDA image sets it) on a host whose GPU is not visible stops the server at start-up,
+naming the likely cause (no driver, a container started without ``--gpus``), rather than serving on the
+CPU at a fraction of the speed. ``--device auto`` falls back to the CPU, but says why when the torch is a
+CUDA build. Every thread that launches work on a GPU other than ``cuda:0`` must make it the current device
+(Triton and some torch kernels launch on the current device, not the tensors'): :func:`bind_thread`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from embedserve.errors import ConfigError
+from embedserve.models.sentence import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+def _why_no_gpu() -> str:
+    """The reason torch gives for seeing no GPU (CUDA build only)."""
+    try:
+        torch.cuda.init()
+    except Exception as e:  # torch raises RuntimeError / AssertionError with the driver's words
+        return str(e).strip().splitlines()[0]
+    return "torch.cuda.is_available() is false"
+
+
+def _no_gpu_help() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = (
+        "Is the NVIDIA driver installed on the host (nvidia-smi works there), and was the container started "
+        "with --gpus all (Docker) or given an nvidia.com/gpu resource (Kubernetes)?"
+    )
+    if visible is not None:
+        hint += f" CUDA_VISIBLE_DEVICES={visible!r} limits what this process sees."
+    return hint
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> a concrete device (``cuda`` becomes ``cuda:0``)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.version.cuda is not None:
+            log.warning(
+                "device auto: this torch is a CUDA %s build but sees no GPU (%s); serving on the CPU, much "
+                "slower. %s Set --device cuda to make a missing GPU an error.",
+                torch.version.cuda, _why_no_gpu(), _no_gpu_help(),
+            )
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from e
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if torch.version.cuda is None:
+        raise ConfigError(
+            f"--device {name}: this torch ({torch.__version__}) is a CPU-only build. Install a CUDA build of "
+            "torch (the CUDA image has one), or serve with --device cpu."
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no GPU is visible ({_why_no_gpu()}). {_no_gpu_help()}")
+    count = torch.cuda.device_count()
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        raise ConfigError(f"--device {name}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1}).")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back after an out-of-memory, before retrying smaller."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,55 @@
+"""What a failed forward pass means for the process, and the test hook that fakes each kind.
+
+- ``oom``: the step did not fit in device memory. Nothing is broken: the engine splits the step and retries,
+  and refuses only an input that does not fit on its own.
+- ``fatal``: a CUDA error other than out-of-memory (an illegal address, a device-side assert, a lost
+  device). It poisons the CUDA context: every later call fails too, so the engine stops, answers what it
+  holds, and the process exits for Docker or Kubernetes to restart it.
+- ``error``: anything else (a bug, a bad input that slipped through): that step's requests fail with 500
+  and the server goes on.
+
+``--fault-marker TEXT --fault-kind KIND`` makes any pass that holds an input equal to TEXT fail as KIND
+would, so that each path can be tested on a CPU with a real server.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Words of the CUDA runtime, cuBLAS and cuDNN in the messages torch raises for device errors.
+_FATAL_WORDS = (
+    "CUDA error",
+    "CUDA driver error",
+    "device-side assert",
+    "illegal memory access",
+    "illegal instruction",
+    "unspecified launch failure",
+    "CUBLAS_STATUS_",
+    "CUDNN_STATUS_",
+    "cuDNN error",
+)
+_OOM_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def classify(exc: BaseException) -> str:
+    """``oom``, ``fatal`` or ``error`` for an exception raised by a forward pass."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom"
+    message = str(exc)
+    if isinstance(exc, RuntimeError) and any(w in message for w in _OOM_WORDS):
+        return "oom"  # cuBLAS/cuDNN workspace allocations fail with their own words
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises it for CUDA errors
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return "fatal"
+    if isinstance(exc, RuntimeError) and any(w in message for w in _FATAL_WORDS):
+        return "fatal"
+    return "error"
+
+
+def injected(kind: str) -> BaseException:
+    """The exception a pass holding the fault marker raises: the same type and words as the real fault."""
+    if kind == "oom":
+        return torch.OutOfMemoryError("CUDA out of memory (injected by --fault-marker)")
+    if kind == "fatal":
+        return RuntimeError("CUDA error: an illegal memory access was encountered (injected by --fault-marker)")
+    return RuntimeError("fault injected by --fault-marker")

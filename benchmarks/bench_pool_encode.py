@@ -39,6 +39,53 @@ def segments(tokens: int, batch: int, device: torch.device, seed: int = 0) -> to
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([tokens])]).to(torch.int32).to(device)
 
 
+def measure(T: int, H: int, B: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The kernel's and the twin's times, GB/s against a device copy, and the share of a BERT-base-shaped
+    forward pass over the same tokens. Also what benchmarks/gpu_check.py reports."""
+    B = min(B, T)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    cu = segments(T, B, device)
+    dims = torch.full((B,), H, dtype=torch.int32, device=device)
+    ones = torch.ones(B, dtype=torch.bool, device=device)
+    out: dict = {"device": device.type, "tokens": T, "hidden": H, "rows": B, "dtype": str(dtype).removeprefix("torch.")}
+    out["twin_ms"] = timed_ms(lambda: pool_encode_torch(hidden, cu, "mean", dims, ones, ones), device)
+    moved = T * H * hidden.element_size() + B * H * 4 + int(b64_lengths(dims, ones).sum())
+    out["bytes_moved"] = moved
+    if device.type == "cuda" and triton_available():
+        out["kernel_ms"] = timed_ms(lambda: pool_encode_triton(hidden, cu, "mean", dims, ones, ones), device)
+        src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = timed_ms(lambda: dst.copy_(src), device)
+        out["copy_gbs"] = 2 * src.numel() / copy_ms / 1e6
+        out["kernel_gbs"] = moved / out["kernel_ms"] / 1e6
+        out["kernel_share_of_copy"] = out["kernel_gbs"] / out["copy_gbs"]
+        del src, dst
+
+    # A BERT-base-shaped encoder (12 layers, 768 wide, 12 heads) over the same packed tokens.
+    bert = BertArgs(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                    max_position_embeddings=max(512, T // B * 4), type_vocab_size=2, layer_norm_eps=1e-12,
+                    hidden_act="gelu", position_offset=0)
+    model = BertModel(bert).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)  # the meta-free init leaves garbage: keep activations finite
+    model.attention_backend = select_backend(device, "auto", dtype, model.attention_shape)
+    model.linear_backend = select_linear_backend(device, dtype)
+    ids = torch.randint(0, 30522, (T,), device=device)
+    lengths = (cu[1:] - cu[:-1]).long()
+    positions = torch.arange(T, device=device) - torch.repeat_interleave(cu[:-1].long(), lengths)
+    host_lengths = lengths.tolist()
+    max_len = max(host_lengths)
+    if max_len > bert.max_position_embeddings:
+        return out
+    with torch.inference_mode():
+        out["forward_ms"] = timed_ms(lambda: model(ids, positions, cu, max_len, lengths=host_lengths), device, repeats=3)
+    out["attention"] = model.attention_backend
+    spent = out.get("kernel_ms", out["twin_ms"])
+    out["share_of_forward"] = spent / out["forward_ms"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=None, help="default: 65536 on CUDA, 4096 on CPU")
@@ -47,52 +94,24 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
     T = args.tokens or (65536 if device.type == "cuda" else 4096)
-    H, B = args.hidden, min(args.batch, T)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    cu = segments(T, B, device)
-    dims = torch.full((B,), H, dtype=torch.int32, device=device)
-    ones = torch.ones(B, dtype=torch.bool, device=device)
-    print(f"{device.type}: T={T}, H={H}, B={B}, {args.dtype}; mean pooling + normalise + base64 for every row")
-
-    twin_ms = timed_ms(lambda: pool_encode_torch(hidden, cu, "mean", dims, ones, ones), device)
-    moved = T * H * hidden.element_size() + B * H * 4 + int(b64_lengths(dims, ones).sum())
-    kernel_ms = None
-    if device.type == "cuda" and triton_available():
-        kernel_ms = timed_ms(lambda: pool_encode_triton(hidden, cu, "mean", dims, ones, ones), device)
-        src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        copy_ms = timed_ms(lambda: dst.copy_(src), device)
-        copy_gbs = 2 * src.numel() / copy_ms / 1e6
-        kernel_gbs = moved / kernel_ms / 1e6
-        print(f"copy bandwidth: {copy_gbs:.0f} GB/s")
-        print(f"triton kernel:  {kernel_ms:.3f} ms, {kernel_gbs:.0f} GB/s = {100 * kernel_gbs / copy_gbs:.0f}% of copy")
-        print(f"torch twin:     {twin_ms:.3f} ms ({twin_ms / kernel_ms:.1f}x the kernel)")
+    print(f"{device.type}: T={T}, H={args.hidden}, B={min(args.batch, T)}, {args.dtype}; mean pooling + normalise + "
+          "base64 for every row")
+    r = measure(T, args.hidden, args.batch, getattr(torch, args.dtype), device)
+    if "kernel_ms" in r:
+        print(f"copy bandwidth: {r['copy_gbs']:.0f} GB/s")
+        print(f"triton kernel:  {r['kernel_ms']:.3f} ms, {r['kernel_gbs']:.0f} GB/s = "
+              f"{100 * r['kernel_share_of_copy']:.0f}% of copy")
+        print(f"torch twin:     {r['twin_ms']:.3f} ms ({r['twin_ms'] / r['kernel_ms']:.1f}x the kernel)")
     else:
-        print(f"torch twin:     {twin_ms:.2f} ms ({moved / twin_ms / 1e6:.1f} GB/s); no CUDA: the Triton kernel is "
-              "checked for correctness under TRITON_INTERPRET=1, not timed")
-
-    # A BERT-base-shaped encoder (12 layers, 768 wide, 12 heads) over the same packed tokens.
-    bert = BertArgs(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-                    max_position_embeddings=max(512, T // B * 4), type_vocab_size=2, layer_norm_eps=1e-12,
-                    hidden_act="gelu", position_offset=0)
-    model = BertModel(bert).to(device=device, dtype=dtype).eval()
-    model.attention_backend = select_backend(device, "auto", dtype)
-    model.linear_backend = select_linear_backend(device, dtype)
-    ids = torch.randint(0, 30522, (T,), device=device)
-    lengths = (cu[1:] - cu[:-1]).long()
-    positions = torch.arange(T, device=device) - torch.repeat_interleave(cu[:-1].long(), lengths)
-    max_len = int(lengths.max())
-    if max_len > bert.max_position_embeddings:
+        print(f"torch twin:     {r['twin_ms']:.2f} ms ({r['bytes_moved'] / r['twin_ms'] / 1e6:.1f} GB/s); no CUDA: the "
+              "Triton kernel is checked for correctness under TRITON_INTERPRET=1, not timed")
+    if "forward_ms" not in r:
         print("segments longer than the position table; skipping the forward-pass share")
         return
-    with torch.inference_mode():
-        forward_ms = timed_ms(lambda: model(ids, positions, cu, max_len), device, repeats=3)
-    spent = kernel_ms if kernel_ms is not None else twin_ms
-    which = "kernel" if kernel_ms is not None else "twin"
-    print(f"BERT-base forward over the same tokens: {forward_ms:.1f} ms; pool+encode ({which}) = "
-          f"{100 * spent / forward_ms:.2f}% of it")
+    which = "kernel" if "kernel_ms" in r else "twin"
+    print(f"BERT-base forward over the same tokens ({r['attention']}): {r['forward_ms']:.1f} ms; pool+encode "
+          f"({which}) = {100 * r['share_of_forward']:.2f}% of it")
 
 
 if __name__ == "__main__":

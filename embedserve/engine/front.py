@@ -142,6 +142,15 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+def _answer(p: _Pending, setter, value: object) -> None:
+    """Resolve a request's future on its own event loop, from the engine thread. A loop that has closed in the
+    meantime has nobody left to answer: that must not take the engine thread down."""
+    try:
+        p.loop.call_soon_threadsafe(setter, p.future, value)
+    except RuntimeError:
+        log.debug("a request's event loop closed before its answer was ready")
+
+
 class Engine:
     """Owns the model, the tokenizer, the scheduler and the engine thread."""
 
@@ -599,11 +608,10 @@ class Engine:
             self.runner.free(self.scheduler.take_released())  # long inputs cancelled or failed meanwhile
             done = [self._pending.pop(rid) for rid in finished if rid in self._pending]
         for p, err in doomed:
-            p.loop.call_soon_threadsafe(_set_exception, p.future, err)
+            _answer(p, _set_exception, err)
         for p in done:
             timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
-            result = EmbedResult(p.rows[:, : p.dims], p.token_counts, p.base64, timings)
-            p.loop.call_soon_threadsafe(_set_result, p.future, result)
+            _answer(p, _set_result, EmbedResult(p.rows[:, : p.dims], p.token_counts, p.base64, timings))
 
     def _die(self, exc: BaseException, failing: list[Step]) -> None:
         """The engine cannot go on: answer every request it holds (500 for the steps that failed, 503 for the
@@ -620,7 +628,7 @@ class Engine:
         for rid, p in pending.items():
             err = (_engine_error(exc) if rid in culprits else
                    EngineFailed("The inference engine stopped after a device error; retry on another replica."))
-            p.loop.call_soon_threadsafe(_set_exception, p.future, err)
+            _answer(p, _set_exception, err)
         if self._on_fatal is not None:
             self._on_fatal(exc)
 

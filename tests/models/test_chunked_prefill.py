@@ -101,3 +101,44 @@ def test_cancelling_a_long_input_frees_its_cache(folder):
         assert engine.scheduler.stats.dropped_inputs == 1
     finally:
         engine.shutdown()
+
+
+def test_out_of_memory_after_a_chunk_ran_retries_it_from_where_it_was(folder):
+    """Steps holding a chunk and short inputs run out of memory after the forward pass wrote the chunk's keys and
+    moved its cache on (as when pooling's allocation fails): the split retries the chunk from its saved state,
+    and the long input still gets the vector of one whole pass, the short ones theirs."""
+    text = long_text(1500, seed=4)
+    shorts = mixed_texts(8, seed=2)
+    (whole,) = run(engine_for(folder, None), [[text]])
+    (alone,) = run(engine_for(folder, None), [shorts])
+    engine = engine_for(folder, 128, batch_tokens=512)
+    encoder = engine.model.encoder
+    real = encoder.forward
+    failed = []
+
+    def forward(*args, **kw):
+        out = real(*args, **kw)
+        caches = args[4] if len(args) > 4 else kw.get("caches")
+        if caches and len(caches) > 1 and any(c is not None for c in caches) and len(failed) < 3:
+            failed.append(len(caches))
+            raise torch.OutOfMemoryError("CUDA out of memory (test: after the chunk's keys were written)")
+        return out
+
+    encoder.forward = forward
+
+    async def go():
+        long = asyncio.create_task(engine.embed([text]))
+        while engine.runner.kv_inputs == 0:  # its first chunk is in; the short ones join later chunks
+            await asyncio.sleep(0.005)
+        short = [asyncio.create_task(engine.embed([t])) for t in shorts]
+        return await long, await asyncio.gather(*short)
+
+    try:
+        long, short = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert failed  # launches holding a chunk beside short inputs failed after writing the chunk's keys
+    assert F.cosine_similarity(long.vectors, whole.vectors).min() >= cos_min("float32")
+    got = torch.cat([r.vectors for r in short])
+    assert F.cosine_similarity(got, alone.vectors).min() >= cos_min("float32")
+    assert engine.runner.kv_inputs == 0

@@ -1,10 +1,13 @@
 # embedserve image. Two variants from one file:
 #   docker build -t embedserve:cuda .                      # CUDA (default)
 #   docker build -t embedserve:cpu --build-arg VARIANT=cpu .
+#   docker build -t embedserve:bge --build-arg MODEL=BAAI/bge-base-en-v1.5 .   # a Hub model baked in
 # Run:
 #   docker run --gpus all -p 8000:8000 embedserve:cuda                       # the embedded all-MiniLM-L6-v2
+#   docker run --gpus all -p 8000:8000 -v hf-cache:/var/cache/huggingface \
+#       -e EMBEDSERVE_MODEL=BAAI/bge-base-en-v1.5 embedserve:cuda            # downloaded once into the volume
 #   docker run --gpus all -p 8000:8000 -v /srv/models:/models:ro \
-#       -e EMBEDSERVE_MODEL=/models/bge-base-en-v1.5 embedserve:cuda
+#       -e EMBEDSERVE_MODEL=/models/bge-base-en-v1.5 embedserve:cuda         # a local folder
 # Every flag of `embedserve serve` is also an EMBEDSERVE_* variable.
 
 ARG VARIANT=cuda
@@ -36,19 +39,31 @@ ENV EMBEDSERVE_DEVICE=cpu
 
 # hadolint ignore=DL3006
 FROM ${VARIANT}-base AS runtime
+# A Hub model to bake into the image (downloaded now, served offline); empty: chosen at run time.
+ARG MODEL=""
+ARG REVISION=""
 WORKDIR /opt/embedserve
 COPY pyproject.toml README.md ./
 COPY embedserve ./embedserve
 COPY kernels ./kernels
 RUN pip install --no-cache-dir . \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedserve
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedserve \
+    && mkdir -p /var/cache/huggingface \
+    && chown 10001 /var/cache/huggingface
 USER 10001
-# Listen on every interface inside the container; nothing is fetched at run time; caches (Triton's compiled
-# kernels and launcher among them) go to /tmp, the only writable path when the root filesystem is read-only.
-ENV EMBEDSERVE_HOST=0.0.0.0 \
+# Hub models are cached in HF_HOME: mount a volume there to keep them across restarts (Kubernetes: the
+# init container fills it). HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE work as huggingface_hub documents them.
+ENV HF_HOME=/var/cache/huggingface \
+    HF_HUB_DISABLE_TELEMETRY=1
+RUN if [ -n "$MODEL" ]; then embedserve download "$MODEL" ${REVISION:+--revision "$REVISION"}; fi
+# Listen on every interface inside the container; caches (Triton's compiled kernels and launcher among them)
+# go to /tmp, the only other writable path when the root filesystem is read-only. A baked model is served
+# offline: HF_HUB_OFFLINE is 1 exactly when MODEL was given.
+ENV EMBEDSERVE_MODEL=${MODEL} \
+    EMBEDSERVE_REVISION=${REVISION} \
+    HF_HUB_OFFLINE=${MODEL:+1} \
+    EMBEDSERVE_HOST=0.0.0.0 \
     EMBEDSERVE_PORT=8000 \
-    HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1 \
     HOME=/tmp \
     TRITON_CACHE_DIR=/tmp/triton \
     PYTHONUNBUFFERED=1

@@ -1,6 +1,8 @@
-"""Command line: ``embedserve serve [flags]``. Every flag falls back to an ``EMBEDSERVE_*`` variable.
+"""Command line: ``embedserve serve [flags]`` and ``embedserve download [MODEL] [--revision R]``. Every flag falls
+back to an ``EMBEDSERVE_*`` variable.
 
-This is the only module that reads ``os.environ``; it builds the frozen config tree and hands it down.
+This is the only module of embedserve that reads ``os.environ``; it builds the frozen config tree and hands it
+down. (huggingface_hub reads its own ``HF_*`` variables: the cache, the token, the endpoint, offline mode.)
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
     f = _Flags(serve, env)
-    f.add("--model", help="model directory (Hugging Face / sentence-transformers layout); default: the packaged "
-          f"{DEFAULT_MODEL_NAME}")
+    f.add("--model", help="model directory (Hugging Face / sentence-transformers layout) or Hugging Face Hub id "
+          f"(downloaded into the HF cache); default: the packaged {DEFAULT_MODEL_NAME}")
+    f.add("--revision", help="Hub ids: the branch, tag or commit to serve; default: main")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
-          "the model directory's name")
+          "the Hub id, or the model directory's name")
     f.add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
     f.add("--port", default=8000, type=int, help="port to bind")
     f.add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -119,16 +122,34 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           "fails: error = its requests get 500; fatal = as a lost CUDA context (the engine stops, /health turns "
           "503, the process exits non-zero after --shutdown-grace); oom = as out of device memory (the step is "
           "split and retried)")
+
+    dl = sub.add_parser("download", help="download a Hub model into the HF cache and exit",
+                        description="Download a Hugging Face Hub model (the files serving reads) into huggingface_hub's "
+                        "cache (HF_HOME / HF_HUB_CACHE) and exit: for image builds and init containers. Prints the "
+                        "local folder.")
+    d = _Flags(dl, env)
+    d.add("--model", help="the Hub id (or the MODEL argument)")
+    d.add("--revision", help="the branch, tag or commit; default: main")
+    dl.add_argument("model_arg", nargs="?", metavar="MODEL", help="Hub id to download (default: --model / "
+                    "EMBEDSERVE_MODEL)")
     return parser
+
+
+def _served_name(model: str | None) -> str:
+    from embedserve.models.hub import is_hub_id
+
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    return model if is_hub_id(model) else Path(model).name
 
 
 def build_config(args: argparse.Namespace) -> Config:
     model = args.model or default_model_dir()
-    served = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else Path(model).name)
+    served = args.served_model_name or _served_name(args.model)
     return Config(
         engine=EngineConfig(
             model=ModelConfig(
-                path=model, dtype=args.dtype, device=args.device, attention=args.attention,
+                path=model, revision=args.revision, dtype=args.dtype, device=args.device, attention=args.attention,
                 pool_kernel=args.pool_kernel,
             ),
             scheduler=SchedulerConfig(
@@ -160,11 +181,32 @@ def build_config(args: argparse.Namespace) -> Config:
     )
 
 
+def download(args: argparse.Namespace) -> int:
+    """``embedserve download``: the folder serving would load, fetched into the cache; its path on stdout."""
+    from embedserve.models.hub import resolve
+
+    model = args.model_arg or args.model
+    if not model:
+        print(f"embedserve download: nothing to download: the default model ({DEFAULT_MODEL_NAME}) ships with the "
+              "package; name a Hub id", file=sys.stderr)
+        return 0
+    try:
+        source = resolve(model, args.revision)
+    except EmbedServeError as e:
+        print(f"embedserve download: {e.message}", file=sys.stderr)
+        return 1
+    print(source.directory)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser(dict(os.environ))
     args = parser.parse_args(argv)
     from embedserve.http.server import configure_logging, run
 
+    if args.command == "download":
+        configure_logging("info", "plain")
+        sys.exit(download(args))
     configure_logging(args.log_level, args.log_format)
     try:
         config = build_config(args)

@@ -24,7 +24,9 @@ def _positive(name: str, value: int | None) -> None:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     path: str
-    """A local Hugging Face / sentence-transformers model directory."""
+    """A local Hugging Face / sentence-transformers model directory, or a Hugging Face Hub repository id."""
+    revision: str | None = None
+    """Hub ids only: the branch, tag or commit to serve; None: main."""
     dtype: str = "auto"
     """auto: float32 on CPU (exact), bfloat16 on CUDA."""
     device: str = "auto"

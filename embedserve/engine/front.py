@@ -51,6 +51,7 @@ from embedserve.errors import (
 from embedserve.kernels.attention import select_backend
 from embedserve.kernels.linear import select_linear_backend
 from embedserve.kernels.pool_encode import select_pool_backend
+from embedserve.models.hub import resolve as resolve_model
 from embedserve.models.sentence import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,8 @@ class Engine:
         bind_thread(self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         started = time.perf_counter()
-        self.model: LoadedModel = load_model(config.model.path, dtype=self.dtype, device=self.device)
+        self.source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
+        self.model: LoadedModel = load_model(self.source.directory, dtype=self.dtype, device=self.device)
         self.linear_backend = select_linear_backend(self.device, self.dtype)
         self.model.encoder.linear_backend = self.linear_backend
         max_length = self.model.max_length
@@ -248,10 +250,12 @@ class Engine:
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
+        src = self.source
         log.info(
             "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pool+encode %s, pooling %s%s%s, "
             "dimensions %d, max input %d tokens, max batch %d tokens / %d inputs, %d step(s) in flight",
-            self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
+            f"{src.repo_id} (revision {src.revision or 'main'}, commit {src.commit})" if src.repo_id
+            else self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
             self.device, str(self.dtype).removeprefix("torch."), self.attention_backend, self.linear_backend,
             self.pool_backend, self.model.spec.pooling,
             f" + {len(self.model.dense)} dense" if len(self.model.dense) else "",

@@ -1,16 +1,35 @@
-"""Service fixtures: a shared default server, and sentence-transformers as the reference."""
+"""Service fixtures: a shared default server, a fake Hub that serves all-MiniLM-L6-v2, and sentence-transformers
+as the reference."""
 
 from __future__ import annotations
 
 import pytest
 
+from fakehub import FakeHub
 from serving import run_server
+
+MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     with run_server(tmp_path_factory.mktemp("server")) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def minilm_hub(minilm_dir):
+    """A fake Hub on 127.0.0.1 with all-MiniLM-L6-v2 as MINILM_REPO (main)."""
+    hub = FakeHub().start()
+    hub.add(MINILM_REPO, minilm_dir)
+    yield hub
+    hub.stop()
+
+
+def hub_env(hub: FakeHub, home) -> dict[str, str]:
+    """A server process that downloads from ``hub`` into its own cache under ``home``."""
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(home),
+            "HF_TOKEN": ""}
 
 
 @pytest.fixture(scope="session")

@@ -41,9 +41,9 @@ def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, w
     log = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSERVE_")}
     full_env["EMBEDSERVE_DEVICE"] = str(DEVICE)  # the test device, not whatever "auto" finds
-    full_env.update(env or {})
-    # Nothing may reach a hub at run time: prove the server works offline.
+    # Nothing may reach a hub at run time unless a test says so (the fake Hub's tests): prove it works offline.
     full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    full_env.update(env or {})
     full_env.pop("TIKTOKEN_CACHE_DIR", None)  # the server must find cl100k by itself
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""Every numbered case of shared/openai-contract.md against a real server and the real clients.
+"""Every numbered case of shared/openai-contract.md against a real server and the real clients: one serving the
+packaged model folder, and one started from a Hub id (all-MiniLM-L6-v2 downloaded from a fake Hub on 127.0.0.1).
 
 Vectors are compared with sentence-transformers on the same texts (cosine >= 0.9999).
 """
@@ -13,9 +14,23 @@ import numpy as np
 import openai
 import pytest
 
+from conftest import MINILM_REPO, hub_env
 from serving import run_server
 
 D = 384
+
+
+@pytest.fixture(scope="module", params=["model folder", "hub id"])
+def server(request, server, minilm_hub, tmp_path_factory):
+    """The cases that share a server run against both ways of naming the model."""
+    if request.param == "model folder":
+        yield server
+        return
+    tmp = tmp_path_factory.mktemp("hub-server")
+    with run_server(tmp, "--model", MINILM_REPO, "--served-model-name", "all-MiniLM-L6-v2",
+                    env=hub_env(minilm_hub, tmp / "hf-home")) as s:
+        assert "downloading sentence-transformers/all-MiniLM-L6-v2 (revision main)" in s.output()
+        yield s
 TEXTS = ["The cat sits on the mat.", "Embeddings map text to vectors.", "", "Ünïcödé テスト 🙂", "a"]
 
 
@@ -186,7 +201,7 @@ def test_case_7_empty_string_embeds_like_sentence_transformers(server, st_embed)
     assert cosine(vectors(r), st_embed([""])).min() >= 0.9999
 
 
-def test_case_8_long_input_truncated_by_default_or_refused(server, st_embed, tmp_path):
+def test_case_8_long_input_truncated_by_default_or_refused(server, st_embed):
     long = "word " * 700
     r = post(server, {"input": long, "model": "m"})
     assert r.json()["usage"]["prompt_tokens"] == 256
@@ -195,6 +210,10 @@ def test_case_8_long_input_truncated_by_default_or_refused(server, st_embed, tmp
     assert err["message"].startswith(
         "This model's maximum context length is 256 tokens, however you requested 702 tokens"
     )
+
+
+def test_case_8_a_server_that_refuses_long_input_unless_the_request_says_truncate(tmp_path):
+    long = "word " * 700
     with run_server(tmp_path, "--truncate", "false") as s:
         err = assert_error(post(s, {"input": long, "model": "m"}), 400, "input")
         assert "maximum context length is 256 tokens" in err["message"]

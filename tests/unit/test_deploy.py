@@ -44,8 +44,29 @@ def test_dockerfile_runs_the_server_as_non_root_with_a_healthcheck():
     assert 'ENTRYPOINT ["embedserve", "serve"]' in text
     assert "USER 10001" in text and "EXPOSE 8000" in text
     assert "HEALTHCHECK" in text and "/health" in text
-    assert "EMBEDSERVE_HOST=0.0.0.0" in text and "HF_HUB_OFFLINE=1" in text
+    assert "EMBEDSERVE_HOST=0.0.0.0" in text
     assert "AS cpu-base" in text and "AS cuda-base" in text
+
+
+def test_models_come_from_a_cache_volume_or_are_baked_in_and_offline_is_not_forced():
+    runtime = stages()["runtime"]
+    hf_home = re.search(r"HF_HOME=(\S+)", runtime).group(1)
+    # Baked in at build time: `--build-arg MODEL=...` downloads into HF_HOME and serves it offline; without it,
+    # nothing is downloaded at build time and the Hub stays reachable (no forced offline mode).
+    assert re.search(r'ARG MODEL=""', runtime) and 'embedserve download "$MODEL"' in runtime
+    assert "HF_HUB_OFFLINE=${MODEL:+1}" in runtime and "HF_HUB_OFFLINE=1" not in runtime
+    assert "EMBEDSERVE_MODEL=${MODEL}" in runtime
+    assert f"chown 10001 {hf_home}" in runtime
+    # Kubernetes: an init container downloads the server's model into the cache volume the server reads.
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    assert init["command"] == ["embedserve", "download"]
+    model = {c["name"]: {e["name"]: e.get("value") for e in c["env"]}["EMBEDSERVE_MODEL"] for c in (init, server)}
+    assert model[init["name"]] == model[server["name"]] and "/" in model[server["name"]]
+    cache = [m for m in init["volumeMounts"] if m["mountPath"] == hf_home]
+    assert cache and any(m["name"] == cache[0]["name"] and m["mountPath"] == hf_home for m in server["volumeMounts"])
+    assert {e["name"]: e.get("value") for e in server["env"]}.get("HF_HUB_OFFLINE") == "1"
 
 
 def stages() -> dict[str, str]:

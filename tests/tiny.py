@@ -84,7 +84,7 @@ def embed_with(path: Path, texts: list[str], *, each: bool = True, **model_optio
 def build_tiny_encoder(
     directory: Path, kind: str = "bert", *, pooling: str = "mean", normalize: bool = False, seed: int = 0, **overrides
 ):
-    """A random BERT or XLM-RoBERTa saved with save_pretrained (safetensors) plus MiniLM's tokenizer.
+    """A random BERT, XLM-RoBERTa or DistilBERT saved with save_pretrained (safetensors) plus MiniLM's tokenizer.
 
     Returns the transformers model (fp32, eval) so tests can compare against its forward.
     """
@@ -108,14 +108,22 @@ def build_tiny_encoder(
     elif kind == "xlm-roberta":
         config = transformers.XLMRobertaConfig(type_vocab_size=1, pad_token_id=1, **common)
         model = transformers.XLMRobertaModel(config)
+    elif kind == "distilbert":
+        config = transformers.DistilBertConfig(
+            vocab_size=common["vocab_size"], dim=common["hidden_size"], n_layers=common["num_hidden_layers"],
+            n_heads=common["num_attention_heads"], hidden_dim=common["intermediate_size"],
+            max_position_embeddings=common["max_position_embeddings"], dropout=0.0, attention_dropout=0.0,
+        )
+        model = transformers.DistilBertModel(config)
     else:
         raise ValueError(kind)
     # Random init leaves LayerNorm at identity; perturb it so the test sees the weights used.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name:
+            if "LayerNorm" in name or "layer_norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-            elif "attention.self.query.weight" in name or "attention.self.key.weight" in name:
+            elif any(n in name for n in ("attention.self.query.weight", "attention.self.key.weight",
+                                          "attention.q_lin.weight", "attention.k_lin.weight")):
                 p.mul_(8)  # peaky attention, so positions and masks change the answer
     return save_folder(model, directory, pooling=pooling, normalize=normalize)
 

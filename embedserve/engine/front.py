@@ -250,6 +250,9 @@ class Engine:
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
+        hf = self.model.hf_config
+        log.info("architecture: %s -> %s", (hf.get("architectures") or [hf.get("model_type")])[0],
+                 self.model.encoder.describe())
         src = self.source
         log.info(
             "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pool+encode %s, pooling %s%s%s, "

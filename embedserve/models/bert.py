@@ -129,6 +129,19 @@ class BertModel(nn.Module):
         a = self.args
         return AttentionShape(heads=a.num_heads, kv_heads=a.num_heads, head_dim=a.hidden_size // a.num_heads)
 
+    def describe(self) -> str:
+        """The architecture in a line, for the start-up log."""
+        a = self.args
+        return (f"{type(self).__name__}: {a.num_layers} layers, global bidirectional attention, {a.num_heads} heads; "
+                f"absolute positions (offset {a.position_offset}), no RoPE")
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions + self.args.position_offset)
+            + self.token_type_embeddings.weight[0]  # single-segment inputs: token type 0 everywhere
+        )
+
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         m = {
             "word_embeddings.weight": ("embeddings.word_embeddings.weight",),
@@ -157,12 +170,7 @@ class BertModel(nn.Module):
         ``lengths``: the sequences' lengths on the host (what ``cu_seqlens`` encodes), so that nothing waits on
         the device."""
         attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths)
-        h = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(positions + self.args.position_offset)
-            + self.token_type_embeddings.weight[0]  # single-segment inputs: token type 0 everywhere
-        )
-        h = self.embed_norm(h)  # [T, H]
+        h = self.embed_norm(self.embed(input_ids, positions))  # [T, H]
         for layer in self.layers:
             h = layer(h, attn, self.linear_backend)
         return h

@@ -19,7 +19,7 @@ from torch import nn
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
 from embedserve.kernels.linear import linear
-from embedserve.models.layers import Embedding, rms_norm
+from embedserve.models.layers import Embedding, attention_runs, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -155,6 +155,17 @@ class Gemma3Model(nn.Module):
     @property
     def embedding_rows(self) -> int:
         return self.embed.weight.shape[0]
+
+    def describe(self) -> str:
+        """The architecture in a line, for the start-up log: attention per layer and the RoPE per layer type."""
+        a = self.args
+        kind = "causal" if a.causal else "bidirectional"
+        per_layer = [a.sliding_window if t == SLIDING else None for t in a.layer_types]
+        ropes = "; ".join(f"{'sliding' if t == SLIDING else 'global'} layers {a.rope[t].describe()}"
+                          for t in sorted(set(a.layer_types)))
+        return (f"{type(self).__name__}: {a.num_layers} layers, {attention_runs(per_layer, kind)}; "
+                f"{a.num_heads} query / "
+                f"{a.num_kv_heads} key-value heads of {a.head_dim}; {ropes}")
 
     @property
     def attention_shape(self) -> AttentionShape:

@@ -57,3 +57,15 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+
+def attention_runs(windows, kind: str) -> str:
+    """Per-layer attention as runs: "global causal x2, window 16 causal x1, global causal x1"."""
+    runs: list[list] = []
+    for w in windows:
+        name = f"global {kind}" if w is None else f"window {w} {kind}"
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return ", ".join(f"{name} x{n}" for name, n in runs)

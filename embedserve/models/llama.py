@@ -18,7 +18,7 @@ from torch import nn
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
 from embedserve.kernels.linear import linear
-from embedserve.models.layers import Embedding, activation, rms_norm
+from embedserve.models.layers import Embedding, activation, attention_runs, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
 
@@ -200,6 +200,13 @@ class LlamaModel(nn.Module):
     @property
     def embedding_rows(self) -> int:
         return self.embed.weight.shape[0]
+
+    def describe(self) -> str:
+        """The architecture in a line, for the start-up log: attention per layer and the RoPE variant."""
+        a = self.args
+        return (f"{type(self).__name__}: {a.num_layers} layers, {attention_runs(a.windows, 'causal')}; "
+                f"{a.num_heads} query / "
+                f"{a.num_kv_heads} key-value heads of {a.head_dim}; {a.rope.describe()}")
 
     @property
     def attention_shape(self) -> AttentionShape:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from embedserve.errors import ModelLoadError
-from embedserve.models import bert, gemma3, llama
+from embedserve.models import bert, distilbert, gemma3, llama
 
 # name -> (args builder, model class)
 _BERT = (bert.BertArgs.from_hf_config, bert.BertModel)
+_DISTILBERT = (distilbert.DistilBertArgs.from_hf_config, distilbert.DistilBertModel)
 _LLAMA = (llama.LlamaArgs.from_hf_config, llama.LlamaModel)
 _GEMMA3 = (gemma3.Gemma3Args.from_hf_config, gemma3.Gemma3Model)
 
@@ -20,6 +21,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "RobertaForMaskedLM": _BERT,
     "XLMRobertaModel": _BERT,
     "XLMRobertaForMaskedLM": _BERT,
+    "DistilBertModel": _DISTILBERT,
+    "DistilBertForMaskedLM": _DISTILBERT,
     "LlamaModel": _LLAMA,
     "LlamaForCausalLM": _LLAMA,
     "MistralModel": _LLAMA,
@@ -36,6 +39,7 @@ MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
+    "distilbert": _DISTILBERT,
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,

@@ -50,6 +50,16 @@ class RopeSpec:
             ),
         )
 
+    def describe(self) -> str:
+        """The variant in words, for the start-up log."""
+        base = f"base {self.theta:.0f}" if self.theta.is_integer() else f"base {self.theta:g}"
+        if self.kind == "linear":
+            return f"RoPE linear x{self.factor:g}, {base}"
+        if self.kind == "llama3":
+            return (f"RoPE llama3 x{self.factor:g} (low {self.low_freq_factor:g}, high {self.high_freq_factor:g}, "
+                    f"original {self.original_max_position_embeddings}), {base}")
+        return f"RoPE {base}"
+
     def inv_freq_on(self, head_dim: int, device: torch.device) -> torch.Tensor:
         """:meth:`inv_freq` on ``device``, computed once per (spec, head_dim, device), not every forward pass."""
         return _inv_freq_cached(self, head_dim, str(device))

@@ -1,4 +1,5 @@
-"""Tiny random BERT and XLM-RoBERTa checkpoints: embedserve's packed forward vs transformers' padded one."""
+"""Tiny random BERT, XLM-RoBERTa and DistilBERT checkpoints: embedserve's packed forward vs transformers' padded
+one, and each as a sentence-transformers folder vs SentenceTransformer.encode."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from embedserve.engine.front import Engine
 pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
 
-@pytest.fixture(scope="module", params=["bert", "xlm-roberta"])
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta", "distilbert"])
 def tiny(request, tmp_path_factory):
     kind = request.param
     path = tmp_path_factory.mktemp(kind)
@@ -65,3 +66,35 @@ def test_batch_invariance_alone_vs_inside_a_mixed_batch_of_64(tiny):
             assert (alone - batch[i]).abs().max() <= BATCH_INVARIANCE, (kind, i)
     finally:
         engine.shutdown()
+
+
+def test_the_folder_matches_sentence_transformers_and_the_log_names_the_architecture(tiny, caplog):
+    from sentence_transformers import SentenceTransformer
+
+    kind, path, _ = tiny
+    texts = mixed_texts(12, seed=7) + [""]
+    ref = SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True)
+    caplog.set_level("INFO")
+    got = embed_with(path, texts)
+    assert F.cosine_similarity(got, ref).min() >= cos_min("float32"), kind
+    name = {"bert": "BertModel -> BertModel", "xlm-roberta": "XLMRobertaModel -> BertModel",
+            "distilbert": "DistilBertModel -> DistilBertModel"}[kind]
+    offset = 2 if kind == "xlm-roberta" else 0
+    assert (f"architecture: {name}: 2 layers, global bidirectional attention, 6 heads; absolute positions "
+            f"(offset {offset}), no RoPE") in caplog.text
+
+
+def test_a_distilbert_checkpoint_saved_with_its_masked_lm_head(tmp_path):
+    """DistilBertForMaskedLM nests the encoder under `distilbert.` and carries vocab_* heads that serving ignores."""
+    import transformers
+
+    from tiny import save_folder
+
+    torch.manual_seed(5)
+    config = transformers.DistilBertConfig(dim=36, n_layers=2, n_heads=6, hidden_dim=50, dropout=0.0,
+                                           attention_dropout=0.0)
+    mlm = save_folder(transformers.DistilBertForMaskedLM(config), tmp_path, pooling="mean", normalize=False)
+    texts = mixed_texts(8, seed=3)
+    got = embed_with(tmp_path, texts)
+    ref = hf_embed(mlm.distilbert, tmp_path, texts, pooling="mean")
+    assert F.cosine_similarity(got, ref).min() >= cos_min("float32")

@@ -62,3 +62,26 @@ def test_mean_pooling(kind, tmp_path):
     got = embed_with(tmp_path, TEXTS, each=False)
     ref = hf_embed_each(model, tmp_path, TEXTS, pooling="mean")
     assert F.cosine_similarity(got, ref).min() >= cos_min("float32")
+
+
+ARCHITECTURE_LINES = {
+    "qwen3": "Qwen3Model -> LlamaModel: 3 layers, global causal x3; 4 query / 2 key-value heads of 12; RoPE base 1000000",
+    "qwen2": "Qwen2Model -> LlamaModel: 3 layers, global causal x3; 4 query / 2 key-value heads of 12; RoPE base 10000",
+    "llama": "LlamaModel -> LlamaModel: 3 layers, global causal x3; 4 query / 2 key-value heads of 12; RoPE llama3 x8 "
+             "(low 1, high 4, original 64), base 500000",
+    "mistral": "MistralModel -> LlamaModel: 3 layers, window 16 causal x3; 4 query / 2 key-value heads of 12; "
+               "RoPE base 10000",
+    "gemma3": "Gemma3TextModel -> Gemma3Model: 3 layers, window 16 causal x1, global causal x1, window 16 causal x1; "
+              "4 query / 2 key-value heads of 12; global layers RoPE base 1000000; sliding layers RoPE base 10000",
+    # transformers halves the window of bidirectional layers (|i - j| < 16 // 2 + 1)
+    "gemma3-bidirectional": "Gemma3TextModel -> Gemma3Model: 3 layers, window 9 bidirectional x1, global "
+                            "bidirectional x1, window 9 bidirectional x1; 4 query / 2 key-value heads of 12; global "
+                            "layers RoPE base 1000000; sliding layers RoPE base 10000",
+}
+
+
+def test_the_start_up_log_names_attention_per_layer_and_the_rope_variant(tiny, caplog):
+    kind, path, _ = tiny
+    caplog.set_level("INFO")
+    Engine(EngineConfig(model=model_config(path)))
+    assert f"architecture: {ARCHITECTURE_LINES[kind]}" in caplog.text

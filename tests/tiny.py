@@ -84,7 +84,8 @@ def embed_with(path: Path, texts: list[str], *, each: bool = True, **model_optio
 def build_tiny_encoder(
     directory: Path, kind: str = "bert", *, pooling: str = "mean", normalize: bool = False, seed: int = 0, **overrides
 ):
-    """A random BERT, XLM-RoBERTa or DistilBERT saved with save_pretrained (safetensors) plus MiniLM's tokenizer.
+    """A random BERT, XLM-RoBERTa, DistilBERT or ModernBERT saved with save_pretrained (safetensors) plus MiniLM's
+    tokenizer.
 
     Returns the transformers model (fp32, eval) so tests can compare against its forward.
     """
@@ -115,15 +116,24 @@ def build_tiny_encoder(
             max_position_embeddings=common["max_position_embeddings"], dropout=0.0, attention_dropout=0.0,
         )
         model = transformers.DistilBertModel(config)
+    elif kind == "modernbert":
+        # 4 layers: global, local, local, global; a local window of 16 (8 each side) that 300-token inputs cross.
+        config = transformers.ModernBertConfig(
+            vocab_size=common["vocab_size"], hidden_size=48, intermediate_size=40, num_hidden_layers=4,
+            num_attention_heads=4, local_attention=16, max_position_embeddings=512, pad_token_id=0,
+            bos_token_id=101, eos_token_id=102, cls_token_id=101, sep_token_id=102,
+            **{k: v for k, v in overrides.items() if k.startswith(("norm_", "attention_bias", "mlp_bias", "rope"))},
+        )
+        model = transformers.ModernBertModel(config)
     else:
         raise ValueError(kind)
     # Random init leaves LayerNorm at identity; perturb it so the test sees the weights used.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name:
+            if "LayerNorm" in name or "layer_norm" in name or "norm." in name:
                 p.add_(torch.randn_like(p) * 0.1)
             elif any(n in name for n in ("attention.self.query.weight", "attention.self.key.weight",
-                                          "attention.q_lin.weight", "attention.k_lin.weight")):
+                                          "attention.q_lin.weight", "attention.k_lin.weight", "attn.Wqkv.weight")):
                 p.mul_(8)  # peaky attention, so positions and masks change the answer
     return save_folder(model, directory, pooling=pooling, normalize=normalize)
 

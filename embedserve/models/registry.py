@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from embedserve.errors import ModelLoadError
-from embedserve.models import bert, distilbert, gemma3, llama
+from embedserve.models import bert, distilbert, gemma3, llama, modernbert
 
 # name -> (args builder, model class)
 _BERT = (bert.BertArgs.from_hf_config, bert.BertModel)
 _DISTILBERT = (distilbert.DistilBertArgs.from_hf_config, distilbert.DistilBertModel)
+_MODERNBERT = (modernbert.ModernBertArgs.from_hf_config, modernbert.ModernBertModel)
 _LLAMA = (llama.LlamaArgs.from_hf_config, llama.LlamaModel)
 _GEMMA3 = (gemma3.Gemma3Args.from_hf_config, gemma3.Gemma3Model)
 
@@ -23,6 +24,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "XLMRobertaForMaskedLM": _BERT,
     "DistilBertModel": _DISTILBERT,
     "DistilBertForMaskedLM": _DISTILBERT,
+    "ModernBertModel": _MODERNBERT,
+    "ModernBertForMaskedLM": _MODERNBERT,
     "LlamaModel": _LLAMA,
     "LlamaForCausalLM": _LLAMA,
     "MistralModel": _LLAMA,
@@ -40,6 +43,7 @@ MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "roberta": _BERT,
     "xlm-roberta": _BERT,
     "distilbert": _DISTILBERT,
+    "modernbert": _MODERNBERT,
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,

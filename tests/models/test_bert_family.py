@@ -1,5 +1,5 @@
-"""Tiny random BERT, XLM-RoBERTa and DistilBERT checkpoints: embedserve's packed forward vs transformers' padded
-one, and each as a sentence-transformers folder vs SentenceTransformer.encode."""
+"""Tiny random BERT, XLM-RoBERTa, DistilBERT and ModernBERT checkpoints: embedserve's packed forward vs
+transformers' padded one, and each as a sentence-transformers folder vs SentenceTransformer.encode."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from embedserve.engine.front import Engine
 pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
 
-@pytest.fixture(scope="module", params=["bert", "xlm-roberta", "distilbert"])
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta", "distilbert", "modernbert"])
 def tiny(request, tmp_path_factory):
     kind = request.param
     path = tmp_path_factory.mktemp(kind)
@@ -77,11 +77,17 @@ def test_the_folder_matches_sentence_transformers_and_the_log_names_the_architec
     caplog.set_level("INFO")
     got = embed_with(path, texts)
     assert F.cosine_similarity(got, ref).min() >= cos_min("float32"), kind
-    name = {"bert": "BertModel -> BertModel", "xlm-roberta": "XLMRobertaModel -> BertModel",
-            "distilbert": "DistilBertModel -> DistilBertModel"}[kind]
-    offset = 2 if kind == "xlm-roberta" else 0
-    assert (f"architecture: {name}: 2 layers, global bidirectional attention, 6 heads; absolute positions "
-            f"(offset {offset}), no RoPE") in caplog.text
+    absolute = "2 layers, global bidirectional attention, 6 heads; absolute positions (offset {}), no RoPE"
+    line = {
+        "bert": "BertModel -> BertModel: " + absolute.format(0),
+        "xlm-roberta": "XLMRobertaModel -> BertModel: " + absolute.format(2),
+        "distilbert": "DistilBertModel -> DistilBertModel: " + absolute.format(0),
+        # local_attention 16: |i - j| <= 8, a window of 9 in embedserve's terms
+        "modernbert": "ModernBertModel -> ModernBertModel: 4 layers, global bidirectional x1, window 9 bidirectional "
+                      "x2, global bidirectional x1; 4 heads of 12; global layers RoPE base 160000; local layers RoPE "
+                      "base 10000",
+    }[kind]
+    assert f"architecture: {line}" in caplog.text
 
 
 def test_a_distilbert_checkpoint_saved_with_its_masked_lm_head(tmp_path):
@@ -98,3 +104,19 @@ def test_a_distilbert_checkpoint_saved_with_its_masked_lm_head(tmp_path):
     got = embed_with(tmp_path, texts)
     ref = hf_embed(mlm.distilbert, tmp_path, texts, pooling="mean")
     assert F.cosine_similarity(got, ref).min() >= cos_min("float32")
+
+
+def test_modernbert_in_the_spelling_of_the_published_checkpoints(tmp_path):
+    """answerdotai/ModernBERT-base and its descendants say global_attn_every_n_layers, global_rope_theta and
+    local_rope_theta, not layer_types and rope_parameters."""
+    import json
+
+    model = build_tiny_encoder(tmp_path, "modernbert", seed=4)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters"):
+        cfg.pop(key)
+    cfg.update(global_attn_every_n_layers=3, global_rope_theta=160000.0, local_rope_theta=10000.0)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    texts = mixed_texts(16, seed=5)
+    got = embed_with(tmp_path, texts)
+    assert F.cosine_similarity(got, hf_embed(model, tmp_path, texts, pooling="mean")).min() >= cos_min("float32")

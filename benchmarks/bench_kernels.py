@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from embedserve.kernels.attention import _available_backends, prepare, varlen_attention
+from embedserve.kernels.attention import prepare, usable_backends, varlen_attention
 from embedserve.kernels.linear import linear, select_linear_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,7 +56,7 @@ def main() -> None:
         cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
         print(f"attention, {shape}: {len(lengths)} sequences, {T} tokens, {H} heads of {D}")
         results = {}
-        for backend in _available_backends(cpu):
+        for backend in usable_backends(cpu, dtype):
             if backend == "dense" and shape != "mixed":
                 continue
             # prepare() runs once per pass, attention once per layer: time both, as a 6-layer pass would.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64 as _base64
 import logging
+from typing import Sequence
 
 import torch
 
@@ -39,9 +40,19 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 
+def _b64_chars(dims):
+    # Base64 of 4 * dims float32 bytes: 4 characters per 3 bytes, the last group padded.
+    return 4 * ((4 * dims + 2) // 3)
+
+
 def b64_lengths(dims: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     """Base64 characters for 4*dims bytes, 0 where not wanted. ``[B]`` int64."""
-    return torch.where(want.bool(), 4 * ((4 * dims.long() + 2) // 3), 0)
+    return torch.where(want.bool(), _b64_chars(dims.long()), 0)
+
+
+def b64_lengths_host(dims: Sequence[int], want: Sequence[bool]) -> list[int]:
+    """:func:`b64_lengths` on host lists: what the runner computes the offsets from without asking the device."""
+    return [_b64_chars(d) if w else 0 for d, w in zip(dims, want)]
 
 
 def _offsets(dims: torch.Tensor, want: torch.Tensor) -> torch.Tensor:

@@ -511,6 +511,13 @@ class Engine:
             raise injected(self.config.fault_kind)
         return self.runner.launch(inputs, dims, normalize, want_b64, chunks)
 
+    def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
+        """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""
+        kind = classify(exc)
+        if kind == "fatal":
+            raise _Fatal(exc, [step] + [f.step for f in self._inflight]) from exc
+        return kind
+
     def _launch(self, step: Step, plan: list[_Pending | None]) -> None:
         started = time.perf_counter()
         for p in plan:
@@ -519,10 +526,7 @@ class Engine:
         try:
             handle = self._forward(*self._step_args(step.items, plan, self.dimensions))
         except Exception as exc:
-            kind = classify(exc)
-            if kind == "fatal":
-                raise _Fatal(exc, [step] + [f.step for f in self._inflight]) from exc
-            if kind == "oom":
+            if self._raise_if_fatal(exc, step) == "oom":
                 self._split_after_oom(step, plan, started)
             else:
                 self._fail_step(step, plan, exc, started)
@@ -533,8 +537,7 @@ class Engine:
         try:
             out = self.runner.collect(f.handle)
         except Exception as exc:
-            if classify(exc) == "fatal":
-                raise _Fatal(exc, [f.step] + [g.step for g in self._inflight]) from exc
+            self._raise_if_fatal(exc, f.step)
             self._fail_step(f.step, f.plan, exc, f.started)
             return
         rows = {i: (out.vectors[i], out.base64_row(i)) for i in range(len(f.step.items))}
@@ -562,24 +565,23 @@ class Engine:
         try:
             out = self.runner.collect(self._forward(*self._step_args(items, [plan[i] for i in idx], self.dimensions)))
         except Exception as exc:
-            kind = classify(exc)
-            if kind == "fatal":
-                raise _Fatal(exc, [step]) from exc
+            kind = self._raise_if_fatal(exc, step)
             if kind == "oom" and len(idx) > 1:
                 release_cached_memory(self.device)
                 half = len(idx) // 2
                 self._run_parts(idx[:half], step, plan, rows, failures)
                 self._run_parts(idx[half:], step, plan, rows, failures)
                 return
+            if kind == "oom":  # one input, alone
+                (w,) = items
+                log.warning("input %d of request %d (%d tokens) does not fit in device memory alone: refused",
+                            w.entry.index, w.entry.request_id, w.entry.num_tokens)
+                failures[w.entry.request_id] = InputTooLarge(w.entry.index, w.entry.num_tokens, self.max_batch_tokens)
+                return
+            log.error("forward pass of %d inputs (part of a split step) failed", len(items), exc_info=exc)
+            self.observer.step_failed(len(items))
             for w in items:
-                if kind == "oom":
-                    log.warning("input %d of request %d (%d tokens) does not fit in device memory alone: refused",
-                                w.entry.index, w.entry.request_id, w.entry.num_tokens)
-                    failures[w.entry.request_id] = InputTooLarge(w.entry.index, w.entry.num_tokens,
-                                                                 self.max_batch_tokens)
-                else:
-                    log.error("forward pass of %d inputs failed: %r", len(items), exc)
-                    failures[w.entry.request_id] = _engine_error(exc)
+                failures[w.entry.request_id] = _engine_error(exc)
             return
         for j, i in enumerate(idx):
             rows[i] = (out.vectors[j], out.base64_row(j))

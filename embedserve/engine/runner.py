@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from embedserve.kernels.pool_encode import IMPLS
+from embedserve.kernels.pool_encode import IMPLS, b64_lengths_host
 from embedserve.kernels.pooling import pool
 from embedserve.models.sentence import LoadedModel
 
@@ -89,11 +89,6 @@ class _Staged:
     max_seqlen: int
 
 
-def b64_chars(dims: Sequence[int], want: Sequence[bool]) -> list[int]:
-    """Base64 characters of each row's ``4 * dims`` bytes, 0 where not wanted."""
-    return [4 * ((4 * d + 2) // 3) if w else 0 for d, w in zip(dims, want)]
-
-
 class Runner:
     def __init__(self, model: LoadedModel, pool_backend: str = "torch") -> None:
         self.model = model
@@ -121,7 +116,7 @@ class Runner:
         B = len(inputs)
         lengths = [len(x) for x in inputs]
         T = sum(lengths)
-        offsets = [0, *itertools.accumulate(b64_chars(dims, want))]
+        offsets = [0, *itertools.accumulate(b64_lengths_host(dims, want))]
         nk = B + 1 if starts is not None else 0
         size = 2 * T + 2 * (B + 1) + nk + 2 * B
         host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)

@@ -199,10 +199,10 @@ class _Hub:
 
 
 def _serving_files(tree) -> list:
-    from fnmatch import fnmatch
+    from huggingface_hub.utils import filter_repo_objects
 
-    return [f for f in tree if any(fnmatch(f.path, p) for p in SERVING_FILES)
-            and not any(fnmatch(f.path, p) for p in NOT_SERVED)]
+    return list(filter_repo_objects(tree, allow_patterns=SERVING_FILES, ignore_patterns=NOT_SERVED,
+                                    key=lambda f: f.path))
 
 
 class _Progress:

@@ -237,6 +237,17 @@ class Recorder:
         self.splits.append(inputs)
 
 
+async def queue_in_order(engine: Engine, groups) -> list[asyncio.Task]:
+    """One request per group, each queued before the next is sent: the scheduler sees them in this order."""
+    tasks, queued = [], 0
+    for inputs in groups:
+        tasks.append(asyncio.create_task(engine.embed(inputs)))
+        queued += len(inputs)
+        while engine.scheduler.stats.waiting_inputs < queued:
+            await asyncio.sleep(0.01)
+    return tasks
+
+
 def faulty_engine(tiny_dir, kind: str, **kw) -> tuple[Engine, Recorder, list]:
     fatal: list[BaseException] = []
     rec = Recorder()
@@ -253,13 +264,7 @@ def test_out_of_memory_splits_the_step_and_refuses_only_the_input_that_does_not_
         async def run():
             first = asyncio.create_task(e.embed(["first"]))
             await wait_for(gate.entered)
-            tasks, queued = [], 0
-            for inputs in (["alpha one", "alpha two"], ["bravo", "too big"], ["charlie"]):  # queued in this order
-                tasks.append(asyncio.create_task(e.embed(inputs)))
-                queued += len(inputs)
-                while e.scheduler.stats.waiting_inputs < queued:
-                    await asyncio.sleep(0.01)
-            a, b, c = tasks
+            a, b, c = await queue_in_order(e, (["alpha one", "alpha two"], ["bravo", "too big"], ["charlie"]))
             gate.release.set()
             return await asyncio.gather(first, a, b, c, return_exceptions=True)
 
@@ -286,13 +291,7 @@ def test_a_fatal_device_error_stops_the_engine_and_answers_every_request_held(ti
         async def run():
             first = asyncio.create_task(e.embed(["first"]))
             await wait_for(gate.entered)
-            tasks, queued = [], 0
-            for inputs in (["too big"], ["golf"], ["hotel", "india", "juliet", "kilo"]):  # queued in this order
-                tasks.append(asyncio.create_task(e.embed(inputs)))
-                queued += len(inputs)
-                while e.scheduler.stats.waiting_inputs < queued:
-                    await asyncio.sleep(0.01)
-            f, g, h = tasks
+            f, g, h = await queue_in_order(e, (["too big"], ["golf"], ["hotel", "india", "juliet", "kilo"]))
             gate.release.set()
             return await asyncio.wait_for(asyncio.gather(first, f, g, h, return_exceptions=True), 30)
 

@@ -72,6 +72,7 @@ class AttentionShape:
     causal: bool = False
     window: bool = False  # some layer attends within a sliding window
     chunked: bool = False  # chunks of long inputs attend to the cached keys of earlier chunks (cu_seqlens_k)
+    relative_bias: bool = False  # an additive per-head bias by relative position (MPNet's buckets)
 
     @property
     def gqa(self) -> bool:
@@ -84,6 +85,8 @@ class AttentionShape:
             parts.append("sliding windows")
         if self.chunked:
             parts.append("chunks over cached keys")
+        if self.relative_bias:
+            parts.append("relative position bias")
         return ", ".join(parts)
 
 
@@ -156,6 +159,8 @@ def backend_problems(
     """For each backend, None if it can serve a model of ``shape``, else why it cannot. Pure: the table test
     feeds it every torch signature. ``flash_attn``: :func:`flash_attn_works`'s answer."""
     flash = _flash_problem(device_type, dtype, shape)
+    if flash is None and shape.relative_bias:
+        flash = "flash kernels add no per-position attention bias, and the model has relative position buckets"
     varlen = flash
     if varlen is None and not caps.present:
         varlen = f"torch {torch.__version__.split('+')[0]} has no torch.nn.attention.varlen (torch >= 2.10)"
@@ -268,6 +273,8 @@ class AttentionBatch:
     cu_seqlens_k: torch.Tensor | None = None  # None: keys are the queries' own tokens
     max_seqlen_k: int = 0
     k_lengths: list[int] | None = None
+    # [H, 2 * max_seqlen - 1]: bias added to the score of key j for query i, at column j - i + max_seqlen - 1
+    rel_bias: torch.Tensor | None = None
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -371,6 +378,7 @@ def prepare(
     max_seqlen_k: int | None = None,
     lengths: Sequence[int] | None = None,
     k_lengths: Sequence[int] | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> AttentionBatch:
     """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device; ``lengths`` (and
     ``k_lengths``) are the host copies of what it encodes: given, nothing here waits on the device.
@@ -378,8 +386,14 @@ def prepare(
     ``cu_seqlens_k``: when a sequence's keys are more than its queries (a chunk of a long input attending to
     the cached keys of its earlier chunks), the key offsets. The queries are then the *last* tokens of their
     sequence: causal masking aligns them to the end of the keys.
+
+    ``rel_bias``: ``[H, 2 * max_seqlen - 1]`` additive scores by relative position (key minus query, offset by
+    ``max_seqlen - 1``); the flash backends cannot take it (``AttentionShape.relative_bias``).
     """
     flash = backend in ("torch_varlen", "flash_attn")
+    if rel_bias is not None and (flash or cu_seqlens_k is not None or rel_bias.shape[-1] != 2 * max_seqlen - 1):
+        raise ValueError(f"this is a bug: a relative bias of shape {tuple(rel_bias.shape)} with backend {backend}, "
+                         f"max_seqlen {max_seqlen}{', cached keys' if cu_seqlens_k is not None else ''}")
     if cu_seqlens_k is not None and max_seqlen_k is None:
         k_lengths = _host_lengths(cu_seqlens_k, k_lengths)[0]
         max_seqlen_k = max(k_lengths)
@@ -387,7 +401,7 @@ def prepare(
     if window is not None and window >= max_k:
         window = None  # the window covers every sequence whole: plain (causal) attention
     batch = AttentionBatch(backend, cu_seqlens, max_seqlen, None, causal, window, cu_seqlens_k=cu_seqlens_k,
-                           max_seqlen_k=max_k)
+                           max_seqlen_k=max_k, rel_bias=rel_bias)
     if flash:
         return batch  # the kernels read the offsets on the device
     q_lengths, offsets = _host_lengths(cu_seqlens, lengths)
@@ -513,6 +527,15 @@ def _mask(n: int, batch: AttentionBatch, device: torch.device, nk: int | None = 
     return allowed
 
 
+def _biased(batch: AttentionBatch, allowed: torch.Tensor | None, rel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float mask for SDPA: the relative bias at ``rel`` (key minus query positions, any shape ``S``) per head,
+    ``[H, *S]``, with -inf where ``allowed`` (broadcast to it) is False."""
+    bias = batch.rel_bias[:, rel + batch.max_seqlen - 1].to(dtype)
+    if allowed is None:
+        return bias
+    return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=bias.device))
+
+
 def _one_by_one(q, k, v, out, spans, batch: AttentionBatch, scale) -> None:
     windowed = batch.window is not None
     for start, n, k_start, nk in spans:
@@ -520,7 +543,11 @@ def _one_by_one(q, k, v, out, spans, batch: AttentionBatch, scale) -> None:
         qs = q[start : start + n].transpose(0, 1).unsqueeze(0)
         ks = k[k_start : k_start + nk].transpose(0, 1).unsqueeze(0)
         vs = v[k_start : k_start + nk].transpose(0, 1).unsqueeze(0)
-        if windowed or (batch.causal and nk != n):
+        if batch.rel_bias is not None:
+            rel = torch.arange(nk, device=q.device)[None, :] - torch.arange(nk - n, nk, device=q.device)[:, None]
+            mask = _biased(batch, _mask(n, batch, q.device, nk), rel, q.dtype).unsqueeze(0)  # [1, H, n, nk]
+            o = _sdpa(qs, ks, vs, mask=mask, scale=scale)
+        elif windowed or (batch.causal and nk != n):
             # SDPA's is_causal aligns top-left; a chunk after cached keys needs bottom-right: explicit mask.
             o = _sdpa(qs, ks, vs, mask=_mask(n, batch, q.device, nk), scale=scale)
         else:
@@ -552,6 +579,12 @@ def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
             mask = None
         else:
             mask = shape if b.key_mask is None else shape & b.key_mask  # [G, 1, L, L]
+        if batch.rel_bias is not None:
+            allowed = shape if b.key_mask is None else (b.key_mask if shape is None else shape & b.key_mask)
+            pos = torch.arange(L, device=q.device)
+            rel = pos[None, :] - pos[:, None]  # [L, L]
+            mask = _biased(batch, allowed, rel, q.dtype)  # [H, L, L] or [G, H, L, L]
+            mask = mask.unsqueeze(0) if mask.dim() == 3 else mask
         o = _sdpa(qs, ks, vs, mask=mask, causal=mask is None and batch.causal, scale=scale)
         # o [G, Hq, L, D]: pick the real (group, position) slots straight into packed order.
         out.index_copy_(0, b.scatter, o[b.slot_group, :, b.slot_pos])
@@ -576,6 +609,9 @@ def _dense(q, k, v, batch: AttentionBatch, scale):
         mask &= k_pos[None, :] <= q_pos[:, None]
     if batch.window is not None:
         mask &= (q_pos[:, None] - k_pos[None, :]).abs() < batch.window
+    if batch.rel_bias is not None:
+        rel = (k_pos[None, :] - q_pos[:, None]).clamp(1 - batch.max_seqlen, batch.max_seqlen - 1)  # across: masked
+        mask = _biased(batch, mask, rel, q.dtype).unsqueeze(0)  # [1, H, Tq, Tk]
     o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
               mask=mask, scale=scale)
     return o[0].transpose(0, 1)

@@ -39,6 +39,11 @@ _TORCH_ACTS = {
 ACTIVATIONS = tuple(_TORCH_ACTS)
 
 
+def activate(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``name`` (one of :data:`ACTIVATIONS`) applied on its own, as a gated MLP applies it to its gate."""
+    return _TORCH_ACTS[name](x)
+
+
 def _onednn_works(dtype: torch.dtype) -> bool:
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():

@@ -84,8 +84,8 @@ def embed_with(path: Path, texts: list[str], *, each: bool = True, **model_optio
 def build_tiny_encoder(
     directory: Path, kind: str = "bert", *, pooling: str = "mean", normalize: bool = False, seed: int = 0, **overrides
 ):
-    """A random BERT, XLM-RoBERTa, DistilBERT or ModernBERT saved with save_pretrained (safetensors) plus MiniLM's
-    tokenizer.
+    """A random BERT, XLM-RoBERTa, DistilBERT, ModernBERT, MPNet, NomicBERT or GTE saved with save_pretrained
+    (safetensors) plus MiniLM's tokenizer.
 
     Returns the transformers model (fp32, eval) so tests can compare against its forward.
     """
@@ -125,6 +125,18 @@ def build_tiny_encoder(
             **{k: v for k, v in overrides.items() if k.startswith(("norm_", "attention_bias", "mlp_bias", "rope"))},
         )
         model = transformers.ModernBertModel(config)
+    elif kind == "mpnet":
+        config = transformers.MPNetConfig(**{**common, "max_position_embeddings": 514}, relative_attention_num_buckets=32)
+        model = transformers.MPNetModel(config, add_pooling_layer=False)
+    elif kind in ("nomicbert", "gte"):
+        # RoPE with the family's own default base (1000 / 160000), a gated MLP of an odd width.
+        glu = dict(vocab_size=common["vocab_size"], hidden_size=48, intermediate_size=42, num_hidden_layers=3,
+                   num_attention_heads=4, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0, **{k: v for k, v in overrides.items() if k.startswith("rope")})
+        if kind == "nomicbert":
+            model = transformers.NomicBertModel(transformers.NomicBertConfig(**glu))
+        else:  # no token types, as gte-base-en-v1.5
+            model = transformers.GteModel(transformers.GteConfig(**glu, type_vocab_size=0, hidden_act="gelu"))
     else:
         raise ValueError(kind)
     # Random init leaves LayerNorm at identity; perturb it so the test sees the weights used.
@@ -133,8 +145,16 @@ def build_tiny_encoder(
             if "LayerNorm" in name or "layer_norm" in name or "norm." in name:
                 p.add_(torch.randn_like(p) * 0.1)
             elif any(n in name for n in ("attention.self.query.weight", "attention.self.key.weight",
-                                          "attention.q_lin.weight", "attention.k_lin.weight", "attn.Wqkv.weight")):
+                                          "attention.q_lin.weight", "attention.k_lin.weight", "attn.Wqkv.weight",
+                                          "attn.q.weight", "attn.k.weight", "q_proj.weight", "k_proj.weight")):
                 p.mul_(8)  # peaky attention, so positions and masks change the answer
+            elif kind in ("mpnet", "nomicbert", "gte") and any(
+                    n in name for n in ("attn.v.weight", "attn.o.weight", "v_proj.weight", "o_proj.weight")):
+                p.mul_(4)  # attention outweighs the token's own embedding: a wrong position shows in the vector
+            elif "relative_attention_bias" in name:
+                p.normal_(0, 2.0)  # MPNet's bias by distance: large enough that a wrong bucket shows
+            elif name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)  # biases start at zero: make them matter
     return save_folder(model, directory, pooling=pooling, normalize=normalize)
 
 

@@ -142,24 +142,31 @@ class BertModel(nn.Module):
             + self.token_type_embeddings.weight[0]  # single-segment inputs: token type 0 everywhere
         )
 
+    def attention_batch(self, cu_seqlens: torch.Tensor, max_seqlen: int, lengths: list[int] | None):
+        return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths)
+
+    # Our layer's tensors -> the checkpoint's, per layer (the q/k/v parts are stacked into qkv).
+    LAYER_NAMES = {
+        "qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+        "attn_out": ("attention.output.dense",),
+        "attn_norm": ("attention.output.LayerNorm",),
+        "up": ("intermediate.dense",),
+        "down": ("output.dense",),
+        "mlp_norm": ("output.LayerNorm",),
+    }
+    LAYER_PREFIX = "encoder.layer"
+
     def weight_map(self) -> dict[str, tuple[str, ...]]:
-        m = {
-            "word_embeddings.weight": ("embeddings.word_embeddings.weight",),
-            "position_embeddings.weight": ("embeddings.position_embeddings.weight",),
-            "token_type_embeddings.weight": ("embeddings.token_type_embeddings.weight",),
-            "embed_norm.weight": ("embeddings.LayerNorm.weight",),
-            "embed_norm.bias": ("embeddings.LayerNorm.bias",),
-        }
+        m = {name + ".weight": ("embeddings." + theirs + ".weight",) for name, theirs in (
+            ("word_embeddings", "word_embeddings"), ("position_embeddings", "position_embeddings"),
+            ("token_type_embeddings", "token_type_embeddings"), ("embed_norm", "LayerNorm"))
+            if hasattr(self, name)}
+        m["embed_norm.bias"] = ("embeddings.LayerNorm.bias",)
         for i in range(self.args.num_layers):
-            src = f"encoder.layer.{i}."
-            dst = f"layers.{i}."
-            for p in ("weight", "bias"):
-                m[dst + "qkv." + p] = tuple(src + f"attention.self.{n}.{p}" for n in ("query", "key", "value"))
-                m[dst + "attn_out." + p] = (src + f"attention.output.dense.{p}",)
-                m[dst + "attn_norm." + p] = (src + f"attention.output.LayerNorm.{p}",)
-                m[dst + "up." + p] = (src + f"intermediate.dense.{p}",)
-                m[dst + "down." + p] = (src + f"output.dense.{p}",)
-                m[dst + "mlp_norm." + p] = (src + f"output.LayerNorm.{p}",)
+            src, dst = f"{self.LAYER_PREFIX}.{i}.", f"layers.{i}."
+            for ours, theirs in self.LAYER_NAMES.items():
+                for p in ("weight", "bias"):
+                    m[f"{dst}{ours}.{p}"] = tuple(f"{src}{t}.{p}" for t in theirs)
         return m
 
     def forward(
@@ -169,7 +176,7 @@ class BertModel(nn.Module):
         """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``.
         ``lengths``: the sequences' lengths on the host (what ``cu_seqlens`` encodes), so that nothing waits on
         the device."""
-        attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths)
+        attn = self.attention_batch(cu_seqlens, max_seqlen, lengths)
         h = self.embed_norm(self.embed(input_ids, positions))  # [T, H]
         for layer in self.layers:
             h = layer(h, attn, self.linear_backend)

@@ -67,20 +67,12 @@ class DistilBertModel(BertModel):
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids) + self.position_embeddings(positions)
 
-    def weight_map(self) -> dict[str, tuple[str, ...]]:
-        m = {
-            "word_embeddings.weight": ("embeddings.word_embeddings.weight",),
-            "position_embeddings.weight": ("embeddings.position_embeddings.weight",),
-            "embed_norm.weight": ("embeddings.LayerNorm.weight",),
-            "embed_norm.bias": ("embeddings.LayerNorm.bias",),
-        }
-        for i in range(self.args.num_layers):
-            src, dst = f"transformer.layer.{i}.", f"layers.{i}."
-            for p in ("weight", "bias"):
-                m[dst + "qkv." + p] = tuple(src + f"attention.{n}_lin.{p}" for n in "qkv")
-                m[dst + "attn_out." + p] = (src + f"attention.out_lin.{p}",)
-                m[dst + "attn_norm." + p] = (src + f"sa_layer_norm.{p}",)
-                m[dst + "up." + p] = (src + f"ffn.lin1.{p}",)
-                m[dst + "down." + p] = (src + f"ffn.lin2.{p}",)
-                m[dst + "mlp_norm." + p] = (src + f"output_layer_norm.{p}",)
-        return m
+    LAYER_PREFIX = "transformer.layer"
+    LAYER_NAMES = {
+        "qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+        "attn_out": ("attention.out_lin",),
+        "attn_norm": ("sa_layer_norm",),
+        "up": ("ffn.lin1",),
+        "down": ("ffn.lin2",),
+        "mlp_norm": ("output_layer_norm",),
+    }

@@ -2,7 +2,9 @@
 
 A model declares ``weight_map() -> {our parameter name: (checkpoint name, ...)}`` (several names are
 concatenated along dim 0, e.g. q/k/v into one fused projection) and ``ignored_weights`` (regexes for
-checkpoint tensors it deliberately does not use, such as a pretraining head). Everything else is strict:
+checkpoint tensors it deliberately does not use, such as a pretraining head). A family published in more than
+one spelling (transformers' native names and a remote-code original) declares ``weight_maps()``, a list; the
+spelling and prefix that name the most of the checkpoint's tensors are used, and then everything is strict:
 a missing, unexpected or mis-shaped tensor is a :class:`ModelLoadError` naming it.
 
 Tensors are read one at a time with plain file reads (no memory map) straight into their final dtype and
@@ -18,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -131,13 +133,22 @@ class SafetensorsCheckpoint:
             out.copy_(target)
 
 
-def _detect_prefix(names: set[str], wanted: Iterable[str], prefixes: tuple[str, ...]) -> str:
-    wanted = list(wanted)
-    best, best_hits = prefixes[0], -1
-    for prefix in prefixes:
-        hits = sum(prefix + w in names for w in wanted)
-        if hits > best_hits:
-            best, best_hits = prefix, hits
+def _flat(weight_map: dict[str, tuple[str, ...]]) -> list[str]:
+    return [n for sources in weight_map.values() for n in sources]
+
+
+def _best_spelling(
+    names: set[str], maps: Sequence[dict[str, tuple[str, ...]]], prefixes: tuple[str, ...]
+) -> tuple[dict[str, tuple[str, ...]], str]:
+    """The (name map, prefix) pair that finds the largest share of its names in the checkpoint; ties go to
+    the earlier map and prefix."""
+    best, best_score = (maps[0], prefixes[0]), -1.0
+    for weight_map in maps:
+        wanted = _flat(weight_map)
+        for prefix in prefixes:
+            score = sum(prefix + w in names for w in wanted) / max(len(wanted), 1)
+            if score > best_score:
+                best, best_score = (weight_map, prefix), score
     return best
 
 
@@ -153,22 +164,25 @@ def _assign(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
 def load_weights(
     model: nn.Module,
     checkpoint: SafetensorsCheckpoint,
-    weight_map: dict[str, tuple[str, ...]],
+    weight_map: dict[str, tuple[str, ...]] | Sequence[dict[str, tuple[str, ...]]],
     *,
     ignored: tuple[str, ...] = (),
     prefixes: tuple[str, ...] = ("",),
     dtype: torch.dtype,
     device: torch.device,
 ) -> None:
-    """Fill every parameter of ``model`` (built on the meta device) from ``checkpoint``."""
+    """Fill every parameter of ``model`` (built on the meta device) from ``checkpoint``. ``weight_map``: one
+    name map, or the spellings the family is published in."""
+    maps = [weight_map] if isinstance(weight_map, dict) else list(weight_map)
     expected = dict(model.named_parameters())
-    unmapped = sorted(set(expected) - set(weight_map))
-    if unmapped:
-        raise ModelLoadError(f"this is a bug: no checkpoint name for parameters {unmapped}")
+    for m in maps:
+        unmapped = sorted(set(expected) - set(m))
+        if unmapped:
+            raise ModelLoadError(f"this is a bug: no checkpoint name for parameters {unmapped}")
 
     names = checkpoint.names()
-    flat_wanted = [n for sources in weight_map.values() for n in sources]
-    prefix = _detect_prefix(names, flat_wanted, prefixes)
+    weight_map, prefix = _best_spelling(names, maps, prefixes)
+    flat_wanted = _flat(weight_map)
     ignore_res = [re.compile(p) for p in ignored]
     where = checkpoint.directory
 

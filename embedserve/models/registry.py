@@ -1,16 +1,26 @@
-"""Which model class serves which checkpoint: by ``architectures``, then by ``model_type``."""
+"""Which model class serves which checkpoint: by ``architectures``, then by ``model_type``.
+
+A config whose ``auto_map`` points a model class at remote code (``"AutoModel": "repo--modeling_x.Class"``) was
+saved for code that embedserve never runs. It is served only when its architecture is in
+:data:`REMOTE_CODE`: remote-code originals whose computation and weight names an embedserve model reproduces
+(and that the tests check against transformers' native port). Everything else with remote code is refused by
+name, never guessed from ``model_type`` (jina-embeddings-v2 says ``bert`` and uses ALiBi).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from embedserve.errors import ModelLoadError
-from embedserve.models import bert, distilbert, gemma3, llama, modernbert
+from embedserve.models import bert, distilbert, gemma3, gte, llama, modernbert, mpnet, nomicbert
 
 # name -> (args builder, model class)
 _BERT = (bert.BertArgs.from_hf_config, bert.BertModel)
 _DISTILBERT = (distilbert.DistilBertArgs.from_hf_config, distilbert.DistilBertModel)
 _MODERNBERT = (modernbert.ModernBertArgs.from_hf_config, modernbert.ModernBertModel)
+_MPNET = (mpnet.MPNetArgs.from_hf_config, mpnet.MPNetModel)
+_NOMIC = (nomicbert.nomic_args, nomicbert.NomicBertModel)
+_GTE = (gte.GteArgs.from_hf_config, gte.GteModel)
 _LLAMA = (llama.LlamaArgs.from_hf_config, llama.LlamaModel)
 _GEMMA3 = (gemma3.Gemma3Args.from_hf_config, gemma3.Gemma3Model)
 
@@ -26,6 +36,12 @@ ARCHITECTURES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "DistilBertForMaskedLM": _DISTILBERT,
     "ModernBertModel": _MODERNBERT,
     "ModernBertForMaskedLM": _MODERNBERT,
+    "MPNetModel": _MPNET,
+    "MPNetForMaskedLM": _MPNET,
+    "NomicBertModel": _NOMIC,
+    "NomicBertForMaskedLM": _NOMIC,
+    "GteModel": _GTE,
+    "GteForMaskedLM": _GTE,
     "LlamaModel": _LLAMA,
     "LlamaForCausalLM": _LLAMA,
     "MistralModel": _LLAMA,
@@ -44,6 +60,9 @@ MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "xlm-roberta": _BERT,
     "distilbert": _DISTILBERT,
     "modernbert": _MODERNBERT,
+    "mpnet": _MPNET,
+    "nomic_bert": _NOMIC,
+    "gte": _GTE,
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
@@ -52,7 +71,38 @@ MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
 }
 
 
+# Remote-code architecture -> what serves it (nomic-ai/nomic-bert-2048's NomicBertModel and
+# NomicBertForPreTraining; Alibaba-NLP/new-impl's NewModel, NewForMaskedLM, and the GteModel name
+# snowflake-arctic-embed-m-v2.0 gives the same code).
+REMOTE_CODE: dict[str, tuple[Callable[[dict], Any], type]] = {
+    "NomicBertModel": _NOMIC,
+    "NomicBertForPreTraining": _NOMIC,
+    "NewModel": _GTE,
+    "NewForMaskedLM": _GTE,
+    "GteModel": _GTE,
+}
+
+
+def remote_code(cfg: dict) -> list[str]:
+    """The model classes ``auto_map`` sends to remote code (tokenizer-only entries do not count)."""
+    auto_map = cfg.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return []
+    return [f"{k}: {v}" for k, v in auto_map.items() if k.startswith(("AutoModel", "AutoConfig"))]
+
+
 def resolve(cfg: dict) -> tuple[Callable[[dict], Any], type]:
+    remote = remote_code(cfg)
+    if remote:
+        for arch in cfg.get("architectures") or ():
+            if arch in REMOTE_CODE:
+                return REMOTE_CODE[arch]
+        mappings = ", ".join(f"{a} -> {REMOTE_CODE[a][1].__name__}" for a in sorted(REMOTE_CODE))
+        raise ModelLoadError(
+            f"config.json's auto_map points at remote code ({'; '.join(remote)}) for architectures="
+            f"{cfg.get('architectures')!r}, model_type={cfg.get('model_type')!r}. embedserve never runs remote code; "
+            f"it serves a remote-code checkpoint only when the architecture is one it implements itself: {mappings}"
+        )
     for arch in cfg.get("architectures") or ():
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]

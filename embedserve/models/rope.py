@@ -2,7 +2,9 @@
 
 Reads both config spellings: transformers 5's ``rope_parameters`` (optionally one dict per layer type) and
 the older ``rope_theta`` + ``rope_scaling`` found in most published checkpoints. Supported scalings:
-default, linear, llama3; anything else is refused by name rather than silently computed wrong.
+default, linear, llama3, and the fixed NTK-aware scaling of GTE v1.5's checkpoints (``{"type": "ntk"}``: the base
+times the factor, every frequency divided by ``factor ** (2 / head_dim)``, at every length); anything else is
+refused by name rather than silently computed wrong.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from embedserve.errors import ModelLoadError
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "ntk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +41,8 @@ class RopeSpec:
             raise ModelLoadError(f"RoPE scaling {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise ModelLoadError("partial_rotary_factor other than 1.0 is not supported")
+        if kind == "ntk" and params.get("mixed_b") is not None:
+            raise ModelLoadError("RoPE scaling 'ntk' with mixed_b is not supported (only the fixed NTK form)")
         return cls(
             theta=float(params["rope_theta"]),
             kind=kind,
@@ -55,6 +59,8 @@ class RopeSpec:
         base = f"base {self.theta:.0f}" if self.theta.is_integer() else f"base {self.theta:g}"
         if self.kind == "linear":
             return f"RoPE linear x{self.factor:g}, {base}"
+        if self.kind == "ntk":
+            return f"RoPE fixed NTK x{self.factor:g}, {base}"
         if self.kind == "llama3":
             return (f"RoPE llama3 x{self.factor:g} (low {self.low_freq_factor:g}, high {self.high_freq_factor:g}, "
                     f"original {self.original_max_position_embeddings}), {base}")
@@ -66,7 +72,10 @@ class RopeSpec:
 
     def inv_freq(self, head_dim: int) -> torch.Tensor:
         """``[head_dim / 2]`` float32 inverse frequencies, scaled as the config says."""
-        inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        theta = self.theta * self.factor if self.kind == "ntk" else self.theta
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if self.kind == "ntk":
+            return inv / self.factor ** (2 / head_dim)
         if self.kind == "linear":
             return inv / self.factor
         if self.kind == "llama3":

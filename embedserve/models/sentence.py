@@ -192,7 +192,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
     load_weights(
         encoder,
         SafetensorsCheckpoint(directory),
-        encoder.weight_map(),
+        encoder.weight_maps() if hasattr(encoder, "weight_maps") else encoder.weight_map(),
         ignored=model_cls.ignored_weights,
         prefixes=model_cls.weight_prefixes,
         dtype=dtype,

@@ -1,4 +1,4 @@
-"""Tiny random BERT, XLM-RoBERTa, DistilBERT and ModernBERT checkpoints: embedserve's packed forward vs
+"""Tiny random BERT, XLM-RoBERTa, DistilBERT, ModernBERT, MPNet, NomicBERT and GTE checkpoints: embedserve's packed forward vs
 transformers' padded one, and each as a sentence-transformers folder vs SentenceTransformer.encode."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from embedserve.engine.front import Engine
 pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
 
-@pytest.fixture(scope="module", params=["bert", "xlm-roberta", "distilbert", "modernbert"])
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta", "distilbert", "modernbert", "mpnet", "nomicbert", "gte"])
 def tiny(request, tmp_path_factory):
     kind = request.param
     path = tmp_path_factory.mktemp(kind)
@@ -45,8 +45,9 @@ def test_half_precision_close_to_transformers_fp32(tiny, dtype, attention):
     assert F.cosine_similarity(got, ref).min() >= cos_min(dtype)
 
 
-def test_cls_pooling_and_normalize(tmp_path):
-    model = build_tiny_encoder(tmp_path, "bert", pooling="cls", normalize=True, seed=3)
+@pytest.mark.parametrize("kind", ["bert", "gte"])  # gte-*-en-v1.5 and arctic-embed-m-v2.0 pool the CLS token
+def test_cls_pooling_and_normalize(tmp_path, kind):
+    model = build_tiny_encoder(tmp_path, kind, pooling="cls", normalize=True, seed=3)
     texts = mixed_texts(10, seed=2)
     got = embed_with(tmp_path, texts, each=False)
     ref = F.normalize(hf_embed(model, tmp_path, texts, pooling="cls"), dim=1)
@@ -86,6 +87,12 @@ def test_the_folder_matches_sentence_transformers_and_the_log_names_the_architec
         "modernbert": "ModernBertModel -> ModernBertModel: 4 layers, global bidirectional x1, window 9 bidirectional "
                       "x2, global bidirectional x1; 4 heads of 12; global layers RoPE base 160000; local layers RoPE "
                       "base 10000",
+        "mpnet": "MPNetModel -> MPNetModel: 2 layers, global bidirectional attention, 6 heads; absolute positions "
+                 "(offset 2) plus a relative position bias (32 buckets, max distance 128), no RoPE",
+        "nomicbert": "NomicBertModel -> NomicBertModel: 3 layers, global bidirectional attention, 4 heads of 12; "
+                     "RoPE base 1000; gated MLP (silu)",
+        "gte": "GteModel -> GteModel: 3 layers, global bidirectional attention, 4 heads of 12; RoPE base 160000; "
+               "gated MLP (gelu)",
     }[kind]
     assert f"architecture: {line}" in caplog.text
 

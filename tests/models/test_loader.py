@@ -113,6 +113,27 @@ def test_unsupported_architecture_lists_the_supported_ones(copy):
         load_model(copy, dtype=torch.float32, device=CPU)
 
 
+def test_remote_code_of_an_architecture_not_implemented_is_refused_naming_it_and_the_mappings(copy):
+    """jina-embeddings-v2 says model_type "bert" but runs ALiBi in its remote code: never served as BERT."""
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg.update(architectures=["JinaBertForMaskedLM"],
+               auto_map={"AutoConfig": "jinaai/jina-bert-implementation--configuration_bert.JinaBertConfig",
+                         "AutoModel": "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel"})
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(copy, dtype=torch.float32, device=CPU)
+    message = str(e.value)
+    assert "JinaBertForMaskedLM" in message and "never runs remote code" in message
+    assert "NewModel -> GteModel" in message and "NomicBertModel -> NomicBertModel" in message
+
+
+def test_an_auto_map_for_the_tokenizer_alone_does_not_count_as_remote_code(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["some/repo--tokenization.Tok", None]}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert load_model(copy, dtype=torch.float32, device=CPU).encoder.__class__.__name__ == "BertModel"
+
+
 def test_unsupported_pooling_is_named(copy):
     cfg = json.loads((copy / "1_Pooling" / "config.json").read_text())
     cfg.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)

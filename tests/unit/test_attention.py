@@ -11,6 +11,7 @@ import torch
 from embedserve.kernels import attention
 from embedserve.kernels.attention import (
     BACKENDS,
+    backend_problems,
     AttentionShape,
     VarlenCaps,
     choose_backend,
@@ -36,9 +37,10 @@ HALF_BACKENDS = [
 ]
 
 
-def reference(q, k, v, lengths, causal, window=None, k_lengths=None, scale=None):
+def reference(q, k, v, lengths, causal, window=None, k_lengths=None, scale=None, bias_by_distance=None):
     """Each sequence alone, in fp32, with an explicit mask: the plainest possible definition.
-    With ``k_lengths``, sequence i's queries are the last ``lengths[i]`` of its ``k_lengths[i]`` positions."""
+    With ``k_lengths``, sequence i's queries are the last ``lengths[i]`` of its ``k_lengths[i]`` positions.
+    ``bias_by_distance(key minus query [n, nk]) -> [H, n, nk]``: an additive score bias."""
     outs, start, k_start = [], 0, 0
     rep = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -54,6 +56,8 @@ def reference(q, k, v, lengths, causal, window=None, k_lengths=None, scale=None)
             keep &= k_pos <= q_pos
         if window is not None:  # transformers' sliding_window: distance < window
             keep &= (q_pos - k_pos).abs() < window
+        if bias_by_distance is not None:
+            scores = scores + bias_by_distance(k_pos - q_pos)
         scores = scores.masked_fill(~keep, float("-inf"))
         outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
         start += n
@@ -101,6 +105,33 @@ def test_sliding_window_matches_reference(backend, causal, window):
     q, k, v = (torch.randn(T, h, 16, device=DEVICE) for h in (6, 2, 2))
     out = varlen_attention(q, k, v, prepare(backend, cu(lengths), max(lengths), causal=causal, window=window))
     assert_close(out, reference(q, k, v, lengths, causal, window), torch.float32)
+
+
+@pytest.mark.parametrize("backend", usable_backends(DEVICE, torch.float32, replace(ANY_SHAPE, relative_bias=True)))
+@pytest.mark.parametrize("lengths", LENGTH_SETS.values(), ids=LENGTH_SETS.keys())
+@pytest.mark.parametrize("window", [None, 4])
+def test_relative_position_bias_matches_reference(backend, lengths, window):
+    """MPNet's additive bias by distance (key minus query), on every backend that can take it, alone and with
+    a window; padded bucket slots and other sequences stay masked."""
+    torch.manual_seed(4)
+    T, H, M = sum(lengths), 4, max(lengths)
+    q, k, v = (torch.randn(T, H, 16, device=DEVICE) for _ in range(3))
+    per_distance = torch.randn(H, 2 * M - 1, device=DEVICE) * 3  # column d + M - 1 for distance d
+    batch = prepare(backend, cu(lengths), M, window=window, rel_bias=per_distance)
+    out = varlen_attention(q, k, v, batch)
+    want = reference(q, k, v, lengths, False, window, bias_by_distance=lambda d: per_distance.cpu()[:, d + M - 1])
+    assert_close(out, want, torch.float32)
+    if M > 1:  # the bias took effect (a single token attends to itself whatever its bias)
+        unbiased = varlen_attention(q, k, v, prepare(backend, cu(lengths), M, window=window))
+        assert (out - unbiased).abs().max() > 1e-2
+
+
+def test_flash_backends_refuse_a_relative_bias_and_say_why():
+    problems = backend_problems("cuda", torch.bfloat16, replace(ANY_SHAPE, relative_bias=True),
+                                caps=VarlenCaps(True, True, True, True, True), flash_attn=None)
+    for name in ("torch_varlen", "flash_attn"):
+        assert "relative position buckets" in problems[name]
+    assert problems["sdpa_bucketed"] is None
 
 
 CHUNK_Q = [5, 64, 1, 100, 7]  # queries

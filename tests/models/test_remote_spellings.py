@@ -165,10 +165,10 @@ def _scale_rope_base(path) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("kind", ["mpnet", "nomicbert", "gte"])
+@pytest.mark.parametrize("kind", ["mpnet", "nomicbert", "gte", "modernbert"])
 def test_one_wrong_detail_per_family_fails_the_parity_check(tmp_path, kind, monkeypatch):
     """The parity threshold is tight enough to see a detail computed wrong: MPNet's buckets with a shorter
-    maximum distance, NomicBERT's and GTE's RoPE with twice the base."""
+    maximum distance, NomicBERT's and GTE's RoPE with twice the base, ModernBERT's local window twice as wide."""
     from embedserve.models import mpnet
 
     model = build_tiny_encoder(tmp_path, kind, seed=6)
@@ -178,6 +178,10 @@ def test_one_wrong_detail_per_family_fails_the_parity_check(tmp_path, kind, monk
     if kind == "mpnet":
         right = mpnet.relative_buckets
         monkeypatch.setattr(mpnet, "relative_buckets", lambda rel: right(rel, max_distance=64))
+    elif kind == "modernbert":
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg["local_attention"] *= 2
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
     else:
         _scale_rope_base(tmp_path)
     assert F.cosine_similarity(embed_with(tmp_path, texts), ref).min() < cos_min("float32")

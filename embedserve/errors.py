@@ -55,6 +55,16 @@ class InputTooLarge(InvalidRequest):
         )
 
 
+class WrongModelKind(InvalidRequest):
+    """A route the served model's kind cannot answer: embeddings from a reranker, rerank from an embedder."""
+
+    def __init__(self, route: str, kind: str, wanted: str) -> None:
+        names = {"embedding": "an embedding model", "rerank": "a reranker (cross-encoder)",
+                 "classify": "a sequence classifier"}
+        super().__init__(f"{route} needs {names[wanted]}, and the served model is {names[kind]} (kind {kind!r})",
+                         code="wrong_model_kind")
+
+
 class Unauthorized(EmbedServeError):
     status = 401
     type = "authentication_error"

@@ -70,25 +70,84 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     error: ErrorDetail
 
 
+class RerankRequest(msgspec.Struct, kw_only=True):
+    """Cohere's and Jina's rerank body (``documents``), or TEI's (``texts``); the body tells which."""
+
+    query: Any = None
+    model: str | None = None
+    # Cohere / Jina
+    documents: Any = None
+    top_n: int | None = None
+    return_documents: bool = False
+    max_tokens_per_doc: int | None = None
+    # TEI
+    texts: Any = None
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool | None = None
+
+
+class RerankDocument(msgspec.Struct, kw_only=True):
+    text: str
+
+
+class RerankResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(msgspec.Struct, kw_only=True):
+    total_tokens: int
+    prompt_tokens: int
+
+
+class BilledUnits(msgspec.Struct, kw_only=True):
+    search_units: int
+
+
+class RerankMeta(msgspec.Struct, kw_only=True):
+    billed_units: BilledUnits
+
+
+class RerankResponse(msgspec.Struct, kw_only=True):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
+    meta: RerankMeta
+
+
+class TeiRank(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    score: float
+    text: str | None = None
+
+
 request_decoder = msgspec.json.Decoder(EmbeddingRequest)
+rerank_decoder = msgspec.json.Decoder(RerankRequest)
 encoder = msgspec.json.Encoder()
 
 _MISSING = re.compile(r"missing required field `(\w+)`")
 _AT = re.compile(r"at `\$\.(\w+)")
 
 
-def decode_request(body: bytes) -> EmbeddingRequest:
-    """Parse and type-check a request body; every failure is a 400 naming the offending field."""
+def _decode(decoder: msgspec.json.Decoder, body: bytes, needs: str):
     if not body.strip():
-        raise InvalidRequest("The request body is empty; send a JSON object with `input` and `model`.")
+        raise InvalidRequest(f"The request body is empty; send a JSON object with {needs}.")
     try:
-        req = request_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as e:
         text = str(e)
         m = _MISSING.search(text) or _AT.search(text)
         raise InvalidRequest(f"Invalid request: {text}", param=m.group(1) if m else None) from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+
+
+def decode_request(body: bytes) -> EmbeddingRequest:
+    """Parse and type-check a request body; every failure is a 400 naming the offending field."""
+    req = _decode(request_decoder, body, "`input` and `model`")
     if req.encoding_format is not None and req.encoding_format not in ENCODING_FORMATS:
         raise InvalidRequest(
             f"encoding_format must be one of {', '.join(ENCODING_FORMATS)}, got {req.encoding_format!r}",
@@ -137,3 +196,35 @@ def parse_input(value: Any, *, max_items: int) -> list[str] | list[list[int]]:
         "input must be a string, an array of strings, an array of token ids or an array of token-id arrays",
         param="input",
     )
+
+
+def decode_rerank(body: bytes, *, max_items: int) -> tuple[RerankRequest, str, list[str]]:
+    """A rerank body -> (request, ``"tei"`` or ``"cohere"``, the document texts). Documents are strings or
+    ``{"text": ...}`` objects (Cohere, Jina); TEI sends ``texts``."""
+    req = _decode(rerank_decoder, body, "`query` and `documents`")
+    if not isinstance(req.query, str):
+        raise InvalidRequest("query must be a string", param="query")
+    tei = req.texts is not None
+    if tei and req.documents is not None:
+        raise InvalidRequest("send either documents (Cohere / Jina) or texts (TEI), not both", param="documents")
+    field = "texts" if tei else "documents"
+    docs = req.texts if tei else req.documents
+    if not isinstance(docs, list) or not docs:
+        raise InvalidRequest(f"{field} must be a non-empty array", param=field)
+    if len(docs) > max_items:
+        raise InvalidRequest(f"{field} has {len(docs)} items; this server accepts at most {max_items} per request",
+                             param=field)
+    texts = []
+    for i, d in enumerate(docs):
+        if isinstance(d, dict) and not tei and isinstance(d.get("text"), str):
+            d = d["text"]
+        if not isinstance(d, str):
+            raise InvalidRequest(f"{field}[{i}] must be a string{'' if tei else ' or an object with a text string'}",
+                                 param=field)
+        texts.append(d)
+    if req.top_n is not None and req.top_n < 1:
+        raise InvalidRequest(f"top_n must be a positive integer, got {req.top_n}", param="top_n")
+    if req.max_tokens_per_doc is not None and req.max_tokens_per_doc < 1:
+        raise InvalidRequest(f"max_tokens_per_doc must be a positive integer, got {req.max_tokens_per_doc}",
+                             param="max_tokens_per_doc")
+    return req, "tei" if tei else "cohere", texts

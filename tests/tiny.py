@@ -272,3 +272,76 @@ def long_text(tokens: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
     return " ".join(rng.choice(words) for _ in range(tokens))
+
+
+CROSS_ENCODERS = ("bert", "xlm-roberta", "modernbert")
+
+
+def build_tiny_cross_encoder(directory: Path, kind: str, *, num_labels: int = 1, seed: int = 0, **config):
+    """A random ``*ForSequenceClassification`` saved as sentence-transformers saves a CrossEncoder (modules.json,
+    sentence_bert_config.json, config_sentence_transformers.json with its activation), with MiniLM's tokenizer.
+
+    BERT keeps the tokenizer's token type ids for pairs (as ms-marco-MiniLM does); the XLM-R and ModernBERT
+    folders declare no token types (as bge-reranker and gte-reranker-modernbert do). ModernBERT pools the mean
+    unless ``classifier_pooling`` says otherwise. Returns the ``CrossEncoder`` loaded from the folder (fp32).
+    """
+    import transformers
+    from sentence_transformers import CrossEncoder
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=30522, hidden_size=36, num_hidden_layers=2, num_attention_heads=6, intermediate_size=50,
+                  num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "bert":
+        model = transformers.BertForSequenceClassification(
+            transformers.BertConfig(**common, max_position_embeddings=512, **config))
+    elif kind == "xlm-roberta":
+        model = transformers.XLMRobertaForSequenceClassification(transformers.XLMRobertaConfig(
+            **common, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, **config))
+    elif kind == "modernbert":
+        model = transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(
+            vocab_size=30522, hidden_size=48, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+            local_attention=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+            cls_token_id=101, sep_token_id=102, num_labels=num_labels,
+            **{"classifier_pooling": "mean", **config}))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)  # norms at identity and zero biases would hide their loading
+            elif "token_type" in name and kind == "bert":
+                p.mul_(5)  # a pair's types must visibly matter
+            elif any(n in name for n in ("query.weight", "key.weight")):
+                p.mul_(16)  # peaky attention: the first token's state picks up particular tokens of the pair
+            elif any(n in name for n in ("value.weight", "attention.output.dense.weight", "Wqkv.weight")):
+                p.mul_(4)  # and what it picks up outweighs its own embedding
+    model.eval()
+    _spread_logits(model, kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_DIR / name, directory / name)
+    if kind != "bert":
+        cfg = json.loads((directory / "tokenizer_config.json").read_text())
+        cfg["model_input_names"] = ["input_ids", "attention_mask"]
+        (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    CrossEncoder(str(directory), device="cpu").save_pretrained(str(directory))
+    return CrossEncoder(str(directory), device="cpu")
+
+
+def _spread_logits(model, kind: str) -> None:
+    """Rescale the last linear layer so that the model's logits over sample pairs are centred with a spread of
+    about 2: random weights otherwise give near-identical scores, and a ranking test would test nothing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(MINILM_DIR))
+    docs = mixed_texts(16, seed=99)
+    batch = tok(["a query about search"] * len(docs), docs, padding=True, truncation=True, return_tensors="pt")
+    if kind != "bert":
+        batch.pop("token_type_ids")
+    last = model.classifier.out_proj if kind == "xlm-roberta" else model.classifier
+    with torch.no_grad():
+        logits = model(**batch).logits
+        last.weight.mul_(2.0 / logits.std(0).clamp_min(1e-6).unsqueeze(1))
+        logits = model(**batch).logits
+        last.bias.sub_(logits.mean(0))

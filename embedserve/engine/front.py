@@ -47,6 +47,7 @@ from embedserve.errors import (
     InputTooLarge,
     InvalidRequest,
     ShuttingDown,
+    WrongModelKind,
 )
 from embedserve.kernels.attention import select_backend
 from embedserve.kernels.linear import select_linear_backend
@@ -102,6 +103,7 @@ class _Pending:
     tokenize_s: float
     queued_at: float
     started_at: float | None = None
+    type_starts: list[int] | None = None  # pairs: where each input's second text starts
 
 
 class StepObserver:
@@ -187,6 +189,9 @@ class Engine:
         self.max_length = self.tokenizer.max_length
         # Ids must fit the embedding table, not only the tokenizer: on CUDA an id past the table is a
         # device-side assert that takes the whole process down.
+        # Cross-encoders whose tokenizer marks a pair's second text (BERT's token type 1) get the types packed.
+        types = getattr(self.model.encoder, "token_type_embeddings", None)
+        self._token_types = self.model.head is not None and types is not None and types.weight.shape[0] > 1
         rows = self.model.encoder.embedding_rows
         self.id_limit = min(self.tokenizer.vocab_size, rows)
         self._text_ids_may_overflow = self.tokenizer.vocab_size > rows
@@ -255,20 +260,30 @@ class Engine:
                  self.model.encoder.describe())
         src = self.source
         log.info(
-            "loaded %s in %.1fs: %s on %s, dtype %s, attention %s, linear %s, pool+encode %s, pooling %s%s%s, "
+            "loaded %s in %.1fs: %s (%s) on %s, dtype %s, attention %s, linear %s, pool+encode %s, %s, "
             "dimensions %d, max input %d tokens, max batch %d tokens / %d inputs, %d step(s) in flight",
             f"{src.repo_id} (revision {src.revision or 'main'}, commit {src.commit})" if src.repo_id
             else self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
-            self.device, str(self.dtype).removeprefix("torch."), self.attention_backend, self.linear_backend,
-            self.pool_backend, self.model.spec.pooling,
-            f" + {len(self.model.dense)} dense" if len(self.model.dense) else "",
-            " + normalize" if self.model.spec.normalize else "", self.model.dimensions, self.max_length,
+            self.model.kind, self.device, str(self.dtype).removeprefix("torch."), self.attention_backend,
+            self.linear_backend, self.pool_backend, self._head_words(), self.model.dimensions, self.max_length,
             self.max_batch_tokens, sc.max_batch_requests, self._depth,
         )
+
+    def _head_words(self) -> str:
+        m = self.model
+        if m.classifier is not None:
+            return (f"{type(m.head).__name__} -> {m.classifier.num_labels} label(s), {m.classifier.activation}"
+                    f"{', token types' if self._token_types else ''}")
+        return (f"pooling {m.spec.pooling}{f' + {len(m.dense)} dense' if len(m.dense) else ''}"
+                f"{' + normalize' if m.spec.normalize else ''}")
 
     @property
     def dimensions(self) -> int:
         return self.model.dimensions
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
 
     def queue_stats(self) -> tuple[int, int, int, int]:
         """(waiting inputs, waiting tokens, running inputs, inputs dropped by cancellation so far)."""
@@ -349,6 +364,8 @@ class Engine:
     # -- the async front ------------------------------------------------------------------------------
     async def embed(self, inputs: Sequence[str | Sequence[int]], options: EmbedOptions = EmbedOptions()) -> EmbedResult:
         """Embed a request's inputs (texts, or token ids in the model's vocabulary)."""
+        if self.kind != "embedding":
+            raise WrongModelKind("embeddings", self.kind, "embedding")
         if not inputs:
             raise InvalidRequest("input must not be empty", param="input")
         dims = options.dimensions or self.dimensions
@@ -362,13 +379,52 @@ class Engine:
         truncate = self.config.truncate if options.truncate is None else options.truncate
 
         prompt = self._prompt(options.prompt_name)
+        return await self._submit(self._prepare, (inputs, truncate, prompt), dims, normalize, options.base64)
+
+    async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
+                    max_doc_tokens: int | None = None, route: str = "rerank") -> EmbedResult:
+        """Score (query, document) pairs with a cross-encoder or classifier (single texts: None as the second
+        element). ``vectors`` holds the raw logits ``[n, labels]``; :func:`apply_activation` gives the scores.
+        ``max_doc_tokens``: each document cut to that many tokens first."""
+        if self.model.head is None:
+            raise WrongModelKind(route, self.kind, "rerank")
+        if not pairs:
+            raise InvalidRequest("there is nothing to score", param="documents")
+        truncate = self.config.truncate if truncate is None else truncate
+        return await self._submit(self._prepare_pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False,
+                                  False)
+
+    def _prepare_pairs(self, pairs: Sequence[tuple[str, str | None]], truncate: bool, max_doc_tokens: int | None
+                       ) -> tuple[list[list[int]], list[int]]:
+        if max_doc_tokens is not None and all(d is not None for _, d in pairs):
+            docs = self.tokenizer.cut([d for _, d in pairs], max_doc_tokens)
+            pairs = [(q, d) for (q, _), d in zip(pairs, docs)]
+        singles = [i for i, (_, d) in enumerate(pairs) if d is None]
+        if singles and len(singles) != len(pairs):
+            raise InvalidRequest("inputs must be all single texts or all pairs, not a mix", param="inputs")
+        if singles:
+            ids = self.tokenizer.encode([q for q, _ in pairs], truncate=truncate)
+            starts = [len(x) for x in ids]
+        else:
+            ids, starts = self.tokenizer.encode_pairs(pairs, truncate=truncate)
+        if self._text_ids_may_overflow:
+            for i, x in enumerate(ids):
+                if any(t >= self.id_limit for t in x):
+                    raise InvalidRequest(f"input {i} tokenizes to an id past the served model's embedding table",
+                                         param="documents")
+        return ids, starts
+
+    async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, base64: bool) -> EmbedResult:
+        """Tokenize on the pool (``prepare(*args)`` -> ids, or (ids, type starts)), queue every input, and
+        wait for the engine thread to finish them all."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            ids = await loop.run_in_executor(self._tok_pool, self._prepare, inputs, truncate, prompt)
+            prepared = await loop.run_in_executor(self._tok_pool, prepare, *args)
         except asyncio.CancelledError:
-            log.info("request cancelled while tokenizing %d inputs: nothing was queued", len(inputs))
+            log.info("request cancelled while tokenizing %d inputs: nothing was queued", len(args[0]))
             raise
+        ids, type_starts = prepared if isinstance(prepared, tuple) else (prepared, None)
         tokenized = time.perf_counter()
         counts = [len(x) for x in ids]
         limit = self.config.max_tokens_per_request
@@ -389,7 +445,8 @@ class Engine:
             self.scheduler.add(rid, entries)  # may raise Overloaded
             self._pending[rid] = _Pending(
                 loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, counts,
-                [b""] * len(ids) if options.base64 else None, tokenized - started, tokenized,
+                [b""] * len(ids) if base64 else None, tokenized - started, tokenized,
+                type_starts=type_starts if self._token_types else None,
             )
             self._cond.notify()
         try:
@@ -491,25 +548,29 @@ class Engine:
             log.exception("engine thread died")
             self._die(exc, [])
 
-    @staticmethod
-    def _step_args(items: Sequence[Work], plan: Sequence[_Pending | None], dims: int):
+    def _step_args(self, items: Sequence[Work], plan: Sequence[_Pending | None], dims: int):
         inputs = [w.entry.payload[w.start : w.start + w.length] if w.chunked else w.entry.payload for w in items]
         chunks = [
             Chunk((w.entry.request_id, w.entry.index), w.start, w.entry.num_tokens, w.final) if w.chunked else None
             for w in items
         ]
+        type_starts = None
+        if self._token_types:
+            type_starts = [p.type_starts[w.entry.index] if p and p.type_starts else len(x)
+                           for w, p, x in zip(items, plan, inputs)]
         return (
             inputs,
             [p.dims if p else dims for p in plan],
             [p.normalize if p else False for p in plan],
             [bool(p and p.base64 is not None) for p in plan],
             chunks if any(chunks) else None,
+            type_starts,
         )
 
-    def _forward(self, inputs, dims, normalize, want_b64, chunks) -> StepHandle:
+    def _forward(self, inputs, dims, normalize, want_b64, chunks, type_starts=None) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self.config.fault_kind)
-        return self.runner.launch(inputs, dims, normalize, want_b64, chunks)
+        return self.runner.launch(inputs, dims, normalize, want_b64, chunks, type_starts)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
         """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""

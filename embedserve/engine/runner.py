@@ -87,6 +87,7 @@ class _Staged:
     lengths: list[int]
     offsets: list[int]  # base64 offsets, host
     max_seqlen: int
+    token_types: torch.Tensor | None = None  # [T] int32: 1 from each pair's second text on
 
 
 class Runner:
@@ -110,7 +111,7 @@ class Runner:
     # -- staging ------------------------------------------------------------------------------------------------
     def _stage(
         self, inputs: Sequence[Sequence[int]], dims: Sequence[int], normalize: Sequence[bool],
-        want: Sequence[bool], starts: list[int] | None,
+        want: Sequence[bool], starts: list[int] | None, type_starts: Sequence[int] | None = None,
     ) -> _Staged:
         """Everything the device needs for a step, in one int32 buffer and one copy."""
         B = len(inputs)
@@ -118,7 +119,8 @@ class Runner:
         T = sum(lengths)
         offsets = [0, *itertools.accumulate(b64_lengths_host(dims, want))]
         nk = B + 1 if starts is not None else 0
-        size = 2 * T + 2 * (B + 1) + nk + 2 * B
+        nt = T if type_starts is not None else 0
+        size = 2 * T + 2 * (B + 1) + nk + 2 * B + nt
         host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
         a = host.numpy()
         ids, pos, rest = a[:T], a[T : 2 * T], a[2 * T :]
@@ -138,6 +140,10 @@ class Runner:
         rest[at : at + B] = dims
         rest[at + B : at + 2 * B] = normalize
         rest[at + 2 * B : at + 3 * B + 1] = offsets
+        types_at = at + 3 * B + 1
+        if type_starts is not None:
+            # Token type 1 from the second text of a pair on; a single text's start is its length.
+            rest[types_at : types_at + T] = pos >= np.repeat(np.asarray(type_starts, dtype=np.int32), lengths)
         dev = host.to(self.device, non_blocking=True) if self._cuda else host
         d_rest = dev[2 * T :]
         return _Staged(
@@ -146,6 +152,7 @@ class Runner:
             dims=d_rest[at : at + B], normalize=d_rest[at + B : at + 2 * B],
             b64_offsets=d_rest[at + 2 * B : at + 3 * B + 1], lengths=lengths, offsets=offsets,
             max_seqlen=max(lengths),
+            token_types=d_rest[types_at : types_at + T] if type_starts is not None else None,
         )
 
     # -- long inputs' state ---------------------------------------------------------------------------------------
@@ -201,9 +208,11 @@ class Runner:
         normalize: Sequence[bool],
         want_base64: Sequence[bool] | None = None,
         chunks: Sequence[Chunk | None] | None = None,
+        type_starts: Sequence[int] | None = None,
     ) -> StepHandle:
         """Stage one packed step and queue its work on the device. With ``chunks``, some inputs are chunks of
-        long ones; their rows are meaningful only on their final chunk."""
+        long ones; their rows are meaningful only on their final chunk. ``type_starts``: for (query, document)
+        pairs, where each input's second text begins (token type 1 from there)."""
         m = self.model
         dev = self.device
         B = len(inputs)
@@ -212,7 +221,8 @@ class Runner:
             chunks = None
         snapshot = self._snapshot(chunks) if chunks is not None else []
         try:
-            st = self._stage(inputs, dims, normalize, want, [c.start if c else 0 for c in chunks] if chunks else None)
+            st = self._stage(inputs, dims, normalize, want, [c.start if c else 0 for c in chunks] if chunks else None,
+                             type_starts)
             if chunks is not None:
                 caches = []
                 for c in chunks:
@@ -225,9 +235,13 @@ class Runner:
                 hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, caches, lengths=st.lengths,
                                    cu_seqlens_k=st.cu_k)  # [T, H]
             else:
-                hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths)  # [T, H]
+                extra = {} if st.token_types is None else {"token_types": st.token_types}
+                hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths, **extra)  # [T, H]
             total = st.offsets[-1]
-            if chunks is None and not len(m.dense):
+            if m.head is not None:
+                # A cross-encoder or classifier: [B, labels] float32 logits, no base64.
+                vectors, b64 = m.head(hidden, st.cu), torch.empty(0, dtype=torch.uint8, device=dev)
+            elif chunks is None and not len(m.dense):
                 # The common case: one launch pools, cuts, normalises and encodes.
                 vectors, b64, _ = self._pool_encode(
                     hidden, st.cu, m.spec.pooling, st.dims, st.normalize, None, offsets=st.b64_offsets, total=total

@@ -52,6 +52,30 @@ class Tokenizer:
         self._cut.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
         self.num_special = len(self._full.encode("", add_special_tokens=True).ids)
 
+    def cut(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first ``max_tokens`` tokens (special tokens not counted), at the character
+        where that token ends: Cohere's ``max_tokens_per_doc``."""
+        out = []
+        for text, e in zip(texts, self._full.encode_batch(list(texts), add_special_tokens=False)):
+            out.append(text[: e.offsets[max_tokens - 1][1]] if len(e.ids) > max_tokens else text)
+        return out
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], *, truncate: bool) -> tuple[list[list[int]], list[int]]:
+        """A cross-encoder's (query, document) pairs as one sequence each, with special tokens, cut as
+        transformers' ``truncation=True`` cuts a pair (longest first: the longer text loses tokens until both
+        fit, so a short query is kept whole). Also returns where each pair's second text starts (its token
+        type 1), from the tokenizer's own type ids."""
+        if self.do_lower_case:
+            pairs = [(q.lower(), d.lower()) for q, d in pairs]
+        encodings = (self._cut if truncate else self._full).encode_batch(list(pairs), add_special_tokens=True)
+        ids, starts = [], []
+        for i, e in enumerate(encodings):
+            if not truncate and len(e.ids) > self.max_length:
+                raise ContextLengthExceeded(self.max_length, len(e.ids), index=i)
+            ids.append(e.ids)
+            starts.append(next((j for j, t in enumerate(e.type_ids) if t), len(e.ids)))
+        return ids, starts
+
     def encode(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
         """Token ids with special tokens for each text; over-long ones truncated or refused."""
         if self.do_lower_case:

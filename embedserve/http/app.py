@@ -84,6 +84,9 @@ def create_app(
         routes=[
             Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
             Route("/embeddings", routes.embeddings, methods=["POST"]),
+            Route("/v1/rerank", routes.rerank, methods=["POST"]),
+            Route("/v2/rerank", routes.rerank, methods=["POST"]),
+            Route("/rerank", routes.rerank, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/models", routes.models, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),

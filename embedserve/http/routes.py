@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import uuid
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -13,15 +14,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedserve.engine.front import EmbedOptions
-from embedserve.errors import NotFound, PayloadTooLarge, Unauthorized
+from embedserve.errors import NotFound, PayloadTooLarge, Unauthorized, WrongModelKind
+from embedserve.models.classifier import apply_activation
 from embedserve.http.state import Service
 from embedserve.protocol import (
     EmbeddingItem,
     EmbeddingResponse,
     ModelCard,
+    BilledUnits,
     ModelList,
+    RerankDocument,
+    RerankMeta,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+    TeiRank,
     Usage,
     decode_request,
+    decode_rerank,
     encoder,
     parse_input,
 )
@@ -118,43 +128,85 @@ async def embeddings(request: Request) -> Response:
     check_auth(request, svc)
     engine = svc.require_ready()
     req = decode_request(await read_body(request, svc.config.max_body_bytes))
-    if svc.config.reject_unknown_model and req.model != svc.served_name:
-        raise NotFound(
-            f"The model '{req.model}' does not exist; this server serves '{svc.served_name}'.",
-            param="model", code="model_not_found",
-        )
+    _check_model_name(svc, req.model)
     inputs = parse_input(req.input, max_items=svc.config.max_inputs_per_request)
     fmt = req.encoding_format or "float"
     options = EmbedOptions(
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
         base64=fmt == "base64",
     )
-    access = request.scope["state"]["access"]
-    access["inputs"] = len(inputs)
+    request.scope["state"]["access"]["inputs"] = len(inputs)
     try:
         result = await _until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; uvicorn discards it
-    t = result.timings
-    access.update(tokens=result.total_tokens, queue_s=t.queue_s)
-    m = svc.metrics
-    m.tokens.inc(result.total_tokens)
-    m.inputs.inc(len(inputs))
-    m.queue_seconds.observe(t.queue_s)
-    m.tokenize_seconds.observe(t.tokenize_s)
-    m.inference_seconds.observe(t.inference_s)
+    headers = _record(svc, request, len(inputs), result)
     args = (result.vectors, result.token_counts, fmt, svc.served_name, result.base64)
     if result.vectors.numel() > _ENCODE_INLINE_FLOATS:
         body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
     else:
         body = encode_embeddings(*args)
-    headers = {
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _check_model_name(svc: Service, name: str | None) -> None:
+    if svc.config.reject_unknown_model and name is not None and name != svc.served_name:
+        raise NotFound(
+            f"The model '{name}' does not exist; this server serves '{svc.served_name}'.",
+            param="model", code="model_not_found",
+        )
+
+
+def _record(svc: Service, request: Request, inputs: int, result) -> dict[str, str]:
+    """Metrics and the access log for a finished request; the timing headers it answers with."""
+    t = result.timings
+    request.scope["state"]["access"].update(inputs=inputs, tokens=result.total_tokens, queue_s=t.queue_s)
+    m = svc.metrics
+    m.tokens.inc(result.total_tokens)
+    m.inputs.inc(inputs)
+    m.queue_seconds.observe(t.queue_s)
+    m.tokenize_seconds.observe(t.tokenize_s)
+    m.inference_seconds.observe(t.inference_s)
+    return {
         "x-queue-time": f"{1000 * t.queue_s:.2f}",
         "x-tokenization-time": f"{1000 * t.tokenize_s:.2f}",
         "x-inference-time": f"{1000 * t.inference_s:.2f}",
         "x-total-tokens": str(result.total_tokens),
     }
-    return Response(body, media_type="application/json", headers=headers)
+
+
+async def rerank(request: Request) -> Response:
+    """Cohere / Jina rerank (``documents``) or TEI's (``texts``): every (query, document) pair scored by the
+    cross-encoder in the shared packed engine, answered sorted by score."""
+    svc = _service(request)
+    check_auth(request, svc)
+    engine = svc.require_ready()
+    req, shape, docs = decode_rerank(await read_body(request, svc.config.max_body_bytes),
+                                     max_items=svc.config.max_inputs_per_request)
+    _check_model_name(svc, req.model)
+    if engine.kind != "rerank":
+        raise WrongModelKind("rerank", engine.kind, "rerank")
+    work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc)
+    try:
+        result = await _until_disconnect(request, asyncio.ensure_future(work))
+    except ClientGone:
+        return Response(status_code=499)
+    headers = _record(svc, request, len(docs), result)
+    logits = result.vectors[:, 0:1]
+    raw = shape == "tei" and req.raw_scores
+    values = (logits if raw else apply_activation(logits, engine.model.classifier.activation))[:, 0].tolist()
+    order = sorted(range(len(docs)), key=lambda i: -values[i])
+    if shape == "tei":
+        body = [TeiRank(index=i, score=values[i], text=docs[i] if req.return_text else None) for i in order]
+    else:
+        results = [RerankResult(index=i, relevance_score=values[i],
+                                document=RerankDocument(text=docs[i]) if req.return_documents else None)
+                   for i in order[: req.top_n]]
+        total = result.total_tokens
+        body = RerankResponse(id=str(uuid.uuid4()), model=svc.served_name, results=results,
+                              usage=RerankUsage(total_tokens=total, prompt_tokens=total),
+                              meta=RerankMeta(billed_units=BilledUnits(search_units=1)))
+    return Response(encoder.encode(body), media_type="application/json", headers=headers)
 
 
 async def models(request: Request) -> Response:

@@ -135,12 +135,11 @@ class BertModel(nn.Module):
         return (f"{type(self).__name__}: {a.num_layers} layers, global bidirectional attention, {a.num_heads} heads; "
                 f"absolute positions (offset {a.position_offset}), no RoPE")
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(positions + self.args.position_offset)
-            + self.token_type_embeddings.weight[0]  # single-segment inputs: token type 0 everywhere
-        )
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor, token_types: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        # Single texts: token type 0 everywhere; (query, document) pairs: 1 from the document on.
+        types = self.token_type_embeddings.weight[0] if token_types is None else self.token_type_embeddings(token_types)
+        return self.word_embeddings(input_ids) + self.position_embeddings(positions + self.args.position_offset) + types
 
     def attention_batch(self, cu_seqlens: torch.Tensor, max_seqlen: int, lengths: list[int] | None):
         return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths)
@@ -171,13 +170,16 @@ class BertModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
-        lengths: list[int] | None = None,
+        lengths: list[int] | None = None, token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``.
         ``lengths``: the sequences' lengths on the host (what ``cu_seqlens`` encodes), so that nothing waits on
-        the device."""
+        the device. ``token_types [T]``: for pairs (a cross-encoder's query and document)."""
         attn = self.attention_batch(cu_seqlens, max_seqlen, lengths)
-        h = self.embed_norm(self.embed(input_ids, positions))  # [T, H]
+        if token_types is None:
+            h = self.embed_norm(self.embed(input_ids, positions))  # [T, H]
+        else:
+            h = self.embed_norm(self.embed(input_ids, positions, token_types.long()))
         for layer in self.layers:
             h = layer(h, attn, self.linear_backend)
         return h

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from embedserve.errors import ModelLoadError
-from embedserve.models import bert, distilbert, gemma3, gte, llama, modernbert, mpnet, nomicbert
+from embedserve.models import bert, classifier, distilbert, gemma3, gte, llama, modernbert, mpnet, nomicbert
 
 # name -> (args builder, model class)
 _BERT = (bert.BertArgs.from_hf_config, bert.BertModel)
@@ -69,6 +69,27 @@ MODEL_TYPES: dict[str, tuple[Callable[[dict], Any], type]] = {
     "qwen3": _LLAMA,
     "gemma3_text": _GEMMA3,
 }
+
+
+# Sequence-classification checkpoints (cross-encoders, classifiers): the encoder, and the head on top of it.
+CLASSIFIERS: dict[str, tuple[Callable[[dict], Any], type, type]] = {
+    "BertForSequenceClassification": (*_BERT, classifier.BertHead),
+    "RobertaForSequenceClassification": (*_BERT, classifier.RobertaHead),
+    "XLMRobertaForSequenceClassification": (*_BERT, classifier.RobertaHead),
+    "ModernBertForSequenceClassification": (*_MODERNBERT, classifier.ModernBertHead),
+}
+
+
+def classifier_for(cfg: dict) -> tuple[Callable[[dict], Any], type, type] | None:
+    """The (args builder, encoder class, head class) of a sequence-classification checkpoint; None for an
+    embedder. A ``*ForSequenceClassification`` this package has no head for is refused by name."""
+    for arch in cfg.get("architectures") or ():
+        if arch in CLASSIFIERS:
+            return CLASSIFIERS[arch]
+        if arch.endswith("ForSequenceClassification"):
+            raise ModelLoadError(f"sequence classification with {arch} is not supported; supported: "
+                                 f"{', '.join(sorted(CLASSIFIERS))}")
+    return None
 
 
 # Remote-code architecture -> what serves it (nomic-ai/nomic-bert-2048's NomicBertModel and

@@ -21,6 +21,7 @@ from embedserve.kernels.pooling import POOLING_MODES
 from embedserve.models import registry
 from embedserve.kernels.linear import linear
 from embedserve.models.layers import activation
+from embedserve.models.classifier import ClassifierSpec, head_tensor_names, read_classifier_spec
 from embedserve.models.loader import SafetensorsCheckpoint, load_weights
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,14 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
     return SentenceSpec(pooling=pooling, normalize=normalize, dense=tuple(dense), **common)
 
 
+def _cross_encoder_spec(directory: Path) -> SentenceSpec:
+    """A CrossEncoder folder (or a plain transformers one): only the length limit and casing apply."""
+    path = directory / "sentence_bert_config.json"
+    cfg = _read_json(path) if path.is_file() else {}
+    return SentenceSpec(pooling="cls", max_seq_length=cfg.get("max_seq_length"),
+                        do_lower_case=bool(cfg.get("do_lower_case", False)))
+
+
 class Dense(nn.Module):
     """sentence-transformers ``Dense``: linear then activation."""
 
@@ -172,6 +181,15 @@ class LoadedModel:
     dimensions: int
     max_length: int  # the longest input embedded, in tokens, special tokens included
     hf_config: dict
+    head: nn.Module | None = None  # a sequence-classification head: the model scores instead of embedding
+    classifier: ClassifierSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        """``embedding``; ``rerank`` for a one-label cross-encoder; ``classify`` for a classifier of more labels."""
+        if self.classifier is None:
+            return "embedding"
+        return "rerank" if self.classifier.num_labels == 1 else "classify"
 
     @property
     def causal(self) -> bool:
@@ -183,17 +201,32 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
     if not directory.is_dir():
         raise ModelLoadError(f"model directory {directory} does not exist")
     hf_config = _read_json(directory / "config.json")
-    make_args, model_cls = registry.resolve(hf_config)
+    scoring = registry.classifier_for(hf_config)
+    if scoring is not None:
+        make_args, model_cls, head_cls = scoring
+        spec = _cross_encoder_spec(directory)
+        classifier = read_classifier_spec(directory, hf_config)
+    else:
+        make_args, model_cls = registry.resolve(hf_config)
+        spec, classifier = read_sentence_spec(directory), None
     args = make_args(hf_config)
-    spec = read_sentence_spec(directory)
 
+    checkpoint = SafetensorsCheckpoint(directory)
+    head = None
+    ignored = model_cls.ignored_weights
     with torch.device("meta"):
         encoder = model_cls(args)
+        if scoring is not None:
+            head = head_cls(encoder.hidden_size, classifier.num_labels, hf_config)
+    if head is not None:
+        load_weights(head, checkpoint, head.weight_maps(), ignored=(r".*",), dtype=dtype, device=device)
+        ignored = ignored + head_tensor_names(head, checkpoint.names())
+        head.eval()
     load_weights(
         encoder,
-        SafetensorsCheckpoint(directory),
+        checkpoint,
         encoder.weight_maps() if hasattr(encoder, "weight_maps") else encoder.weight_map(),
-        ignored=model_cls.ignored_weights,
+        ignored=ignored,
         prefixes=model_cls.weight_prefixes,
         dtype=dtype,
         device=device,
@@ -207,6 +240,8 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
             raise ModelLoadError(f"Dense layer expects {layer.linear.in_features} features but receives {dims}")
         dims = layer.linear.out_features
 
+    if classifier is not None:
+        dims = classifier.num_labels
     max_length = encoder.max_length
     if spec.max_seq_length:
         max_length = min(max_length, int(spec.max_seq_length))
@@ -222,4 +257,6 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
         dimensions=dims,
         max_length=max_length,
         hf_config=hf_config,
+        head=head,
+        classifier=classifier,
     )

@@ -68,9 +68,9 @@ def test_chunks_interleave_with_short_requests(folder):
     steps = []
     real = engine.runner.launch
 
-    def spy(inputs, dims, normalize, want=None, chunks=None):
+    def spy(inputs, dims, normalize, want=None, chunks=None, *rest):
         steps.append((len(inputs), sum(c is not None for c in chunks or [])))
-        return real(inputs, dims, normalize, want, chunks)
+        return real(inputs, dims, normalize, want, chunks, *rest)
 
     engine.runner.launch = spy
     results = run(engine, [[long_text(2000, seed=3)]] + [[t] for t in mixed_texts(30, seed=1)])

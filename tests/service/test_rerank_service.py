@@ -1,0 +1,108 @@
+"""The rerank routes against a real server process serving a tiny cross-encoder, with raw HTTP: Cohere / Jina's
+shape on /v1/rerank, /v2/rerank and /rerank, TEI's shape on /rerank, and each route's errors."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from serving import run_server
+from tiny import build_tiny_cross_encoder, long_text, mixed_texts
+
+QUERY = "what is a search query"
+DOCS = mixed_texts(12, seed=21) + [long_text(800, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reranker")
+    ce = build_tiny_cross_encoder(path, "bert", seed=8)
+    with run_server(path.parent, "--model", str(path), "--served-model-name", "tiny-reranker") as server:
+        yield server, ce
+
+
+def post(server, route: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(server.url + route, json=body, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("route", ["/v1/rerank", "/v2/rerank", "/rerank"])
+def test_cohere_and_jina_shape_sorted_by_score_with_top_n_and_documents(reranker, route):
+    server, ce = reranker
+    want = torch.tensor(ce.predict([(QUERY, d) for d in DOCS]))
+    docs = [d if i % 2 else {"text": d} for i, d in enumerate(DOCS)]  # Jina's and Cohere's object form too
+    r = post(server, route, {"model": "tiny-reranker", "query": QUERY, "documents": docs, "top_n": 5,
+                             "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    order = want.argsort(descending=True)[:5].tolist()
+    assert [x["index"] for x in body["results"]] == order
+    for x in body["results"]:
+        assert abs(x["relevance_score"] - want[x["index"]].item()) <= 1e-5
+        assert x["document"] == {"text": DOCS[x["index"]]}
+    assert body["model"] == "tiny-reranker" and body["usage"]["total_tokens"] > len(DOCS)
+    assert body["meta"]["billed_units"]["search_units"] == 1
+    plain = post(server, route, {"query": QUERY, "documents": DOCS}).json()
+    assert len(plain["results"]) == len(DOCS) and "document" not in plain["results"][0]
+
+
+def test_tei_shape_on_rerank_with_raw_scores_and_text(reranker):
+    server, ce = reranker
+    logits = torch.tensor(ce.predict([(QUERY, d) for d in DOCS], activation_fn=torch.nn.Identity()))
+    r = post(server, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True})
+    assert r.status_code == 200, r.text
+    ranks = r.json()
+    assert [x["index"] for x in ranks] == logits.argsort(descending=True).tolist()
+    for x in ranks:
+        # Raw logits (before the sigmoid, whose scores are held to 1e-5 above): fp32 rounding through the
+        # fixture's rescaled head reaches about 1e-5 of their size.
+        want = logits[x["index"]].item()
+        assert abs(x["score"] - want) <= 3e-5 * max(1.0, abs(want)) and x["text"] == DOCS[x["index"]]
+    scored = post(server, "/rerank", {"query": QUERY, "texts": DOCS}).json()
+    assert all(0 < x["score"] < 1 and "text" not in x for x in scored)  # sigmoid, as the folder declares
+
+
+def test_max_tokens_per_doc_cuts_each_document(reranker):
+    server, ce = reranker
+    cut = ce.tokenizer.decode(ce.tokenizer(DOCS[-1], add_special_tokens=False)["input_ids"][:10])
+    want = float(ce.predict([(QUERY, cut)])[0])
+    r = post(server, "/v1/rerank", {"query": QUERY, "documents": [DOCS[-1]], "max_tokens_per_doc": 10})
+    assert abs(r.json()["results"][0]["relevance_score"] - want) <= 1e-5
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"documents": ["a"]}, "query"),
+    ({"query": 3, "documents": ["a"]}, "query"),
+    ({"query": "q"}, "documents"),
+    ({"query": "q", "documents": []}, "documents"),
+    ({"query": "q", "documents": [{"title": "no text"}]}, "documents"),
+    ({"query": "q", "documents": ["a", 5]}, "documents"),
+    ({"query": "q", "texts": [{"text": "TEI takes strings only"}]}, "texts"),
+    ({"query": "q", "documents": ["a"], "texts": ["a"]}, "documents"),
+    ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
+    ({"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, "max_tokens_per_doc"),
+    ({"query": "q", "documents": ["a"], "top_n": "two"}, "top_n"),
+])
+def test_bad_rerank_requests_are_openai_shaped_400s_naming_the_field(reranker, body, param):
+    server, _ = reranker
+    r = post(server, "/v1/rerank", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+
+
+def test_too_long_without_truncation_and_embeddings_from_a_reranker_are_400s(reranker):
+    server, _ = reranker
+    r = post(server, "/rerank", {"query": QUERY, "texts": [DOCS[-1]], "truncate": False})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    r = post(server, "/v1/embeddings", {"model": "tiny-reranker", "input": "hello"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "wrong_model_kind"
+    assert "the served model is a reranker" in r.json()["error"]["message"]
+
+
+def test_rerank_on_an_embedding_model_is_a_400_saying_what_the_model_is(server):
+    r = post(server, "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "wrong_model_kind" and "the served model is an embedding model" in err["message"]

@@ -5,8 +5,8 @@
 
 Without ``--model`` it builds ms-marco-MiniLM-L6-v2's shape in a temporary folder: all-MiniLM-L6-v2's real
 encoder (6 layers, 384 wide, as the packaged model) under a randomly initialised one-label head; speed does not
-depend on the head's values. Prints pairs/s (median of the repeats) for each, the ratio, and the largest score
-difference between them.
+depend on the head's values. Prints pairs/s (median of the repeats) for sentence-transformers (fp32) and embedserve in
+fp32 and bf16, the ratios, and the largest score difference from sentence-transformers'.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import _WORDS  # noqa: E402
 
-from embedserve.config import EngineConfig, ModelConfig  # noqa: E402
+from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from embedserve.engine.front import Engine  # noqa: E402
 from embedserve.models.classifier import apply_activation  # noqa: E402
 
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--st-batch-size", type=int, default=32)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--max-batch-tokens", type=int, default=None)
     args = ap.parse_args()
     from sentence_transformers import CrossEncoder
 
@@ -91,18 +93,20 @@ def main() -> None:
         st_s, st_scores = median_time(
             lambda: ce.predict(pairs, batch_size=args.st_batch_size, convert_to_tensor=True, show_progress_bar=False),
             args.repeats)
-        engine = Engine(EngineConfig(model=ModelConfig(path=str(path), dtype="float32")))
-        engine.start()
-        try:
-            es_s, result = median_time(lambda: asyncio.run(engine.score(pairs)), args.repeats)
-            ours = apply_activation(result.vectors, engine.model.classifier.activation)[:, 0]
-        finally:
-            engine.shutdown()
-    diff = (ours - st_scores.float().cpu()).abs().max().item()
-    print(f"{'sentence-transformers fp32':28s} {len(pairs) / st_s:8.1f} pairs/s  ({st_s:.3f} s median)")
-    print(f"{'embedserve fp32':28s} {len(pairs) / es_s:8.1f} pairs/s  ({es_s:.3f} s median)  "
-          f"ratio {st_s / es_s:.2f}x")
-    print(f"largest score difference: {diff:.2e}")
+        print(f"{'sentence-transformers fp32':28s} {len(pairs) / st_s:8.1f} pairs/s  ({st_s:.3f} s median)")
+        for dtype in ("float32", "bfloat16"):
+            engine = Engine(EngineConfig(
+                model=ModelConfig(path=str(path), dtype=dtype, attention=args.attention),
+                scheduler=SchedulerConfig(max_batch_tokens=args.max_batch_tokens)))
+            engine.start()
+            try:
+                es_s, result = median_time(lambda: asyncio.run(engine.score(pairs)), args.repeats)
+                ours = apply_activation(result.vectors, engine.model.classifier.activation)[:, 0]
+            finally:
+                engine.shutdown()
+            diff = (ours - st_scores.float().cpu()).abs().max().item()
+            print(f"{'embedserve ' + dtype:28s} {len(pairs) / es_s:8.1f} pairs/s  ({es_s:.3f} s median)  "
+                  f"ratio {st_s / es_s:.2f}x  largest score difference {diff:.1e}")
 
 
 if __name__ == "__main__":

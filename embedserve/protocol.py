@@ -124,12 +124,100 @@ class TeiRank(msgspec.Struct, kw_only=True, omit_defaults=True):
     text: str | None = None
 
 
+class TeiEmbedRequest(msgspec.Struct, kw_only=True):
+    """TEI's /embed (and huggingface_hub's feature_extraction, which posts the same body)."""
+
+    inputs: Any = None
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: str | None = None
+    prompt_name: str | None = None
+    dimensions: int | None = None
+
+
+class TeiTokenizeRequest(msgspec.Struct, kw_only=True):
+    inputs: Any = None
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class TeiToken(msgspec.Struct, kw_only=True):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class TeiDecodeRequest(msgspec.Struct, kw_only=True):
+    ids: Any = None
+    skip_special_tokens: bool = True
+
+
+class TeiPredictRequest(msgspec.Struct, kw_only=True):
+    """TEI's /predict (embedserve's /classify): one text, one pair ``[a, b]``, or a batch of either."""
+
+    inputs: Any = None
+    raw_scores: bool = False
+    truncate: bool | None = None
+    top_k: int | None = None
+
+
+class TeiPrediction(msgspec.Struct, kw_only=True):
+    score: float
+    label: str
+
+
 request_decoder = msgspec.json.Decoder(EmbeddingRequest)
 rerank_decoder = msgspec.json.Decoder(RerankRequest)
 encoder = msgspec.json.Encoder()
 
 _MISSING = re.compile(r"missing required field `(\w+)`")
 _AT = re.compile(r"at `\$\.(\w+)")
+
+
+_TEI_DECODERS: dict[type, msgspec.json.Decoder] = {}
+
+
+def decode_tei(kind: type, body: bytes):
+    """A TEI route's body as ``kind`` (one of the Tei*Request Structs); failures are 400s naming the field."""
+    decoder = _TEI_DECODERS.get(kind)
+    if decoder is None:
+        decoder = _TEI_DECODERS[kind] = msgspec.json.Decoder(kind)
+    return _decode(decoder, body, "`inputs`")
+
+
+def tei_texts(value: Any, *, field: str, max_items: int) -> list[str]:
+    """TEI's ``inputs``: a string or a non-empty array of strings."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
+        raise InvalidRequest(f"{field} must be a string or a non-empty array of strings", param=field)
+    if len(items) > max_items:
+        raise InvalidRequest(f"{field} has {len(items)} items; this server accepts at most {max_items} per request",
+                             param=field)
+    return items
+
+
+def tei_predict_inputs(value: Any, *, max_items: int) -> tuple[list[tuple[str, str | None]], bool]:
+    """TEI's predict ``inputs`` -> (texts or pairs, whether it was a batch). As TEI reads it: a string is one
+    text; an array of two strings is one pair; otherwise an array of texts or of two-string pairs."""
+    def one(x, i=None):
+        if isinstance(x, str):
+            return (x, None)
+        if isinstance(x, list) and len(x) == 2 and all(isinstance(t, str) for t in x):
+            return (x[0], x[1])
+        where = "inputs" if i is None else f"inputs[{i}]"
+        raise InvalidRequest(f"{where} must be a string or a pair of two strings", param="inputs")
+
+    if isinstance(value, str) or (isinstance(value, list) and len(value) == 2 and all(isinstance(t, str) for t in value)):
+        return [one(value)], False
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("inputs must be a string, a pair of strings, or a non-empty array of either",
+                             param="inputs")
+    if len(value) > max_items:
+        raise InvalidRequest(f"inputs has {len(value)} items; this server accepts at most {max_items} per request",
+                             param="inputs")
+    return [one(x, i) for i, x in enumerate(value)], True
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes, needs: str):

@@ -378,7 +378,7 @@ class Engine:
             normalize = self.model.spec.normalize or options.dimensions is not None
         truncate = self.config.truncate if options.truncate is None else options.truncate
 
-        prompt = self._prompt(options.prompt_name)
+        prompt = self.prompt(options.prompt_name)
         return await self._submit(self._prepare, (inputs, truncate, prompt), dims, normalize, options.base64)
 
     async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
@@ -459,7 +459,8 @@ class Engine:
             log.info("request %d cancelled: %d of its %d inputs dropped from the queue", rid, dropped, len(ids))
             raise
 
-    def _prompt(self, name: str | None) -> str:
+    def prompt(self, name: str | None) -> str:
+        """The text of one of the model's prompts (None: its default prompt, if any); unknown is a 400."""
         spec = self.model.spec
         name = name if name is not None else spec.default_prompt_name
         if name is None:

@@ -52,6 +52,20 @@ class Tokenizer:
         self._cut.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
         self.num_special = len(self._full.encode("", add_special_tokens=True).ids)
 
+    def tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]:
+        """Per text, each token as (id, text, special, start, stop): the text a token covers (its own string
+        for special tokens, whose start and stop are None), character offsets into the given text."""
+        out = []
+        for text, e in zip(texts, self._full.encode_batch(list(texts), add_special_tokens=add_special_tokens)):
+            row = []
+            for tid, tok, special, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets):
+                row.append((tid, tok, True, None, None) if special else (tid, text[a:b], False, a, b))
+            out.append(row)
+        return out
+
+    def decode(self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        return self._full.decode_batch([list(x) for x in ids], skip_special_tokens=skip_special_tokens)
+
     def cut(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first ``max_tokens`` tokens (special tokens not counted), at the character
         where that token ends: Cohere's ``max_tokens_per_doc``."""

@@ -16,7 +16,10 @@ from embedserve.http.state import Service
 
 log = logging.getLogger("embedserve.access")
 
-_ROUTES = {"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/health", "/ready", "/metrics"}
+# Routes that put work on the engine: counted in flight, so that a drain on SIGTERM waits for them.
+WORK_ROUTES = {"/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/predict",
+               "/classify", "/"}
+_ROUTES = WORK_ROUTES | {"/v1/models", "/models", "/health", "/ready", "/metrics", "/tokenize", "/decode", "/info"}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -35,7 +38,7 @@ class AccessMiddleware:
         scope.setdefault("state", {})["access"] = access
         status = 500
         path = scope["path"]
-        embedding = path in ("/v1/embeddings", "/embeddings")
+        embedding = path in WORK_ROUTES and scope["method"] == "POST"
         if embedding:
             self.service.request_started()
 
@@ -62,11 +65,13 @@ class AccessMiddleware:
             if path not in ("/health", "/ready", "/metrics") or status >= 400:
                 fields = {
                     "method": scope["method"], "path": path, "status": status,
-                    "inputs": access.get("inputs", 0), "tokens": access.get("tokens", 0),
+                    "kind": access.get("kind", "-"), "inputs": access.get("inputs", 0),
+                    "tokens": access.get("tokens", 0),
                     "queue_ms": round(1000 * access.get("queue_s", 0.0), 2), "total_ms": round(1000 * total_s, 2),
                     "request_id": request_id,
                 }
                 log.info(
-                    "%(method)s %(path)s %(status)d inputs=%(inputs)d tokens=%(tokens)d queue_ms=%(queue_ms).1f "
+                    "%(method)s %(path)s %(status)d kind=%(kind)s inputs=%(inputs)d tokens=%(tokens)d "
+                    "queue_ms=%(queue_ms).1f "
                     "total_ms=%(total_ms).1f id=%(request_id)s", fields, extra={"fields": fields},
                 )

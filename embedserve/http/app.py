@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from embedserve.config import Config
-from embedserve.http import routes
+from embedserve.http import routes, tei
 from embedserve.http.access import AccessMiddleware
 from embedserve.http.errors import EXCEPTION_HANDLERS
 from embedserve.http.state import Service
@@ -87,6 +87,13 @@ def create_app(
             Route("/v1/rerank", routes.rerank, methods=["POST"]),
             Route("/v2/rerank", routes.rerank, methods=["POST"]),
             Route("/rerank", routes.rerank, methods=["POST"]),
+            Route("/embed", tei.embed, methods=["POST"]),
+            Route("/predict", tei.predict, methods=["POST"]),
+            Route("/classify", tei.predict, methods=["POST"]),
+            Route("/tokenize", tei.tokenize, methods=["POST"]),
+            Route("/decode", tei.decode, methods=["POST"]),
+            Route("/info", tei.info, methods=["GET"]),
+            Route("/", tei.root, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/models", routes.models, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),

@@ -45,7 +45,7 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-def _service(request: Request) -> Service:
+def service(request: Request) -> Service:
     return request.app.state.service
 
 
@@ -79,7 +79,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _until_disconnect(request: Request, work: asyncio.Future):
+async def until_disconnect(request: Request, work: asyncio.Future):
     """Await ``work``; if the client goes away first, cancel it (the engine drops its queued inputs)."""
 
     async def disconnected() -> None:
@@ -124,11 +124,11 @@ def encode_embeddings(
 
 
 async def embeddings(request: Request) -> Response:
-    svc = _service(request)
+    svc = service(request)
     check_auth(request, svc)
     engine = svc.require_ready()
     req = decode_request(await read_body(request, svc.config.max_body_bytes))
-    _check_model_name(svc, req.model)
+    check_model_name(svc, req.model)
     inputs = parse_input(req.input, max_items=svc.config.max_inputs_per_request)
     fmt = req.encoding_format or "float"
     options = EmbedOptions(
@@ -137,10 +137,10 @@ async def embeddings(request: Request) -> Response:
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
     try:
-        result = await _until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
+        result = await until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; uvicorn discards it
-    headers = _record(svc, request, len(inputs), result)
+    headers = record_result(svc, request, len(inputs), result)
     args = (result.vectors, result.token_counts, fmt, svc.served_name, result.base64)
     if result.vectors.numel() > _ENCODE_INLINE_FLOATS:
         body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
@@ -149,7 +149,7 @@ async def embeddings(request: Request) -> Response:
     return Response(body, media_type="application/json", headers=headers)
 
 
-def _check_model_name(svc: Service, name: str | None) -> None:
+def check_model_name(svc: Service, name: str | None) -> None:
     if svc.config.reject_unknown_model and name is not None and name != svc.served_name:
         raise NotFound(
             f"The model '{name}' does not exist; this server serves '{svc.served_name}'.",
@@ -157,10 +157,11 @@ def _check_model_name(svc: Service, name: str | None) -> None:
         )
 
 
-def _record(svc: Service, request: Request, inputs: int, result) -> dict[str, str]:
+def record_result(svc: Service, request: Request, inputs: int, result) -> dict[str, str]:
     """Metrics and the access log for a finished request; the timing headers it answers with."""
     t = result.timings
-    request.scope["state"]["access"].update(inputs=inputs, tokens=result.total_tokens, queue_s=t.queue_s)
+    request.scope["state"]["access"].update(inputs=inputs, tokens=result.total_tokens, queue_s=t.queue_s,
+                                            kind=svc.engine.kind)
     m = svc.metrics
     m.tokens.inc(result.total_tokens)
     m.inputs.inc(inputs)
@@ -178,20 +179,20 @@ def _record(svc: Service, request: Request, inputs: int, result) -> dict[str, st
 async def rerank(request: Request) -> Response:
     """Cohere / Jina rerank (``documents``) or TEI's (``texts``): every (query, document) pair scored by the
     cross-encoder in the shared packed engine, answered sorted by score."""
-    svc = _service(request)
+    svc = service(request)
     check_auth(request, svc)
     engine = svc.require_ready()
     req, shape, docs = decode_rerank(await read_body(request, svc.config.max_body_bytes),
                                      max_items=svc.config.max_inputs_per_request)
-    _check_model_name(svc, req.model)
+    check_model_name(svc, req.model)
     if engine.kind != "rerank":
         raise WrongModelKind("rerank", engine.kind, "rerank")
     work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc)
     try:
-        result = await _until_disconnect(request, asyncio.ensure_future(work))
+        result = await until_disconnect(request, asyncio.ensure_future(work))
     except ClientGone:
         return Response(status_code=499)
-    headers = _record(svc, request, len(docs), result)
+    headers = record_result(svc, request, len(docs), result)
     logits = result.vectors[:, 0:1]
     raw = shape == "tei" and req.raw_scores
     values = (logits if raw else apply_activation(logits, engine.model.classifier.activation))[:, 0].tolist()
@@ -210,7 +211,7 @@ async def rerank(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    svc = _service(request)
+    svc = service(request)
     check_auth(request, svc)
     card = ModelCard(id=svc.served_name, created=svc.created)
     return Response(encoder.encode(ModelList(data=[card])), media_type="application/json")
@@ -218,17 +219,17 @@ async def models(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus exposition. Open without a key, like the probes (documented)."""
-    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def health(request: Request) -> Response:
     """Alive: the process answers and its engine has not failed for good. Open without a key (probes carry
     none)."""
-    _service(request).require_alive()
+    service(request).require_alive()
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
 async def ready(request: Request) -> Response:
     """Ready: the model is loaded and warmed up, and the server is not shutting down."""
-    _service(request).require_ready()
+    service(request).require_ready()
     return Response(b'{"status":"ready"}', media_type="application/json")

@@ -15,6 +15,7 @@ from embedserve.http.app import create_app
 
 class FakeEngine:
     dimensions = 4
+    kind = "embedding"
 
     def __init__(self, behaviour=None):
         self.behaviour = behaviour

@@ -1,0 +1,160 @@
+"""Hugging Face text-embeddings-inference's native routes, so that TEI's clients keep working.
+
+``POST /embed`` (and ``POST /``, where huggingface_hub's ``InferenceClient.feature_extraction`` posts), ``POST
+/predict`` and ``/classify``, ``POST /tokenize``, ``POST /decode`` and ``GET /info``, in TEI's request and answer
+shapes, over the same engine as the OpenAI routes. Errors keep OpenAI's body, as on every route here. TEI's
+``/rerank`` shares the Cohere route (routes.rerank), which tells the shapes apart by the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+import embedserve
+from embedserve.engine.front import EmbedOptions
+from embedserve.errors import InvalidRequest, WrongModelKind
+from embedserve.http.routes import ClientGone, check_auth, read_body, record_result, service, until_disconnect
+from embedserve.models.classifier import apply_activation
+from embedserve.protocol import (
+    TeiDecodeRequest,
+    TeiEmbedRequest,
+    TeiPrediction,
+    TeiPredictRequest,
+    TeiToken,
+    TeiTokenizeRequest,
+    decode_tei,
+    encoder,
+    tei_predict_inputs,
+    tei_texts,
+)
+
+
+def _json(body, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(body), media_type="application/json", headers=headers)
+
+
+async def embed(request: Request) -> Response:
+    svc = service(request)
+    check_auth(request, svc)
+    engine = svc.require_ready()
+    req = decode_tei(TeiEmbedRequest, await read_body(request, svc.config.max_body_bytes))
+    if engine.kind != "embedding":
+        raise WrongModelKind("embed", engine.kind, "embedding")
+    texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
+    if req.truncation_direction not in (None, "right", "Right"):
+        raise InvalidRequest("truncation_direction: only Right is supported (inputs are cut at their end)",
+                             param="truncation_direction")
+    if req.dimensions is not None and req.dimensions < 1:
+        raise InvalidRequest(f"dimensions must be a positive integer, got {req.dimensions}", param="dimensions")
+    options = EmbedOptions(dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate,
+                           prompt_name=req.prompt_name)
+    try:
+        result = await until_disconnect(request, asyncio.ensure_future(engine.embed(texts, options)))
+    except ClientGone:
+        return Response(status_code=499)
+    headers = record_result(svc, request, len(texts), result)
+    if result.vectors.numel() > 32_768:
+        return Response(await run_in_threadpool(encoder.encode, result.vectors.tolist()),
+                        media_type="application/json", headers=headers)
+    return _json(result.vectors.tolist(), headers)
+
+
+async def predict(request: Request) -> Response:
+    """Labels and scores of a sequence classifier (or a cross-encoder's one label) for texts or pairs: TEI's
+    scores (sigmoid for one label, softmax for several) unless ``raw_scores``."""
+    svc = service(request)
+    check_auth(request, svc)
+    engine = svc.require_ready()
+    req = decode_tei(TeiPredictRequest, await read_body(request, svc.config.max_body_bytes))
+    if engine.model.classifier is None:
+        raise WrongModelKind("classify", engine.kind, "classify")
+    inputs, batch = tei_predict_inputs(req.inputs, max_items=svc.config.max_inputs_per_request)
+    if req.top_k is not None and req.top_k < 1:
+        raise InvalidRequest(f"top_k must be a positive integer, got {req.top_k}", param="top_k")
+    work = engine.score(inputs, truncate=req.truncate, route="classify")
+    try:
+        result = await until_disconnect(request, asyncio.ensure_future(work))
+    except ClientGone:
+        return Response(status_code=499)
+    headers = record_result(svc, request, len(inputs), result)
+    labels = engine.model.classifier.labels
+    scores = result.vectors
+    if not req.raw_scores:
+        scores = apply_activation(scores, "sigmoid" if len(labels) == 1 else "softmax")
+    answers = []
+    for row in scores.tolist():
+        ranked = sorted((TeiPrediction(score=s, label=labels[j]) for j, s in enumerate(row)), key=lambda p: -p.score)
+        answers.append(ranked[: req.top_k])
+    return _json(answers if batch else answers[0], headers)
+
+
+async def root(request: Request) -> Response:
+    """TEI answers ``POST /`` with the served model's own route: embed, or predict for a classifier."""
+    svc = service(request)
+    engine = svc.require_ready()
+    return await (embed(request) if engine.kind == "embedding" else predict(request))
+
+
+async def tokenize(request: Request) -> Response:
+    svc = service(request)
+    check_auth(request, svc)
+    engine = svc.require_ready()
+    req = decode_tei(TeiTokenizeRequest, await read_body(request, svc.config.max_body_bytes))
+    texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
+    if req.prompt_name is not None:
+        prompt = engine.prompt(req.prompt_name)
+        texts = [prompt + t for t in texts]
+    rows = await run_in_threadpool(engine.tokenizer.tokens, texts, add_special_tokens=req.add_special_tokens)
+    return _json([[TeiToken(id=i, text=t, special=sp, start=a, stop=b) for i, t, sp, a, b in row] for row in rows])
+
+
+async def decode(request: Request) -> Response:
+    svc = service(request)
+    check_auth(request, svc)
+    engine = svc.require_ready()
+    req = decode_tei(TeiDecodeRequest, await read_body(request, svc.config.max_body_bytes))
+    ids = req.ids
+    if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
+        ids = [ids]
+    if (not isinstance(ids, list) or not ids
+            or not all(isinstance(x, list) and all(type(t) is int and 0 <= t < engine.id_limit for t in x)
+                       for x in ids)):
+        raise InvalidRequest(f"ids must be an array of token ids (0..{engine.id_limit - 1}), or an array of such "
+                             "arrays", param="ids")
+    texts = await run_in_threadpool(engine.tokenizer.decode, ids, skip_special_tokens=req.skip_special_tokens)
+    return _json(texts)
+
+
+async def info(request: Request) -> Response:
+    svc = service(request)
+    check_auth(request, svc)
+    engine = svc.require_ready()
+    m = engine.model
+    if m.classifier is None:
+        model_type = {"embedding": {"pooling": m.spec.pooling}}
+    else:
+        id2label = dict(enumerate(m.classifier.labels))
+        body = {"id2label": {str(i): v for i, v in id2label.items()},
+                "label2id": {v: i for i, v in id2label.items()}}
+        model_type = {"reranker" if m.kind == "rerank" else "classifier": body}
+    cfg = svc.config
+    return _json({
+        "model_id": svc.served_name,
+        "model_sha": engine.source.commit,
+        "model_dtype": str(engine.dtype).removeprefix("torch."),
+        "model_type": model_type,
+        "kind": m.kind,
+        "dimensions": m.dimensions,
+        "max_concurrent_requests": engine.scheduler.max_queue,
+        "max_input_length": engine.max_length,
+        "max_batch_tokens": engine.max_batch_tokens,
+        "max_batch_requests": engine.scheduler.max_batch_requests,
+        "max_client_batch_size": cfg.max_inputs_per_request,
+        "tokenization_workers": engine.config.tokenizer_workers,
+        "version": embedserve.__version__,
+        "device": str(engine.device),
+    })

@@ -18,6 +18,7 @@ from embedserve.config import (
     ATTENTION_BACKENDS,
     DTYPES,
     FAULT_KINDS,
+    KINDS,
     POOL_KERNELS,
     TOKEN_ID_POLICIES,
     Config,
@@ -87,6 +88,9 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: float32 on CPU, "
           "bfloat16 on CUDA")
     f.add("--attention", default="auto", choices=ATTENTION_BACKENDS, help="varlen attention backend")
+    f.add("--kind", default="auto", choices=KINDS, help="what the model serves: auto = embeddings, or rerank / "
+          "classify for a sequence-classification checkpoint; rerank also serves a causal LM by its yes / no "
+          "logits (Qwen3-Reranker)")
     f.add("--pool-kernel", default="auto", choices=POOL_KERNELS, help="pool+normalise+base64 kernel: auto = "
           "Triton on CUDA, the torch twin on CPU; triton runs the kernel (on CPU only under TRITON_INTERPRET=1)")
     f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: 16384 on CUDA, "
@@ -150,7 +154,7 @@ def build_config(args: argparse.Namespace) -> Config:
         engine=EngineConfig(
             model=ModelConfig(
                 path=model, revision=args.revision, dtype=args.dtype, device=args.device, attention=args.attention,
-                pool_kernel=args.pool_kernel,
+                pool_kernel=args.pool_kernel, kind=args.kind,
             ),
             scheduler=SchedulerConfig(
                 max_batch_tokens=args.max_batch_tokens,

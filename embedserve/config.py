@@ -13,6 +13,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKEN_ID_POLICIES = ("cl100k", "model")
 POOL_KERNELS = ("auto", "triton", "torch")
 FAULT_KINDS = ("error", "fatal", "oom")
+KINDS = ("auto", "embedding", "rerank")
 ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments", "dense")
 
 
@@ -35,6 +36,9 @@ class ModelConfig:
     """Varlen attention backend; auto picks the fastest available for the device."""
     pool_kernel: str = "auto"
     """Pool+encode backend: auto (Triton on CUDA, the torch twin on CPU), triton or torch."""
+    kind: str = "auto"
+    """auto: embedding, or what a sequence-classification checkpoint is; rerank: also a causal LM scored by its
+    yes / no logits (Qwen3-Reranker)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -43,6 +47,8 @@ class ModelConfig:
             raise ConfigError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
             )
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.pool_kernel not in POOL_KERNELS:
             raise ConfigError(f"pool_kernel must be one of {', '.join(POOL_KERNELS)}, got {self.pool_kernel!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

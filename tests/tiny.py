@@ -345,3 +345,58 @@ def _spread_logits(model, kind: str) -> None:
         last.weight.mul_(2.0 / logits.std(0).clamp_min(1e-6).unsqueeze(1))
         logits = model(**batch).logits
         last.bias.sub_(logits.mean(0))
+
+
+# The Qwen3-Reranker model card's recipe (prefix, suffix, default instruction), written out as the reference.
+QWEN3_RERANKER_PROMPT = (
+    '<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct '
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n',
+    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "Given a web search query, retrieve relevant passages that answer the query",
+)
+
+
+def build_tiny_qwen3_reranker(directory: Path, *, tied: bool = False, seed: int = 3):
+    """A random Qwen3ForCausalLM (tied or separate LM head) saved as a plain causal-LM folder with MiniLM's
+    tokenizer, its "yes" row set so that yes - no spreads over pairs. Returns the transformers model (fp32)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen3Config(vocab_size=30522, hidden_size=40, intermediate_size=74, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                      max_position_embeddings=1024, tie_word_embeddings=tied)
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif any(f"{n}_proj.weight" in name for n in "vo"):
+                p.mul_(4)  # what the last token gathers from the pair outweighs its own embedding
+    _spread_yes_no(model)
+    save_folder(model, directory, pooling="last", normalize=False)
+    (directory / "modules.json").unlink()  # the published folder is a plain causal LM
+    return model
+
+
+def _spread_yes_no(model) -> None:
+    """Set the "yes" row of the LM head to the "no" row plus a direction orthogonal to the mean last-token state,
+    scaled so that yes - no spreads by about 2 over sample pairs: random weights otherwise score every pair the
+    same."""
+    from transformers import AutoTokenizer
+
+    prefix_text, suffix_text, instruction = QWEN3_RERANKER_PROMPT
+    tok = AutoTokenizer.from_pretrained(str(MINILM_DIR))
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    prefix = tok.encode(prefix_text, add_special_tokens=False)
+    suffix = tok.encode(suffix_text, add_special_tokens=False)
+    middles = [tok(f"<Instruct>: {instruction}\n<Query>: q\n<Document>: {d}")["input_ids"]
+               for d in mixed_texts(16, seed=40)]
+    with torch.no_grad():
+        states = torch.stack([model.model(input_ids=torch.tensor([prefix + m + suffix])).last_hidden_state[0, -1]
+                              for m in middles])
+        mean = states.mean(0)
+        delta = torch.randn_like(mean)
+        delta -= (delta @ mean) / (mean @ mean) * mean
+        delta *= 2.0 / (states @ delta).std()
+        head = model.get_output_embeddings().weight  # the input embeddings when tied
+        head[yes] = head[no] + delta

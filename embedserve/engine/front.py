@@ -176,7 +176,8 @@ class Engine:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         started = time.perf_counter()
         self.source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
-        self.model: LoadedModel = load_model(self.source.directory, dtype=self.dtype, device=self.device)
+        self.model: LoadedModel = load_model(self.source.directory, dtype=self.dtype, device=self.device,
+                                             kind=config.model.kind)
         self.linear_backend = select_linear_backend(self.device, self.dtype)
         self.model.encoder.linear_backend = self.linear_backend
         max_length = self.model.max_length
@@ -186,6 +187,9 @@ class Engine:
             self.model.directory, max_length=max_length, do_lower_case=self.model.spec.do_lower_case,
             cap_to_tokenizer=self.model.spec.max_seq_length is None,
         )
+        template = self.model.classifier.template if self.model.classifier is not None else None
+        if template is not None:
+            self.tokenizer.use_template(template.prefix, template.suffix)
         self.max_length = self.tokenizer.max_length
         # Ids must fit the embedding table, not only the tokenizer: on CUDA an id past the table is a
         # device-side assert that takes the whole process down.
@@ -402,7 +406,14 @@ class Engine:
         singles = [i for i, (_, d) in enumerate(pairs) if d is None]
         if singles and len(singles) != len(pairs):
             raise InvalidRequest("inputs must be all single texts or all pairs, not a mix", param="inputs")
-        if singles:
+        template = self.model.classifier.template
+        if template is not None:
+            if singles:
+                raise InvalidRequest("this reranker scores (query, document) pairs, not single texts", param="inputs")
+            ids = self.tokenizer.encode_templated(
+                [template.middle.format(query=q, document=d) for q, d in pairs], truncate=truncate)
+            starts = [len(x) for x in ids]
+        elif singles:
             ids = self.tokenizer.encode([q for q, _ in pairs], truncate=truncate)
             starts = [len(x) for x in ids]
         else:

@@ -239,8 +239,12 @@ class Runner:
                 hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths, **extra)  # [T, H]
             total = st.offsets[-1]
             if m.head is not None:
-                # A cross-encoder or classifier: [B, labels] float32 logits, no base64.
+                # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no base64. The
+                # head reads each sequence's first or last token; a long input's row counts on its final chunk.
                 vectors, b64 = m.head(hidden, st.cu), torch.empty(0, dtype=torch.uint8, device=dev)
+                for c in chunks or ():
+                    if c is not None and c.final:
+                        del self._long[c.key]
             elif chunks is None and not len(m.dense):
                 # The common case: one launch pools, cuts, normalises and encodes.
                 vectors, b64, _ = self._pool_encode(

@@ -52,6 +52,30 @@ class Tokenizer:
         self._cut.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
         self.num_special = len(self._full.encode("", add_special_tokens=True).ids)
 
+    def use_template(self, prefix: str, suffix: str) -> None:
+        """Pairs become ``prefix`` + the formatted middle + ``suffix`` (a causal-LM reranker's prompt): the fixed
+        parts are tokenized once, and the middle is cut to what is left of the maximum. Called once, before
+        serving."""
+        self._prefix = self._full.encode(prefix, add_special_tokens=False).ids
+        self._suffix = self._full.encode(suffix, add_special_tokens=False).ids
+        room = self.max_length - len(self._prefix) - len(self._suffix)
+        if room < self.num_special + 1:
+            raise ModelLoadError(f"the reranker's prompt takes {self.max_length - room} of the "
+                                 f"{self.max_length} tokens the model takes: nothing is left for a pair")
+        self._middle = RustTokenizer.from_str(self._full.to_str())
+        self._middle.enable_truncation(max_length=room, strategy="longest_first", direction="right")
+
+    def encode_templated(self, middles: Sequence[str], *, truncate: bool) -> list[list[int]]:
+        """:meth:`use_template`'s prompt around each text (the middle, with the tokenizer's special tokens)."""
+        encoder = self._middle if truncate else self._full
+        out = []
+        for i, e in enumerate(encoder.encode_batch(list(middles), add_special_tokens=True)):
+            ids = self._prefix + e.ids + self._suffix
+            if len(ids) > self.max_length:
+                raise ContextLengthExceeded(self.max_length, len(ids), index=i)
+            out.append(ids)
+        return out
+
     def tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]:
         """Per text, each token as (id, text, special, start, stop): the text a token covers (its own string
         for special tokens, whose start and stop are None), character offsets into the given text."""

@@ -32,9 +32,30 @@ ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Tanh": "tanh", "So
 
 
 @dataclass(frozen=True)
+class PairTemplate:
+    """How a causal-LM reranker sees a pair: ``prefix`` + ``middle.format(query=, document=)`` + ``suffix``, each
+    part tokenized on its own (prefix and suffix without special tokens); only the middle is ever cut."""
+
+    prefix: str
+    middle: str
+    suffix: str
+
+
+# The Qwen3-Reranker model card's prompt, with its default instruction.
+QWEN3_RERANKER = PairTemplate(
+    prefix='<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct '
+           'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n',
+    middle="<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n"
+           "<Query>: {query}\n<Document>: {document}",
+    suffix="<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+)
+
+
+@dataclass(frozen=True)
 class ClassifierSpec:
     labels: tuple[str, ...]  # id2label, in label order
     activation: str  # one of ACTIVATIONS' values
+    template: PairTemplate | None = None  # causal-LM rerankers: the prompt around each pair
 
     @property
     def num_labels(self) -> int:
@@ -147,6 +168,20 @@ class ModernBertHead(nn.Module):
         if self.norm_bias:
             m["norm.bias"] = ("head.norm.bias",)
         return [m]
+
+
+class YesNoHead(nn.Module):
+    """A causal LM as a reranker: the last token's logit for "yes" minus its logit for "no" (the log-odds whose
+    sigmoid is the model card's softmax over the two). Only those two rows of the LM head are kept."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.rows = nn.Parameter(rows, requires_grad=False)  # [2, H]: no, yes
+
+    def forward(self, hidden: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        last = hidden.index_select(0, (cu[1:] - 1).long())  # [B, H]
+        logits = linear(last, self.rows, None).float()  # [B, 2]
+        return logits[:, 1:2] - logits[:, 0:1]
 
 
 def head_tensor_names(head: nn.Module, checkpoint_names: set[str]) -> tuple[str, ...]:

@@ -21,7 +21,13 @@ from embedserve.kernels.pooling import POOLING_MODES
 from embedserve.models import registry
 from embedserve.kernels.linear import linear
 from embedserve.models.layers import activation
-from embedserve.models.classifier import ClassifierSpec, head_tensor_names, read_classifier_spec
+from embedserve.models.classifier import (
+    QWEN3_RERANKER,
+    ClassifierSpec,
+    YesNoHead,
+    head_tensor_names,
+    read_classifier_spec,
+)
 from embedserve.models.loader import SafetensorsCheckpoint, load_weights
 
 log = logging.getLogger(__name__)
@@ -196,19 +202,52 @@ class LoadedModel:
         return bool(getattr(self.encoder, "causal", False))
 
 
-def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _yes_no_rows(directory: Path, checkpoint: SafetensorsCheckpoint, prefixes: tuple[str, ...],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``[2, H]``: the LM head's rows for "no" and "yes" (the input embeddings' when the head is tied)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    ids = [tok.convert_tokens_to_ids(t) for t in ("no", "yes")]
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise ModelLoadError(f"{directory}: the tokenizer has no single 'yes' / 'no' tokens to score a reranker by")
+    names = checkpoint.names()
+    for name in ["lm_head.weight"] + [p + "embed_tokens.weight" for p in prefixes]:
+        if name in names:
+            return checkpoint.read_rows(name, ids, dtype)
+    raise ModelLoadError(f"{directory}: no lm_head.weight (nor tied embed_tokens) to score a reranker by")
+
+
+def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.device, kind: str = "auto"
+               ) -> LoadedModel:
+    """``kind``: auto (an embedder, or what a sequence-classification checkpoint says it is), embedding, or
+    rerank (which also serves a causal LM by its last token's yes / no logits, as Qwen3-Reranker)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelLoadError(f"model directory {directory} does not exist")
     hf_config = _read_json(directory / "config.json")
     scoring = registry.classifier_for(hf_config)
+    yes_no = False
     if scoring is not None:
+        if kind == "embedding":
+            raise ModelLoadError(f"{directory} is a sequence-classification checkpoint "
+                                 f"({hf_config.get('architectures')}); it cannot serve embeddings")
         make_args, model_cls, head_cls = scoring
         spec = _cross_encoder_spec(directory)
         classifier = read_classifier_spec(directory, hf_config)
     else:
         make_args, model_cls = registry.resolve(hf_config)
-        spec, classifier = read_sentence_spec(directory), None
+        archs = hf_config.get("architectures") or []
+        yes_no = kind == "rerank"
+        if yes_no and not (getattr(model_cls, "causal", False) and any(a.endswith("ForCausalLM") for a in archs)):
+            raise ModelLoadError(
+                f"--kind rerank needs a causal language model (a *ForCausalLM checkpoint, scored by its yes / no "
+                f"logits as Qwen3-Reranker) or a sequence-classification checkpoint; {directory} is {archs}")
+        if yes_no:
+            spec = _cross_encoder_spec(directory)
+            classifier = ClassifierSpec(("yes",), "sigmoid", QWEN3_RERANKER)
+        else:
+            spec, classifier = read_sentence_spec(directory), None
     args = make_args(hf_config)
 
     checkpoint = SafetensorsCheckpoint(directory)
@@ -218,7 +257,9 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
         encoder = model_cls(args)
         if scoring is not None:
             head = head_cls(encoder.hidden_size, classifier.num_labels, hf_config)
-    if head is not None:
+    if yes_no:
+        head = YesNoHead(_yes_no_rows(directory, checkpoint, model_cls.weight_prefixes, dtype).to(device)).eval()
+    elif head is not None:
         load_weights(head, checkpoint, head.weight_maps(), ignored=(r".*",), dtype=dtype, device=device)
         ignored = ignored + head_tensor_names(head, checkpoint.names())
         head.eval()

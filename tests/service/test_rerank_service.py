@@ -106,3 +106,29 @@ def test_rerank_on_an_embedding_model_is_a_400_saying_what_the_model_is(server):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "wrong_model_kind" and "the served model is an embedding model" in err["message"]
+
+
+def test_a_causal_lm_served_with_kind_rerank_answers_the_rerank_route(tmp_path):
+    """`--kind rerank` on a Qwen3 causal LM (Qwen3-Reranker): the rerank route ranks by its yes / no score."""
+    from tiny import QWEN3_RERANKER_PROMPT, build_tiny_qwen3_reranker
+
+    path = tmp_path / "qwen3-reranker"
+    model = build_tiny_qwen3_reranker(path)
+    from transformers import AutoTokenizer
+
+    prefix_text, suffix_text, instruction = QWEN3_RERANKER_PROMPT
+    tok = AutoTokenizer.from_pretrained(str(path))
+    prefix, suffix = tok.encode(prefix_text, add_special_tokens=False), tok.encode(suffix_text, add_special_tokens=False)
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    docs = DOCS[:8]
+    with torch.no_grad():
+        want = []
+        for d in docs:
+            middle = tok(f"<Instruct>: {instruction}\n<Query>: {QUERY}\n<Document>: {d}")["input_ids"]
+            logits = model(input_ids=torch.tensor([prefix + middle + suffix])).logits[0, -1]
+            want.append(torch.softmax(logits[[no, yes]], dim=0)[1].item())
+    with run_server(tmp_path, "--model", str(path), "--kind", "rerank") as server:
+        body = post(server, "/v1/rerank", {"query": QUERY, "documents": docs}).json()
+        assert httpx.get(server.url + "/info").json()["kind"] == "rerank"
+    assert [x["index"] for x in body["results"]] == sorted(range(len(docs)), key=lambda i: -want[i])
+    assert all(abs(x["relevance_score"] - want[x["index"]]) <= 1e-5 for x in body["results"])

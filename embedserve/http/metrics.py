@@ -34,10 +34,15 @@ class _QueueCollector:
         yield CounterMetricFamily(
             "embedserve_dropped_inputs", "Queued inputs dropped because their client went away", value=dropped
         )
-        yield GaugeMetricFamily("embedserve_in_flight_requests", "Embedding requests accepted and not yet answered",
+        yield GaugeMetricFamily("embedserve_in_flight_requests", "Requests with engine work (embed, rerank, classify) accepted and not yet answered",
                                 value=self.service.in_flight)
         yield GaugeMetricFamily("embedserve_ready", "1 when the model is loaded and not draining",
                                 value=float(engine is not None and not self.service.shutting_down))
+        if engine is not None:
+            info = GaugeMetricFamily("embedserve_model_info", "The served model and its kind (embedding, rerank, "
+                                     "classify); always 1", labels=["model", "kind"])
+            info.add_metric([self.service.served_name, engine.kind], 1.0)
+            yield info
 
 
 class Metrics:

@@ -138,3 +138,24 @@ def test_a_classifier_of_several_labels_gives_every_logit(tmp_path):
 def test_the_wrong_kind_of_request_is_refused_saying_what_the_model_is(engine, tmp_path):
     with pytest.raises(WrongModelKind, match="the served model is a reranker"):
         asyncio.run(engine.embed(["x"], EmbedOptions()))
+
+
+def test_a_plain_transformers_folder_and_a_saved_max_length(tmp_path):
+    """No sentence-transformers files at all: sigmoid for one label, as CrossEncoder defaults. And a folder saved
+    from CrossEncoder(max_length=64) (sentence-transformers keeps it as the tokenizer's model_max_length)."""
+    from sentence_transformers import CrossEncoder
+
+    build_tiny_cross_encoder(tmp_path / "plain", "bert", seed=9)
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        (tmp_path / "plain" / name).unlink(missing_ok=True)
+    CrossEncoder(str(tmp_path / "plain"), device="cpu", max_length=64).save_pretrained(str(tmp_path / "short"))
+    pairs = pairs_for(8, 10)
+    for folder, length in (("plain", 512), ("short", 64)):
+        ce = CrossEncoder(str(tmp_path / folder), device="cpu")
+        engine = Engine(EngineConfig(model=model_config(tmp_path / folder)))
+        engine.start()
+        try:
+            assert engine.max_length == length and engine.model.classifier.activation == "sigmoid"
+            assert (scores(engine, pairs)[:, 0] - torch.tensor(ce.predict(pairs))).abs().max() <= 1e-5, folder
+        finally:
+            engine.shutdown()

@@ -132,3 +132,12 @@ def test_a_causal_lm_served_with_kind_rerank_answers_the_rerank_route(tmp_path):
         assert httpx.get(server.url + "/info").json()["kind"] == "rerank"
     assert [x["index"] for x in body["results"]] == sorted(range(len(docs)), key=lambda i: -want[i])
     assert all(abs(x["relevance_score"] - want[x["index"]]) <= 1e-5 for x in body["results"])
+
+
+def test_metrics_and_the_access_log_carry_the_route_and_the_kind(reranker):
+    server, _ = reranker
+    post(server, "/v1/rerank", {"query": QUERY, "documents": DOCS[:2]})
+    text = httpx.get(server.url + "/metrics").text
+    assert 'embedserve_model_info{kind="rerank",model="tiny-reranker"} 1.0' in text
+    assert 'embedserve_requests_total{route="/v1/rerank",status="200"}' in text
+    assert "POST /v1/rerank 200 kind=rerank inputs=2" in server.output()

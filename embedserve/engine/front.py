@@ -38,6 +38,7 @@ from embedserve.engine.runner import Chunk, Runner, StepHandle
 from embedserve.engine.scheduler import Entry, Scheduler, Step, Work
 from embedserve.engine.token_ids import cl100k
 from embedserve.engine.tokenizer import Tokenizer
+from embedserve.engine.turns import DeviceTurns
 from embedserve.errors import (
     ConfigError,
     ContextLengthExceeded,
@@ -164,12 +165,18 @@ class Engine:
         *,
         on_fatal: Callable[[BaseException], None] | None = None,
         pipeline_depth: int | None = None,
+        turns: DeviceTurns | None = None,
+        name: str | None = None,
     ) -> None:
         """``on_fatal``: called from the engine thread once the engine has stopped for good (a device error
         that poisons the CUDA context, or a bug that killed the thread). ``pipeline_depth``: steps in flight at
-        once; default 2 on CUDA (the next step is staged while one runs), 1 on the CPU."""
+        once; default 2 on CUDA (the next step is staged while one runs), 1 on the CPU. ``turns``: shared by the
+        engines of several models on one device, so that their steps go to it one at a time, in turn; ``name``:
+        this model's name there."""
         self.config = config
         self.observer = observer or StepObserver()
+        self._turns = turns
+        self.name = name or config.model.path
         self._on_fatal = on_fatal
         self.device = resolve_device(config.model.device)
         bind_thread(self.device)
@@ -582,7 +589,10 @@ class Engine:
     def _forward(self, inputs, dims, normalize, want_b64, chunks, type_starts=None) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self.config.fault_kind)
-        return self.runner.launch(inputs, dims, normalize, want_b64, chunks, type_starts)
+        if self._turns is None:
+            return self.runner.launch(inputs, dims, normalize, want_b64, chunks, type_starts)
+        with self._turns.turn(self.name):  # other models' steps on this device wait, in turn
+            return self.runner.launch(inputs, dims, normalize, want_b64, chunks, type_starts)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
         """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""

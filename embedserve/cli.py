@@ -25,6 +25,7 @@ from embedserve.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    ServedModel,
     ServerConfig,
 )
 from embedserve.errors import EmbedServeError
@@ -46,6 +47,27 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+class _Extend(argparse.Action):
+    """Values of a repeated flag, collected; given on the command line they replace the variable's list."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (values if current is self.default else current + values))
+
+
+def _models(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _named(entry: str) -> tuple[str | None, str]:
+    """``NAME=MODEL`` -> (NAME, MODEL); a plain ``MODEL`` -> (None, MODEL). A Hub id or a path holds no ``=``
+    before its first ``/``."""
+    name, sep, model = entry.partition("=")
+    if sep and name and "/" not in name and model:
+        return name, model
+    return None, entry
 
 
 def _keys(text: str) -> list[str]:
@@ -77,8 +99,11 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
     f = _Flags(serve, env)
-    f.add("--model", help="model directory (Hugging Face / sentence-transformers layout) or Hugging Face Hub id "
-          f"(downloaded into the HF cache); default: the packaged {DEFAULT_MODEL_NAME}")
+    f.add("--model", type=_models, action=_Extend, metavar="[NAME=]MODEL",
+          help="model directory (Hugging Face / sentence-transformers layout) or Hugging Face Hub id (downloaded "
+          "into the HF cache); give it again (or list several, comma-separated) to serve several models, routed "
+          "by the request's model field, the first answering requests that name none; NAME= sets the served name. "
+          f"Default: the packaged {DEFAULT_MODEL_NAME}")
     f.add("--revision", help="Hub ids: the branch, tag or commit to serve; default: main")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
@@ -148,28 +173,16 @@ def _served_name(model: str | None) -> str:
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    model = args.model or default_model_dir()
-    served = args.served_model_name or _served_name(args.model)
+    entries = [_named(m) for m in args.model or []] or [(None, None)]
+    first_name, first = entries[0]
+    served = first_name or args.served_model_name or _served_name(first)
+    more = tuple(
+        ServedModel(name=name or _served_name(path), engine=_engine_config(args, path, revision=None))
+        for name, path in entries[1:]
+    )
     return Config(
-        engine=EngineConfig(
-            model=ModelConfig(
-                path=model, revision=args.revision, dtype=args.dtype, device=args.device, attention=args.attention,
-                pool_kernel=args.pool_kernel, kind=args.kind,
-            ),
-            scheduler=SchedulerConfig(
-                max_batch_tokens=args.max_batch_tokens,
-                max_batch_requests=args.max_batch_requests,
-                max_queue=args.max_queue,
-                chunk_tokens=args.chunk_tokens,
-                max_kv_tokens=args.max_kv_tokens,
-            ),
-            truncate=args.truncate,
-            token_ids=args.token_ids,
-            max_tokens_per_request=args.max_tokens_per_request,
-            max_input_tokens=args.max_input_tokens,
-            fault_marker=args.fault_marker,
-            fault_kind=args.fault_kind,
-        ),
+        engine=_engine_config(args, first or default_model_dir(), revision=args.revision),
+        more_models=more,
         server=ServerConfig(
             host=args.host,
             port=args.port,
@@ -182,6 +195,29 @@ def build_config(args: argparse.Namespace) -> Config:
             log_format=args.log_format,
             shutdown_grace_s=args.shutdown_grace,
         ),
+    )
+
+
+def _engine_config(args: argparse.Namespace, model: str, *, revision: str | None) -> EngineConfig:
+    """One model's engine; every model takes the same flags (the revision applies to the first model only)."""
+    return EngineConfig(
+        model=ModelConfig(
+            path=model, revision=revision, dtype=args.dtype, device=args.device, attention=args.attention,
+            pool_kernel=args.pool_kernel, kind=args.kind,
+        ),
+        scheduler=SchedulerConfig(
+            max_batch_tokens=args.max_batch_tokens,
+            max_batch_requests=args.max_batch_requests,
+            max_queue=args.max_queue,
+            chunk_tokens=args.chunk_tokens,
+            max_kv_tokens=args.max_kv_tokens,
+        ),
+        truncate=args.truncate,
+        token_ids=args.token_ids,
+        max_tokens_per_request=args.max_tokens_per_request,
+        max_input_tokens=args.max_input_tokens,
+        fault_marker=args.fault_marker,
+        fault_kind=args.fault_kind,
     )
 
 

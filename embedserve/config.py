@@ -143,13 +143,28 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServedModel:
+    """One more model served beside the default one, under ``name``."""
+
+    name: str
+    engine: EngineConfig
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     engine: EngineConfig
+    """The default model: served as ``server.served_model_name``; it answers requests that name no model."""
     server: ServerConfig = field(default_factory=ServerConfig)
+    more_models: tuple[ServedModel, ...] = ()
+    """Further models in the same process, routed by the request's ``model``; they share the device in turns."""
 
     def __post_init__(self) -> None:
-        if self.server.max_inputs_per_request > self.engine.scheduler.max_queue:
-            raise ConfigError(
-                f"max_inputs_per_request ({self.server.max_inputs_per_request}) exceeds max_queue "
-                f"({self.engine.scheduler.max_queue}): such a request could never be queued"
-            )
+        for cfg in [self.engine] + [m.engine for m in self.more_models]:
+            if self.server.max_inputs_per_request > cfg.scheduler.max_queue:
+                raise ConfigError(
+                    f"max_inputs_per_request ({self.server.max_inputs_per_request}) exceeds max_queue "
+                    f"({cfg.scheduler.max_queue}): such a request could never be queued"
+                )
+        names = [self.server.served_model_name] + [m.name for m in self.more_models]
+        if self.more_models and len(set(names)) != len(names):
+            raise ConfigError(f"served model names must differ, got {names}; name them with --model NAME=PATH")

@@ -52,6 +52,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "embedserve"
+    kind: str | None = None  # embedding, rerank or classify (null while loading)
+    dimensions: int | None = None  # vector width, or the number of labels
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -28,14 +28,36 @@ from embedserve.http.state import Service
 log = logging.getLogger(__name__)
 
 
-def _load_engine(config: Config, svc: Service, on_fatal: Callable[[BaseException], None]):
+def _load_engines(config: Config, svc: Service, on_fatal: Callable[[BaseException], None]) -> dict:
+    """Every model loaded and warmed up, one after another, then started: {served name: engine}. With several
+    models their engines share the device in turns. A model that fails stops the start-up, named."""
+    from embedserve.config import ServedModel
     from embedserve.engine.front import Engine
+    from embedserve.engine.turns import DeviceTurns
+    from embedserve.errors import ConfigError, EmbedServeError
     from embedserve.http.metrics import EngineMetrics
 
-    engine = Engine(config.engine, observer=EngineMetrics(svc.metrics), on_fatal=on_fatal)
-    engine.warmup()
-    engine.start()
-    return engine
+    models = [ServedModel(name=svc.served_name, engine=config.engine), *config.more_models]
+    turns = DeviceTurns() if len(models) > 1 else None
+    engines: dict = {}
+    try:
+        for m in models:
+            try:
+                engine = Engine(m.engine, observer=EngineMetrics(svc.metrics), on_fatal=on_fatal, turns=turns,
+                                name=m.name)
+                engines[m.name] = engine
+                engine.warmup()
+            except EmbedServeError as e:
+                if len(models) == 1:
+                    raise
+                raise ConfigError(f"model {m.name!r} ({m.engine.model.path}): {e.message}") from e
+        for engine in engines.values():
+            engine.start()
+    except BaseException:
+        for engine in engines.values():
+            engine.shutdown()
+        raise
+    return engines
 
 
 def create_app(
@@ -63,22 +85,23 @@ def create_app(
 
             def load() -> None:
                 try:
-                    loaded = _load_engine(config, svc, lambda exc: loop.call_soon_threadsafe(engine_failed, exc))
+                    loaded = _load_engines(config, svc, lambda exc: loop.call_soon_threadsafe(engine_failed, exc))
                 except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
                     log.error("start-up failed: %s", exc)
                     if on_load_failure is not None:
                         loop.call_soon_threadsafe(on_load_failure, exc)
                     return
-                loop.call_soon_threadsafe(setattr, svc, "engine", loaded)
-                log.info("ready: serving %r", served)
+                loop.call_soon_threadsafe(svc.set_engines, loaded)
+                log.info("ready: serving %s", ", ".join(repr(n) for n in loaded))
 
             threading.Thread(target=load, name="embedserve-load", daemon=True).start()
         try:
             yield
         finally:
             svc.shutting_down = True
-            if svc.engine is not None and engine is None:
-                await loop.run_in_executor(None, svc.engine.shutdown)
+            if engine is None:
+                for e in svc.engines.values():
+                    await loop.run_in_executor(None, e.shutdown)
 
     app = Starlette(
         routes=[

@@ -27,7 +27,9 @@ class _QueueCollector:
 
     def collect(self):
         engine = self.service.engine
-        waiting, tokens, running, dropped = engine.queue_stats() if engine is not None else (0, 0, 0, 0)
+        engines = self.service.engines or ({self.service.served_name: engine} if engine is not None else {})
+        stats = [e.queue_stats() for e in engines.values()]
+        waiting, tokens, running, dropped = (sum(x) for x in zip(*stats)) if stats else (0, 0, 0, 0)
         yield GaugeMetricFamily("embedserve_queue_inputs", "Inputs waiting for a forward pass", value=waiting)
         yield GaugeMetricFamily("embedserve_queue_tokens", "Tokens of the inputs waiting", value=tokens)
         yield GaugeMetricFamily("embedserve_running_inputs", "Inputs in the forward pass now", value=running)
@@ -38,10 +40,11 @@ class _QueueCollector:
                                 value=self.service.in_flight)
         yield GaugeMetricFamily("embedserve_ready", "1 when the model is loaded and not draining",
                                 value=float(engine is not None and not self.service.shutting_down))
-        if engine is not None:
-            info = GaugeMetricFamily("embedserve_model_info", "The served model and its kind (embedding, rerank, "
+        if engines:
+            info = GaugeMetricFamily("embedserve_model_info", "Each served model and its kind (embedding, rerank, "
                                      "classify); always 1", labels=["model", "kind"])
-            info.add_metric([self.service.served_name, engine.kind], 1.0)
+            for name, e in engines.items():
+                info.add_metric([name, e.kind], 1.0)
             yield info
 
 

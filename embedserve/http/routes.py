@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedserve.engine.front import EmbedOptions
-from embedserve.errors import NotFound, PayloadTooLarge, Unauthorized, WrongModelKind
+from embedserve.errors import PayloadTooLarge, Unauthorized, WrongModelKind
 from embedserve.models.classifier import apply_activation
 from embedserve.http.state import Service
 from embedserve.protocol import (
@@ -126,9 +126,9 @@ def encode_embeddings(
 async def embeddings(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    engine = svc.require_ready()
+    svc.require_ready()
     req = decode_request(await read_body(request, svc.config.max_body_bytes))
-    check_model_name(svc, req.model)
+    name, engine = svc.pick(req.model)
     inputs = parse_input(req.input, max_items=svc.config.max_inputs_per_request)
     fmt = req.encoding_format or "float"
     options = EmbedOptions(
@@ -140,8 +140,8 @@ async def embeddings(request: Request) -> Response:
         result = await until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; uvicorn discards it
-    headers = record_result(svc, request, len(inputs), result)
-    args = (result.vectors, result.token_counts, fmt, svc.served_name, result.base64)
+    headers = record_result(svc, request, len(inputs), result, engine)
+    args = (result.vectors, result.token_counts, fmt, name, result.base64)
     if result.vectors.numel() > _ENCODE_INLINE_FLOATS:
         body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
     else:
@@ -149,19 +149,11 @@ async def embeddings(request: Request) -> Response:
     return Response(body, media_type="application/json", headers=headers)
 
 
-def check_model_name(svc: Service, name: str | None) -> None:
-    if svc.config.reject_unknown_model and name is not None and name != svc.served_name:
-        raise NotFound(
-            f"The model '{name}' does not exist; this server serves '{svc.served_name}'.",
-            param="model", code="model_not_found",
-        )
-
-
-def record_result(svc: Service, request: Request, inputs: int, result) -> dict[str, str]:
+def record_result(svc: Service, request: Request, inputs: int, result, engine) -> dict[str, str]:
     """Metrics and the access log for a finished request; the timing headers it answers with."""
     t = result.timings
     request.scope["state"]["access"].update(inputs=inputs, tokens=result.total_tokens, queue_s=t.queue_s,
-                                            kind=svc.engine.kind)
+                                            kind=engine.kind)
     m = svc.metrics
     m.tokens.inc(result.total_tokens)
     m.inputs.inc(inputs)
@@ -181,10 +173,10 @@ async def rerank(request: Request) -> Response:
     cross-encoder in the shared packed engine, answered sorted by score."""
     svc = service(request)
     check_auth(request, svc)
-    engine = svc.require_ready()
+    svc.require_ready()
     req, shape, docs = decode_rerank(await read_body(request, svc.config.max_body_bytes),
                                      max_items=svc.config.max_inputs_per_request)
-    check_model_name(svc, req.model)
+    name, engine = svc.pick(req.model)
     if engine.kind != "rerank":
         raise WrongModelKind("rerank", engine.kind, "rerank")
     work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc)
@@ -192,7 +184,7 @@ async def rerank(request: Request) -> Response:
         result = await until_disconnect(request, asyncio.ensure_future(work))
     except ClientGone:
         return Response(status_code=499)
-    headers = record_result(svc, request, len(docs), result)
+    headers = record_result(svc, request, len(docs), result, engine)
     logits = result.vectors[:, 0:1]
     raw = shape == "tei" and req.raw_scores
     values = (logits if raw else apply_activation(logits, engine.model.classifier.activation))[:, 0].tolist()
@@ -204,7 +196,7 @@ async def rerank(request: Request) -> Response:
                                 document=RerankDocument(text=docs[i]) if req.return_documents else None)
                    for i in order[: req.top_n]]
         total = result.total_tokens
-        body = RerankResponse(id=str(uuid.uuid4()), model=svc.served_name, results=results,
+        body = RerankResponse(id=str(uuid.uuid4()), model=name, results=results,
                               usage=RerankUsage(total_tokens=total, prompt_tokens=total),
                               meta=RerankMeta(billed_units=BilledUnits(search_units=1)))
     return Response(encoder.encode(body), media_type="application/json", headers=headers)
@@ -213,8 +205,11 @@ async def rerank(request: Request) -> Response:
 async def models(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    card = ModelCard(id=svc.served_name, created=svc.created)
-    return Response(encoder.encode(ModelList(data=[card])), media_type="application/json")
+    engines = svc.engines or ({svc.served_name: svc.engine} if svc.engine is not None else {})
+    cards = [ModelCard(id=name, created=svc.created, kind=e.kind, dimensions=e.dimensions) for name, e in engines.items()]
+    if not cards:  # still loading: the name is known already
+        cards = [ModelCard(id=svc.served_name, created=svc.created)]
+    return Response(encoder.encode(ModelList(data=cards)), media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:

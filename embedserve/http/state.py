@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from embedserve.config import ServerConfig
-from embedserve.errors import EngineFailed, ServiceUnavailable, ShuttingDown
+from embedserve.errors import EngineFailed, NotFound, ServiceUnavailable, ShuttingDown
 from embedserve.http.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -20,12 +20,18 @@ class Service:
         self.served_name = served_name
         self.key_bytes = tuple(k.encode() for k in config.api_keys)
         self.created = int(time.time())
-        self.engine: Engine | None = None  # set once loaded and warmed up
+        self.engine: Engine | None = None  # the default model's, set once every model is loaded and warmed up
+        self.engines: dict[str, Engine] = {}  # served name -> engine, every model (set with ``engine``)
         self.shutting_down = False
         self.failure: BaseException | None = None  # the engine stopped for good; the process is on its way out
         self.metrics: Metrics = Metrics(self)
         self.in_flight = 0
         self._drained: asyncio.Event | None = None
+
+    def set_engines(self, engines: dict[str, Engine]) -> None:
+        """Every model is loaded and warmed up: the first is the default one. Event-loop thread."""
+        self.engines = dict(engines)
+        self.engine = next(iter(self.engines.values()))
 
     def engine_failed(self, exc: BaseException) -> None:
         self.failure = exc
@@ -42,6 +48,24 @@ class Service:
         if self.engine is None:
             raise ServiceUnavailable("The model is still loading; retry shortly.")
         return self.engine
+
+    def pick(self, name: str | None) -> tuple[str, Engine]:
+        """The (served name, engine) a request's ``model`` names. One model answers any name (clients send
+        their own defaults) unless --reject-unknown-model; with several, no name means the first, and an unknown
+        one is a 404 that lists them."""
+        default = self.require_ready()
+        if len(self.engines) <= 1:
+            if self.config.reject_unknown_model and name is not None and name != self.served_name:
+                raise NotFound(f"The model '{name}' does not exist; this server serves '{self.served_name}'.",
+                               param="model", code="model_not_found")
+            return self.served_name, default
+        if name is None:
+            return self.served_name, default
+        engine = self.engines.get(name)
+        if engine is None:
+            raise NotFound(f"The model '{name}' does not exist; this server serves: {', '.join(self.engines)}.",
+                           param="model", code="model_not_found")
+        return name, engine
 
     # In-flight embedding requests, for the drain on SIGTERM. Event-loop thread only.
     def request_started(self) -> None:

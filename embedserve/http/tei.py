@@ -40,7 +40,7 @@ def _json(body, headers: dict[str, str] | None = None) -> Response:
 async def embed(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    engine = svc.require_ready()
+    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiEmbedRequest, await read_body(request, svc.config.max_body_bytes))
     if engine.kind != "embedding":
         raise WrongModelKind("embed", engine.kind, "embedding")
@@ -56,7 +56,7 @@ async def embed(request: Request) -> Response:
         result = await until_disconnect(request, asyncio.ensure_future(engine.embed(texts, options)))
     except ClientGone:
         return Response(status_code=499)
-    headers = record_result(svc, request, len(texts), result)
+    headers = record_result(svc, request, len(texts), result, engine)
     if result.vectors.numel() > 32_768:
         return Response(await run_in_threadpool(encoder.encode, result.vectors.tolist()),
                         media_type="application/json", headers=headers)
@@ -68,7 +68,7 @@ async def predict(request: Request) -> Response:
     scores (sigmoid for one label, softmax for several) unless ``raw_scores``."""
     svc = service(request)
     check_auth(request, svc)
-    engine = svc.require_ready()
+    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiPredictRequest, await read_body(request, svc.config.max_body_bytes))
     if engine.model.classifier is None:
         raise WrongModelKind("classify", engine.kind, "classify")
@@ -80,7 +80,7 @@ async def predict(request: Request) -> Response:
         result = await until_disconnect(request, asyncio.ensure_future(work))
     except ClientGone:
         return Response(status_code=499)
-    headers = record_result(svc, request, len(inputs), result)
+    headers = record_result(svc, request, len(inputs), result, engine)
     labels = engine.model.classifier.labels
     scores = result.vectors
     if not req.raw_scores:
@@ -95,14 +95,14 @@ async def predict(request: Request) -> Response:
 async def root(request: Request) -> Response:
     """TEI answers ``POST /`` with the served model's own route: embed, or predict for a classifier."""
     svc = service(request)
-    engine = svc.require_ready()
+    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     return await (embed(request) if engine.kind == "embedding" else predict(request))
 
 
 async def tokenize(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    engine = svc.require_ready()
+    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiTokenizeRequest, await read_body(request, svc.config.max_body_bytes))
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
     if req.prompt_name is not None:
@@ -115,7 +115,7 @@ async def tokenize(request: Request) -> Response:
 async def decode(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    engine = svc.require_ready()
+    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiDecodeRequest, await read_body(request, svc.config.max_body_bytes))
     ids = req.ids
     if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
@@ -132,7 +132,7 @@ async def decode(request: Request) -> Response:
 async def info(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    engine = svc.require_ready()
+    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     m = engine.model
     if m.classifier is None:
         model_type = {"embedding": {"pooling": m.spec.pooling}}

@@ -1,0 +1,72 @@
+"""Several models in one server process (--model given more than once): routed by the request's model, each
+answering as when served alone, sharing the device in turns."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from serving import run_server
+from tiny import MINILM_DIR, build_tiny_cross_encoder, build_tiny_encoder, embed_with, mixed_texts
+
+TEXTS = mixed_texts(6, seed=12)
+QUERY = "what is a search query"
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    root = tmp_path_factory.mktemp("several")
+    build_tiny_encoder(root / "xlmr", "xlm-roberta", seed=3)
+    ce = build_tiny_cross_encoder(root / "ce", "bert", seed=4)
+    flags = ["--model", f"all-MiniLM-L6-v2={MINILM_DIR}", "--model", f"small={root / 'xlmr'}", "--model", f"rr={root / 'ce'}"]
+    with run_server(root, *flags) as server:
+        yield server, root, ce
+
+
+def post(server, route, body):
+    return httpx.post(server.url + route, json=body, timeout=30)
+
+
+def test_each_name_reaches_its_model(three, st_embed):
+    server, root, ce = three
+    minilm = post(server, "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": TEXTS}).json()
+    got = np.array([d["embedding"] for d in minilm["data"]])
+    np.testing.assert_allclose(got, st_embed(TEXTS), atol=1e-5)
+    assert minilm["model"] == "all-MiniLM-L6-v2"
+    small = post(server, "/v1/embeddings", {"model": "small", "input": TEXTS}).json()
+    alone = embed_with(root / "xlmr", TEXTS)
+    assert (torch.tensor([d["embedding"] for d in small["data"]]) - alone).abs().max() <= 1e-5
+    assert small["model"] == "small"
+    ranked = post(server, "/v1/rerank", {"model": "rr", "query": QUERY, "documents": TEXTS}).json()
+    want = ce.predict([(QUERY, t) for t in TEXTS])
+    assert [r["index"] for r in ranked["results"]] == list(np.argsort(-want))
+    assert all(abs(r["relevance_score"] - want[r["index"]]) <= 1e-5 for r in ranked["results"])
+    # TEI's routes name no model: the first one answers.
+    tei = np.array(post(server, "/embed", {"inputs": TEXTS[:2]}).json())
+    np.testing.assert_allclose(tei, st_embed(TEXTS[:2]), atol=1e-5)
+
+
+def test_models_list_unknown_names_and_kinds(three):
+    server, _, _ = three
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    assert [(c["id"], c["kind"], c["dimensions"]) for c in cards] == [
+        ("all-MiniLM-L6-v2", "embedding", 384), ("small", "embedding", 36), ("rr", "rerank", 1)]
+    r = post(server, "/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "all-MiniLM-L6-v2, small, rr" in r.json()["error"]["message"]
+    r = post(server, "/v1/rerank", {"model": "small", "query": QUERY, "documents": ["a"]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind"
+    metrics = httpx.get(server.url + "/metrics").text
+    for name, kind in (("all-MiniLM-L6-v2", "embedding"), ("small", "embedding"), ("rr", "rerank")):
+        assert f'embedserve_model_info{{kind="{kind}",model="{name}"}} 1.0' in metrics
+
+
+def test_the_same_name_twice_is_refused_at_start_up(tmp_path):
+    from embedserve.cli import build_config, build_parser
+    from embedserve.errors import ConfigError
+
+    args = build_parser({}).parse_args(["serve", "--model", f"a={MINILM_DIR}", "--model", f"a={MINILM_DIR}"])
+    with pytest.raises(ConfigError, match="served model names must differ"):
+        build_config(args)

@@ -8,6 +8,7 @@ down. (huggingface_hub reads its own ``HF_*`` variables: the cache, the token, t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from embedserve.config import (
     ServedModel,
     ServerConfig,
 )
-from embedserve.errors import EmbedServeError
+from embedserve.errors import ConfigError, EmbedServeError
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -105,6 +106,10 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           "by the request's model field, the first answering requests that name none; NAME= sets the served name. "
           f"Default: the packaged {DEFAULT_MODEL_NAME}")
     f.add("--revision", help="Hub ids: the branch, tag or commit to serve; default: main")
+    f.add("--config", help="a TOML file of [[model]] tables (name, model, and per model: revision, dtype, kind, "
+          "device, attention, max_batch_tokens, max_batch_requests, chunk_tokens, max_kv_tokens, truncate); its "
+          "models are served after any --model ones, each with these flags for what it does not set",
+          metavar="FILE")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
     f.add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
@@ -173,15 +178,22 @@ def _served_name(model: str | None) -> str:
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    entries = [_named(m) for m in args.model or []] or [(None, None)]
-    first_name, first = entries[0]
-    served = first_name or args.served_model_name or _served_name(first)
-    more = tuple(
-        ServedModel(name=name or _served_name(path), engine=_engine_config(args, path, revision=None))
-        for name, path in entries[1:]
-    )
+    models = [ServedModel(name=name or "", engine=_engine_config(args, path, revision=None))
+              for name, path in (_named(m) for m in args.model or [])]
+    if args.config:
+        models += _config_file_models(args, Path(args.config))
+    if not models:
+        models = [ServedModel(name="", engine=_engine_config(args, default_model_dir(), revision=args.revision))]
+        served = args.served_model_name or DEFAULT_MODEL_NAME
+    else:
+        first = models[0]
+        if first.engine.model.revision is None and args.revision is not None:
+            models[0] = dataclasses.replace(first, engine=dataclasses.replace(
+                first.engine, model=dataclasses.replace(first.engine.model, revision=args.revision)))
+        served = first.name or args.served_model_name or _served_name(first.engine.model.path)
+    more = tuple(m if m.name else dataclasses.replace(m, name=_served_name(m.engine.model.path)) for m in models[1:])
     return Config(
-        engine=_engine_config(args, first or default_model_dir(), revision=args.revision),
+        engine=models[0].engine,
         more_models=more,
         server=ServerConfig(
             host=args.host,
@@ -196,6 +208,43 @@ def build_config(args: argparse.Namespace) -> Config:
             shutdown_grace_s=args.shutdown_grace,
         ),
     )
+
+
+# [[model]] keys of a --config file -> where they go: the model's settings, or its scheduler's.
+_MODEL_KEYS = {"revision", "dtype", "kind", "device", "attention", "pool_kernel"}
+_SCHEDULER_KEYS = {"max_batch_tokens", "max_batch_requests", "chunk_tokens", "max_kv_tokens", "max_queue"}
+_ENGINE_KEYS = {"truncate", "max_input_tokens", "max_tokens_per_request"}
+
+
+def _config_file_models(args: argparse.Namespace, path: Path) -> list[ServedModel]:
+    import tomllib
+
+    try:
+        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("model")
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--config {path}: {e}") from None
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"--config {path}: no [[model]] tables")
+    allowed = {"name", "model"} | _MODEL_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS
+    out = []
+    for i, t in enumerate(tables):
+        unknown = sorted(set(t) - allowed)
+        if unknown or "model" not in t:
+            raise ConfigError(f"--config {path}: model {i + 1}: " + (
+                f"unknown keys {', '.join(unknown)}; known: {', '.join(sorted(allowed))}" if unknown
+                else "has no 'model' (a folder or a Hub id)"))
+        engine = _engine_config(args, str(t["model"]), revision=t.get("revision"))
+        try:
+            engine = dataclasses.replace(
+                engine,
+                model=dataclasses.replace(engine.model, **{k: t[k] for k in _MODEL_KEYS & set(t)}),
+                scheduler=dataclasses.replace(engine.scheduler, **{k: t[k] for k in _SCHEDULER_KEYS & set(t)}),
+                **{k: t[k] for k in _ENGINE_KEYS & set(t)},
+            )
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: model {i + 1} ({t['model']}): {e.message}") from None
+        out.append(ServedModel(name=str(t.get("name", "")), engine=engine))
+    return out
 
 
 def _engine_config(args: argparse.Namespace, model: str, *, revision: str | None) -> EngineConfig:

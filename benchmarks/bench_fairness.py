@@ -1,0 +1,108 @@
+"""Two models in one server sharing the device: does a flood on one starve the other?
+
+    python benchmarks/bench_fairness.py [--clients 16] [--probes 40]
+
+Starts ``embedserve serve --model a=MiniLM --model b=MiniLM`` on 127.0.0.1 (two engines, one device, steps in
+turn). For each role assignment (a flooded and b probed, then swapped): first the probed model's idle latency
+(``--probes`` single short requests, one at a time); then ``--clients`` clients flood the other model with
+32-text requests while the same probes run again. Also measures one full step of the flooded model (a request
+of about ``--max-batch-tokens`` tokens on the idle server, its x-inference-time). Prints p50 / p99 of the probes
+idle and under the flood, the flooded model's step time, the bound p99(idle) + 2 steps, and any failure.
+Bounded: the flood stops when the probes are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent / "tests"))
+sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
+from corpus import mixed_corpus  # noqa: E402
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def probe(url: str, model: str, n: int, failures: list[str]) -> list[float]:
+    times = []
+    with httpx.Client(timeout=120) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post(url + "/v1/embeddings", json={"model": model, "input": [f"probe number {i}"]})
+            times.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                failures.append(f"probe {model}: {r.status_code}")
+            time.sleep(0.05)
+    return times
+
+
+def flood(url: str, model: str, texts: list[str], stop: threading.Event, failures: list[str], counts: list[int]):
+    with httpx.Client(timeout=300) as c:
+        i = 0
+        while not stop.is_set():
+            batch = [texts[(i + k) % len(texts)] for k in range(32)]
+            r = c.post(url + "/v1/embeddings", json={"model": model, "input": batch})
+            if r.status_code != 200:
+                failures.append(f"flood {model}: {r.status_code}")
+            counts.append(1)
+            i += 32
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--probes", type=int, default=40)
+    ap.add_argument("--max-batch-tokens", type=int, default=4096)
+    args = ap.parse_args()
+    from serving import run_server
+    from tiny import MINILM_DIR
+
+    texts = mixed_corpus(600)
+    with tempfile.TemporaryDirectory() as tmp, run_server(
+        Path(tmp), "--model", f"a={MINILM_DIR}", "--model", f"b={MINILM_DIR}",
+        "--max-batch-tokens", str(args.max_batch_tokens),
+    ) as server:
+        url = server.url
+        for flooded, probed in (("a", "b"), ("b", "a")):
+            failures: list[str] = []
+            probe(url, probed, 5, failures)  # warm the path
+            idle = probe(url, probed, args.probes, failures)
+            # One full step of the flooded model: about max-batch-tokens tokens in one request, on an idle server.
+            full = texts[:40]  # about 3600 tokens: one step
+            step_ms = []
+            for _ in range(3):
+                r = httpx.post(url + "/v1/embeddings", json={"model": flooded, "input": full}, timeout=120)
+                step_ms.append(float(r.headers["x-inference-time"]))
+            step = statistics.median(step_ms) / 1000
+            stop, counts = threading.Event(), []
+            workers = [threading.Thread(target=flood, args=(url, flooded, texts, stop, failures, counts))
+                       for _ in range(args.clients)]
+            for w in workers:
+                w.start()
+            time.sleep(2.0)  # the flood's queue fills
+            loaded = probe(url, probed, args.probes, failures)
+            stop.set()
+            for w in workers:
+                w.join()
+            bound = p(idle, 0.99) + 2 * step
+            print(f"flood {flooded} ({args.clients} clients x 32 texts, {len(counts)} requests), probe {probed}: "
+                  f"idle p50 {1000 * p(idle, 0.5):.0f} ms p99 {1000 * p(idle, 0.99):.0f} ms; under flood p50 "
+                  f"{1000 * p(loaded, 0.5):.0f} ms p99 {1000 * p(loaded, 0.99):.0f} ms; {flooded}'s step "
+                  f"{1000 * step:.0f} ms; bound p99(idle) + 2 steps = {1000 * bound:.0f} ms -> "
+                  f"{'within' if p(loaded, 0.99) <= bound else 'OVER'}; failures: {len(failures)} {failures[:3]}")
+
+
+if __name__ == "__main__":
+    main()

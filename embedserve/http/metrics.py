@@ -43,9 +43,23 @@ class _QueueCollector:
         if engines:
             info = GaugeMetricFamily("embedserve_model_info", "Each served model and its kind (embedding, rerank, "
                                      "classify); always 1", labels=["model", "kind"])
-            for name, e in engines.items():
+            per_model = {
+                "waiting": GaugeMetricFamily("embedserve_model_queue_inputs", "Inputs waiting, per model",
+                                             labels=["model"]),
+                "tokens": GaugeMetricFamily("embedserve_model_queue_tokens", "Tokens waiting, per model",
+                                            labels=["model"]),
+                "running": GaugeMetricFamily("embedserve_model_running_inputs", "Inputs in a forward pass, per model",
+                                             labels=["model"]),
+                "limit": GaugeMetricFamily("embedserve_model_max_queue", "Inputs a model queues before 429",
+                                           labels=["model"]),
+            }
+            for (name, e), (w, t, r, _) in zip(engines.items(), stats):
                 info.add_metric([name, e.kind], 1.0)
+                for key, value in (("waiting", w), ("tokens", t), ("running", r),
+                                   ("limit", e.scheduler.max_queue)):
+                    per_model[key].add_metric([name], value)
             yield info
+            yield from per_model.values()
 
 
 class Metrics:

@@ -61,6 +61,8 @@ def test_models_list_unknown_names_and_kinds(three):
     metrics = httpx.get(server.url + "/metrics").text
     for name, kind in (("all-MiniLM-L6-v2", "embedding"), ("small", "embedding"), ("rr", "rerank")):
         assert f'embedserve_model_info{{kind="{kind}",model="{name}"}} 1.0' in metrics
+        assert f'embedserve_model_queue_inputs{{model="{name}"}} 0.0' in metrics
+        assert f'embedserve_model_max_queue{{model="{name}"}} 16384.0' in metrics
 
 
 def test_the_same_name_twice_is_refused_at_start_up(tmp_path):

@@ -155,7 +155,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--fault-kind", default="error", choices=FAULT_KINDS, help="testing only: how the --fault-marker pass "
           "fails: error = its requests get 500; fatal = as a lost CUDA context (the engine stops, /health turns "
           "503, the process exits non-zero after --shutdown-grace); oom = as out of device memory (the step is "
-          "split and retried)")
+          "split and retried); crash = a bug that stops the model's engine (not the device): with several models "
+          "only that model fails")
 
     dl = sub.add_parser("download", help="download a Hub model into the HF cache and exit",
                         description="Download a Hugging Face Hub model (the files serving reads) into huggingface_hub's "

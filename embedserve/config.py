@@ -12,7 +12,7 @@ from embedserve.errors import ConfigError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKEN_ID_POLICIES = ("cl100k", "model")
 POOL_KERNELS = ("auto", "triton", "torch")
-FAULT_KINDS = ("error", "fatal", "oom")
+FAULT_KINDS = ("error", "fatal", "oom", "crash")
 KINDS = ("auto", "embedding", "rerank")
 ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments", "dense")
 

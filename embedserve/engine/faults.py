@@ -6,7 +6,8 @@
   device). It poisons the CUDA context: every later call fails too, so the engine stops, answers what it
   holds, and the process exits for Docker or Kubernetes to restart it.
 - ``error``: anything else (a bug, a bad input that slipped through): that step's requests fail with 500
-  and the server goes on.
+  and the server goes on. If such a fault stops an engine's thread itself (:class:`EngineCrash` fakes it), that
+  model's engine is done but the device is not: with several models, only that one fails.
 
 ``--fault-marker TEXT --fault-kind KIND`` makes any pass that holds an input equal to TEXT fail as KIND
 would, so that each path can be tested on a CPU with a real server.
@@ -46,10 +47,17 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
+class EngineCrash(BaseException):
+    """A bug that stops the engine thread (it is not an Exception, so no step's handler takes it for a failed
+    step): the test hook for an engine that dies while the device is fine."""
+
+
 def injected(kind: str) -> BaseException:
     """The exception a pass holding the fault marker raises: the same type and words as the real fault."""
     if kind == "oom":
         return torch.OutOfMemoryError("CUDA out of memory (injected by --fault-marker)")
     if kind == "fatal":
         return RuntimeError("CUDA error: an illegal memory access was encountered (injected by --fault-marker)")
+    if kind == "crash":
+        return EngineCrash("the engine thread crashed (injected by --fault-marker)")
     return RuntimeError("fault injected by --fault-marker")

@@ -714,12 +714,12 @@ class Engine:
         culprits = {e.request_id for s in failing for e in s.entries}
         log.critical(
             "the engine stopped: %s: %s. %d requests held were refused (%d in the failing step(s) with 500, the "
-            "rest with 503); new requests get 503 and the process exits for a restart.",
+            "rest with 503); new requests get 503.",
             type(exc).__name__, exc, len(pending), len(culprits & set(pending)),
         )
         for rid, p in pending.items():
             err = (_engine_error(exc) if rid in culprits else
-                   EngineFailed("The inference engine stopped after a device error; retry on another replica."))
+                   EngineFailed("The inference engine stopped; retry on another replica."))
             _answer(p, _set_exception, err)
         if self._on_fatal is not None:
             self._on_fatal(exc)

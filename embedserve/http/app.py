@@ -28,7 +28,7 @@ from embedserve.http.state import Service
 log = logging.getLogger(__name__)
 
 
-def _load_engines(config: Config, svc: Service, on_fatal: Callable[[BaseException], None]) -> dict:
+def _load_engines(config: Config, svc: Service, on_fatal: Callable[[str, BaseException], None]) -> dict:
     """Every model loaded and warmed up, one after another, then started: {served name: engine}. With several
     models their engines share the device in turns. A model that fails stops the start-up, named."""
     from embedserve.config import ServedModel
@@ -43,8 +43,8 @@ def _load_engines(config: Config, svc: Service, on_fatal: Callable[[BaseExceptio
     try:
         for m in models:
             try:
-                engine = Engine(m.engine, observer=EngineMetrics(svc.metrics), on_fatal=on_fatal, turns=turns,
-                                name=m.name)
+                engine = Engine(m.engine, observer=EngineMetrics(svc.metrics),
+                                on_fatal=lambda exc, name=m.name: on_fatal(name, exc), turns=turns, name=m.name)
                 engines[m.name] = engine
                 engine.warmup()
             except EmbedServeError as e:
@@ -83,9 +83,20 @@ def create_app(
                 if on_engine_failure is not None:
                     on_engine_failure(exc)
 
+            def model_failed(name: str, exc: BaseException) -> None:  # on the event loop
+                from embedserve.engine.faults import classify
+
+                if len(svc.engines) > 1 and classify(exc) != "fatal":
+                    # The model's own engine stopped; the device is fine: the other models go on.
+                    log.error("model %r stopped (%s: %s); the other models still serve", name, type(exc).__name__, exc)
+                    svc.model_failed(name, exc)
+                else:  # one model, or a device fault that poisons every model on it
+                    engine_failed(exc)
+
             def load() -> None:
                 try:
-                    loaded = _load_engines(config, svc, lambda exc: loop.call_soon_threadsafe(engine_failed, exc))
+                    loaded = _load_engines(config, svc,
+                                           lambda name, exc: loop.call_soon_threadsafe(model_failed, name, exc))
                 except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
                     log.error("start-up failed: %s", exc)
                     if on_load_failure is not None:

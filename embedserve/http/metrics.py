@@ -52,11 +52,14 @@ class _QueueCollector:
                                              labels=["model"]),
                 "limit": GaugeMetricFamily("embedserve_model_max_queue", "Inputs a model queues before 429",
                                            labels=["model"]),
+                "failed": GaugeMetricFamily("embedserve_model_failed", "1 once a model's engine stopped by a fault "
+                                            "of its own (the other models still serve)", labels=["model"]),
             }
             for (name, e), (w, t, r, _) in zip(engines.items(), stats):
                 info.add_metric([name, e.kind], 1.0)
                 for key, value in (("waiting", w), ("tokens", t), ("running", r),
-                                   ("limit", e.scheduler.max_queue)):
+                                   ("limit", e.scheduler.max_queue),
+                                   ("failed", float(name in self.service.failed_models))):
                     per_model[key].add_metric([name], value)
             yield info
             yield from per_model.values()

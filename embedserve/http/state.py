@@ -22,6 +22,7 @@ class Service:
         self.created = int(time.time())
         self.engine: Engine | None = None  # the default model's, set once every model is loaded and warmed up
         self.engines: dict[str, Engine] = {}  # served name -> engine, every model (set with ``engine``)
+        self.failed_models: dict[str, BaseException] = {}  # engines stopped by a fault of their own
         self.shutting_down = False
         self.failure: BaseException | None = None  # the engine stopped for good; the process is on its way out
         self.metrics: Metrics = Metrics(self)
@@ -32,6 +33,10 @@ class Service:
         """Every model is loaded and warmed up: the first is the default one. Event-loop thread."""
         self.engines = dict(engines)
         self.engine = next(iter(self.engines.values()))
+
+    def model_failed(self, name: str, exc: BaseException) -> None:
+        """One model's engine stopped by a fault of its own (the device is fine): only its requests fail."""
+        self.failed_models[name] = exc
 
     def engine_failed(self, exc: BaseException) -> None:
         self.failure = exc
@@ -54,6 +59,9 @@ class Service:
         their own defaults) unless --reject-unknown-model; with several, no name means the first, and an unknown
         one is a 404 that lists them."""
         default = self.require_ready()
+        if name in self.failed_models or (name is None and self.served_name in self.failed_models):
+            raise EngineFailed(f"The model '{name or self.served_name}' stopped after an internal error; the other "
+                               "models still serve. It comes back when the server restarts.")
         if len(self.engines) <= 1:
             if self.config.reject_unknown_model and name is not None and name != self.served_name:
                 raise NotFound(f"The model '{name}' does not exist; this server serves '{self.served_name}'.",

@@ -91,3 +91,26 @@ def test_a_config_file_gives_each_model_its_own_kind(tmp_path, st_embed):
         assert r.status_code == 200 and len(r.json()["results"]) == len(TEXTS)
         assert httpx.get(server.url + "/info").json()["max_batch_tokens"] == 4096  # /info is the first model's
     assert "max batch 2048 tokens" in server.output()  # the reranker's own budget
+
+
+def test_a_model_whose_engine_stops_fails_alone(tmp_path, st_embed):
+    """A fault that stops one model's engine (not the device) fails only that model: its requests get 503,
+    the other model keeps serving, /health and /ready stay 200, /metrics marks it."""
+    build_tiny_encoder(tmp_path / "xlmr", "xlm-roberta", seed=3)
+    flags = ["--model", f"mini={MINILM_DIR}", "--model", f"small={tmp_path / 'xlmr'}",
+             "--fault-marker", "BOOM", "--fault-kind", "crash"]
+    with run_server(tmp_path, *flags) as server:
+        assert post(server, "/v1/embeddings", {"model": "small", "input": "BOOM"}).status_code == 503
+        r = post(server, "/v1/embeddings", {"model": "small", "input": "hello"})
+        assert r.status_code == 503 and "'small' stopped" in r.json()["error"]["message"], r.text
+        ok = post(server, "/v1/embeddings", {"model": "mini", "input": TEXTS[:2]})
+        assert ok.status_code == 200
+        np.testing.assert_allclose(np.array([d["embedding"] for d in ok.json()["data"]]), st_embed(TEXTS[:2]),
+                                   atol=1e-5)
+        assert httpx.get(server.url + "/health").status_code == 200
+        assert httpx.get(server.url + "/ready").status_code == 200
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'embedserve_model_failed{model="small"} 1.0' in metrics
+        assert 'embedserve_model_failed{model="mini"} 0.0' in metrics
+        assert server.proc.poll() is None  # still running
+    assert "model 'small' stopped" in server.output()

@@ -65,13 +65,13 @@ class AccessMiddleware:
             if path not in ("/health", "/ready", "/metrics") or status >= 400:
                 fields = {
                     "method": scope["method"], "path": path, "status": status,
-                    "kind": access.get("kind", "-"), "inputs": access.get("inputs", 0),
+                    "kind": access.get("kind", "-"), "model": access.get("model", "-"),
+                    "inputs": access.get("inputs", 0),
                     "tokens": access.get("tokens", 0),
                     "queue_ms": round(1000 * access.get("queue_s", 0.0), 2), "total_ms": round(1000 * total_s, 2),
                     "request_id": request_id,
                 }
                 log.info(
-                    "%(method)s %(path)s %(status)d kind=%(kind)s inputs=%(inputs)d tokens=%(tokens)d "
-                    "queue_ms=%(queue_ms).1f "
-                    "total_ms=%(total_ms).1f id=%(request_id)s", fields, extra={"fields": fields},
+                    "%(method)s %(path)s %(status)d kind=%(kind)s model=%(model)s inputs=%(inputs)d "
+                    "tokens=%(tokens)d queue_ms=%(queue_ms).1f total_ms=%(total_ms).1f id=%(request_id)s", fields, extra={"fields": fields},
                 )

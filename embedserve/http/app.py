@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def _load_engines(config: Config, svc: Service, on_fatal: Callable[[str, BaseException], None]) -> dict:
-    """Every model loaded and warmed up, one after another, then started: {served name: engine}. With several
-    models their engines share the device in turns. A model that fails stops the start-up, named."""
+    """Every model loaded, then each warmed up with all the weights resident, then all started: {served name:
+    engine}. With several models their engines share the device in turns, so what must fit is every model's
+    weights plus the largest step of any one; each warm-up runs its largest step beside all the weights, so a
+    set that cannot fit fails here, naming the models and the flag to lower. A model that fails to load stops
+    the start-up, named."""
     from embedserve.config import ServedModel
     from embedserve.engine.front import Engine
     from embedserve.engine.turns import DeviceTurns
@@ -40,17 +43,23 @@ def _load_engines(config: Config, svc: Service, on_fatal: Callable[[str, BaseExc
     models = [ServedModel(name=svc.served_name, engine=config.engine), *config.more_models]
     turns = DeviceTurns() if len(models) > 1 else None
     engines: dict = {}
+    names = ", ".join(m.name for m in models)
     try:
-        for m in models:
-            try:
-                engine = Engine(m.engine, observer=EngineMetrics(svc.metrics),
-                                on_fatal=lambda exc, name=m.name: on_fatal(name, exc), turns=turns, name=m.name)
-                engines[m.name] = engine
-                engine.warmup()
-            except EmbedServeError as e:
-                if len(models) == 1:
-                    raise
-                raise ConfigError(f"model {m.name!r} ({m.engine.model.path}): {e.message}") from e
+        for stage in ("load", "warm up"):
+            for m in models:
+                try:
+                    if stage == "load":
+                        engines[m.name] = Engine(
+                            m.engine, observer=EngineMetrics(svc.metrics), turns=turns, name=m.name,
+                            on_fatal=lambda exc, name=m.name: on_fatal(name, exc))
+                    else:
+                        engines[m.name].warmup()
+                except EmbedServeError as e:
+                    if len(models) == 1:
+                        raise
+                    beside = f", beside the weights of {names}" if stage == "warm up" else ""
+                    raise ConfigError(f"model {m.name!r} ({m.engine.model.path}) failed to {stage}{beside}: "
+                                      f"{e.message}") from e
         for engine in engines.values():
             engine.start()
     except BaseException:

@@ -153,7 +153,7 @@ def record_result(svc: Service, request: Request, inputs: int, result, engine) -
     """Metrics and the access log for a finished request; the timing headers it answers with."""
     t = result.timings
     request.scope["state"]["access"].update(inputs=inputs, tokens=result.total_tokens, queue_s=t.queue_s,
-                                            kind=engine.kind)
+                                            kind=engine.kind, model=getattr(engine, "name", "-"))
     m = svc.metrics
     m.tokens.inc(result.total_tokens)
     m.inputs.inc(inputs)

@@ -57,8 +57,11 @@ class Service:
     def pick(self, name: str | None) -> tuple[str, Engine]:
         """The (served name, engine) a request's ``model`` names. One model answers any name (clients send
         their own defaults) unless --reject-unknown-model; with several, no name means the first, and an unknown
-        one is a 404 that lists them."""
-        default = self.require_ready()
+        one is a 404 that lists them. Call :meth:`require_ready` first, as the request arrives: a request already
+        accepted is answered even if a drain begins while its body is read."""
+        default = self.engine
+        if default is None:
+            raise ServiceUnavailable("The model is still loading; retry shortly.")
         if name in self.failed_models or (name is None and self.served_name in self.failed_models):
             raise EngineFailed(f"The model '{name or self.served_name}' stopped after an internal error; the other "
                                "models still serve. It comes back when the server restarts.")

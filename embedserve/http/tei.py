@@ -40,6 +40,7 @@ def _json(body, headers: dict[str, str] | None = None) -> Response:
 async def embed(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
+    svc.require_ready()
     _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiEmbedRequest, await read_body(request, svc.config.max_body_bytes))
     if engine.kind != "embedding":
@@ -68,6 +69,7 @@ async def predict(request: Request) -> Response:
     scores (sigmoid for one label, softmax for several) unless ``raw_scores``."""
     svc = service(request)
     check_auth(request, svc)
+    svc.require_ready()
     _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiPredictRequest, await read_body(request, svc.config.max_body_bytes))
     if engine.model.classifier is None:
@@ -95,6 +97,7 @@ async def predict(request: Request) -> Response:
 async def root(request: Request) -> Response:
     """TEI answers ``POST /`` with the served model's own route: embed, or predict for a classifier."""
     svc = service(request)
+    svc.require_ready()
     _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     return await (embed(request) if engine.kind == "embedding" else predict(request))
 
@@ -102,6 +105,7 @@ async def root(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
+    svc.require_ready()
     _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiTokenizeRequest, await read_body(request, svc.config.max_body_bytes))
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
@@ -115,6 +119,7 @@ async def tokenize(request: Request) -> Response:
 async def decode(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
+    svc.require_ready()
     _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     req = decode_tei(TeiDecodeRequest, await read_body(request, svc.config.max_body_bytes))
     ids = req.ids
@@ -132,6 +137,7 @@ async def decode(request: Request) -> Response:
 async def info(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
+    svc.require_ready()
     _, engine = svc.pick(None)  # TEI's routes name no model: the default one
     m = engine.model
     if m.classifier is None:

@@ -47,7 +47,7 @@ def test_metrics_move_as_requests_flow_and_headers_tell_the_times(server):
     generated = post(server, {"input": "x"}).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
     log = server.output()
-    assert re.search(r"POST /v1/embeddings 200 kind=embedding inputs=2 tokens=7 queue_ms=[0-9.]+ total_ms=[0-9.]+ id=req-42", log)
+    assert re.search(r"POST /v1/embeddings 200 kind=embedding model=all-MiniLM-L6-v2 inputs=2 tokens=7 queue_ms=[0-9.]+ total_ms=[0-9.]+ id=req-42", log)
 
 
 def test_limits_each_return_their_status(tmp_path):

@@ -140,4 +140,4 @@ def test_metrics_and_the_access_log_carry_the_route_and_the_kind(reranker):
     text = httpx.get(server.url + "/metrics").text
     assert 'embedserve_model_info{kind="rerank",model="tiny-reranker"} 1.0' in text
     assert 'embedserve_requests_total{route="/v1/rerank",status="200"}' in text
-    assert "POST /v1/rerank 200 kind=rerank inputs=2" in server.output()
+    assert "POST /v1/rerank 200 kind=rerank model=tiny-reranker inputs=2" in server.output()

@@ -114,3 +114,10 @@ def test_a_model_whose_engine_stops_fails_alone(tmp_path, st_embed):
         assert 'embedserve_model_failed{model="mini"} 0.0' in metrics
         assert server.proc.poll() is None  # still running
     assert "model 'small' stopped" in server.output()
+
+
+def test_a_model_that_cannot_load_stops_the_start_up_naming_it(tmp_path):
+    flags = ["--model", f"mini={MINILM_DIR}", "--model", f"ghost={tmp_path / 'nowhere'}"]
+    with run_server(tmp_path, *flags, wait_ready=False) as server:
+        assert server.proc.wait(120) != 0
+    assert f"model 'ghost' ({tmp_path / 'nowhere'}) failed to load" in server.output()

@@ -53,6 +53,7 @@ from embedserve.errors import (
 from embedserve.kernels.attention import select_backend
 from embedserve.kernels.linear import select_linear_backend
 from embedserve.kernels.pool_encode import select_pool_backend
+from embedserve.models.classifier import apply_activation
 from embedserve.models.hub import resolve as resolve_model
 from embedserve.models.sentence import LoadedModel, load_model
 
@@ -404,6 +405,12 @@ class Engine:
         truncate = self.config.truncate if truncate is None else truncate
         return await self._submit(self._prepare_pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False,
                                   False)
+
+    def scores(self, logits: torch.Tensor, *, raw: bool = False, activation: str | None = None) -> torch.Tensor:
+        """:meth:`score`'s logits as scores: the model's declared activation, the one named, or raw."""
+        if raw:
+            return logits
+        return apply_activation(logits, activation or self.model.classifier.activation)
 
     def _prepare_pairs(self, pairs: Sequence[tuple[str, str | None]], truncate: bool, max_doc_tokens: int | None
                        ) -> tuple[list[list[int]], list[int]]:

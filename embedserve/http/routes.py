@@ -15,7 +15,6 @@ from starlette.responses import Response
 
 from embedserve.engine.front import EmbedOptions
 from embedserve.errors import PayloadTooLarge, Unauthorized, WrongModelKind
-from embedserve.models.classifier import apply_activation
 from embedserve.http.state import Service
 from embedserve.protocol import (
     EmbeddingItem,
@@ -187,7 +186,7 @@ async def rerank(request: Request) -> Response:
     headers = record_result(svc, request, len(docs), result, engine)
     logits = result.vectors[:, 0:1]
     raw = shape == "tei" and req.raw_scores
-    values = (logits if raw else apply_activation(logits, engine.model.classifier.activation))[:, 0].tolist()
+    values = engine.scores(logits, raw=raw)[:, 0].tolist()
     order = sorted(range(len(docs)), key=lambda i: -values[i])
     if shape == "tei":
         body = [TeiRank(index=i, score=values[i], text=docs[i] if req.return_text else None) for i in order]

@@ -18,7 +18,6 @@ import embedserve
 from embedserve.engine.front import EmbedOptions
 from embedserve.errors import InvalidRequest, WrongModelKind
 from embedserve.http.routes import ClientGone, check_auth, read_body, record_result, service, until_disconnect
-from embedserve.models.classifier import apply_activation
 from embedserve.protocol import (
     TeiDecodeRequest,
     TeiEmbedRequest,
@@ -33,15 +32,20 @@ from embedserve.protocol import (
 )
 
 
+def _default_model(request: Request):
+    """(service, engine) for a TEI route: authorised, ready, and the default model (TEI's bodies name none)."""
+    svc = service(request)
+    check_auth(request, svc)
+    svc.require_ready()
+    return svc, svc.pick(None)[1]
+
+
 def _json(body, headers: dict[str, str] | None = None) -> Response:
     return Response(encoder.encode(body), media_type="application/json", headers=headers)
 
 
 async def embed(request: Request) -> Response:
-    svc = service(request)
-    check_auth(request, svc)
-    svc.require_ready()
-    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
+    svc, engine = _default_model(request)
     req = decode_tei(TeiEmbedRequest, await read_body(request, svc.config.max_body_bytes))
     if engine.kind != "embedding":
         raise WrongModelKind("embed", engine.kind, "embedding")
@@ -67,10 +71,7 @@ async def embed(request: Request) -> Response:
 async def predict(request: Request) -> Response:
     """Labels and scores of a sequence classifier (or a cross-encoder's one label) for texts or pairs: TEI's
     scores (sigmoid for one label, softmax for several) unless ``raw_scores``."""
-    svc = service(request)
-    check_auth(request, svc)
-    svc.require_ready()
-    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
+    svc, engine = _default_model(request)
     req = decode_tei(TeiPredictRequest, await read_body(request, svc.config.max_body_bytes))
     if engine.model.classifier is None:
         raise WrongModelKind("classify", engine.kind, "classify")
@@ -86,7 +87,7 @@ async def predict(request: Request) -> Response:
     labels = engine.model.classifier.labels
     scores = result.vectors
     if not req.raw_scores:
-        scores = apply_activation(scores, "sigmoid" if len(labels) == 1 else "softmax")
+        scores = engine.scores(scores, activation="sigmoid" if len(labels) == 1 else "softmax")
     answers = []
     for row in scores.tolist():
         ranked = sorted((TeiPrediction(score=s, label=labels[j]) for j, s in enumerate(row)), key=lambda p: -p.score)
@@ -96,17 +97,12 @@ async def predict(request: Request) -> Response:
 
 async def root(request: Request) -> Response:
     """TEI answers ``POST /`` with the served model's own route: embed, or predict for a classifier."""
-    svc = service(request)
-    svc.require_ready()
-    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
+    _, engine = _default_model(request)
     return await (embed(request) if engine.kind == "embedding" else predict(request))
 
 
 async def tokenize(request: Request) -> Response:
-    svc = service(request)
-    check_auth(request, svc)
-    svc.require_ready()
-    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
+    svc, engine = _default_model(request)
     req = decode_tei(TeiTokenizeRequest, await read_body(request, svc.config.max_body_bytes))
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
     if req.prompt_name is not None:
@@ -117,10 +113,7 @@ async def tokenize(request: Request) -> Response:
 
 
 async def decode(request: Request) -> Response:
-    svc = service(request)
-    check_auth(request, svc)
-    svc.require_ready()
-    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
+    svc, engine = _default_model(request)
     req = decode_tei(TeiDecodeRequest, await read_body(request, svc.config.max_body_bytes))
     ids = req.ids
     if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
@@ -135,10 +128,7 @@ async def decode(request: Request) -> Response:
 
 
 async def info(request: Request) -> Response:
-    svc = service(request)
-    check_auth(request, svc)
-    svc.require_ready()
-    _, engine = svc.pick(None)  # TEI's routes name no model: the default one
+    svc, engine = _default_model(request)
     m = engine.model
     if m.classifier is None:
         model_type = {"embedding": {"pooling": m.spec.pooling}}

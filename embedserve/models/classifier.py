@@ -16,6 +16,7 @@ for one label unless it says otherwise) is applied by the engine, so that a requ
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,5 @@ class YesNoHead(nn.Module):
 
 def head_tensor_names(head: nn.Module, checkpoint_names: set[str]) -> tuple[str, ...]:
     """Regexes for the checkpoint tensors ``head`` loads, so the encoder's strict load may pass over them."""
-    import re
-
     names = {n for m in head.weight_maps() for sources in m.values() for n in sources}
     return tuple(re.escape(n) for n in sorted(names & checkpoint_names))

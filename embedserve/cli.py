@@ -107,7 +107,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           f"Default: the packaged {DEFAULT_MODEL_NAME}")
     f.add("--revision", help="Hub ids: the branch, tag or commit to serve; default: main")
     f.add("--config", help="a TOML file of [[model]] tables (name, model, and per model: revision, dtype, kind, "
-          "device, attention, max_batch_tokens, max_batch_requests, chunk_tokens, max_kv_tokens, truncate); its "
+          "device, attention, max_batch_tokens, max_batch_requests, chunk_tokens, max_kv_tokens, truncate, prompts = "
+          "{NAME = TEXT}, default_prompt_name); its "
           "models are served after any --model ones, each with these flags for what it does not set",
           metavar="FILE")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
@@ -212,7 +213,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 # [[model]] keys of a --config file -> where they go: the model's settings, or its scheduler's.
-_MODEL_KEYS = {"revision", "dtype", "kind", "device", "attention", "pool_kernel"}
+_MODEL_KEYS = {"revision", "dtype", "kind", "device", "attention", "pool_kernel", "default_prompt_name"}
 _SCHEDULER_KEYS = {"max_batch_tokens", "max_batch_requests", "chunk_tokens", "max_kv_tokens", "max_queue"}
 _ENGINE_KEYS = {"truncate", "max_input_tokens", "max_tokens_per_request"}
 
@@ -226,7 +227,7 @@ def _config_file_models(args: argparse.Namespace, path: Path) -> list[ServedMode
         raise ConfigError(f"--config {path}: {e}") from None
     if not isinstance(tables, list) or not tables:
         raise ConfigError(f"--config {path}: no [[model]] tables")
-    allowed = {"name", "model"} | _MODEL_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS
+    allowed = {"name", "model", "prompts"} | _MODEL_KEYS | _SCHEDULER_KEYS | _ENGINE_KEYS
     out = []
     for i, t in enumerate(tables):
         unknown = sorted(set(t) - allowed)
@@ -235,10 +236,14 @@ def _config_file_models(args: argparse.Namespace, path: Path) -> list[ServedMode
                 f"unknown keys {', '.join(unknown)}; known: {', '.join(sorted(allowed))}" if unknown
                 else "has no 'model' (a folder or a Hub id)"))
         engine = _engine_config(args, str(t["model"]), revision=t.get("revision"))
+        prompts = t.get("prompts", {})
         try:
+            if not isinstance(prompts, dict):
+                raise ConfigError(f"prompts must be a table of name = text, got {prompts!r}")
             engine = dataclasses.replace(
                 engine,
-                model=dataclasses.replace(engine.model, **{k: t[k] for k in _MODEL_KEYS & set(t)}),
+                model=dataclasses.replace(engine.model, **{k: t[k] for k in _MODEL_KEYS & set(t)},
+                                          prompts=tuple(prompts.items())),
                 scheduler=dataclasses.replace(engine.scheduler, **{k: t[k] for k in _SCHEDULER_KEYS & set(t)}),
                 **{k: t[k] for k in _ENGINE_KEYS & set(t)},
             )

@@ -39,8 +39,17 @@ class ModelConfig:
     kind: str = "auto"
     """auto: embedding, or what a sequence-classification checkpoint is; rerank: also a causal LM scored by its
     yes / no logits (Qwen3-Reranker)."""
+    prompts: tuple[tuple[str, str], ...] = ()
+    """(name, text) prompts added to (or replacing) the folder's sentence-transformers prompts."""
+    default_prompt_name: str | None = None
+    """The prompt applied when a request names none; "" for none, None: the folder's default."""
 
     def __post_init__(self) -> None:
+        for name, text in self.prompts:
+            if not (isinstance(name, str) and name and isinstance(text, str)):
+                raise ConfigError(f"prompts must map names to texts, got {name!r} = {text!r}")
+        if self.default_prompt_name is not None and not isinstance(self.default_prompt_name, str):
+            raise ConfigError(f"default_prompt_name must be a prompt's name, got {self.default_prompt_name!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ATTENTION_BACKENDS:

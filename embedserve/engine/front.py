@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from embedserve.config import EngineConfig
+from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine.device import bind_thread, release_cached_memory, resolve_device, resolve_dtype
 from embedserve.engine.faults import classify, injected
 from embedserve.engine.runner import Chunk, Runner, StepHandle
@@ -186,6 +186,7 @@ class Engine:
         self.source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
         self.model: LoadedModel = load_model(self.source.directory, dtype=self.dtype, device=self.device,
                                              kind=config.model.kind)
+        self._configure_prompts(config.model)
         self.linear_backend = select_linear_backend(self.device, self.dtype)
         self.model.encoder.linear_backend = self.linear_backend
         max_length = self.model.max_length
@@ -280,6 +281,20 @@ class Engine:
             self.linear_backend, self.pool_backend, self._head_words(), self.model.dimensions, self.max_length,
             self.max_batch_tokens, sc.max_batch_requests, self._depth,
         )
+
+    def _configure_prompts(self, cfg: ModelConfig) -> None:
+        """The configured prompts over the folder's; the default must be one of them."""
+        spec = self.model.spec
+        if not cfg.prompts and cfg.default_prompt_name is None:
+            return
+        prompts = {**spec.prompts, **dict(cfg.prompts)}
+        default = spec.default_prompt_name if cfg.default_prompt_name is None else (cfg.default_prompt_name or None)
+        if default is not None and default not in prompts:
+            raise ConfigError(f"default_prompt_name {default!r} is not one of this model's prompts: "
+                              f"{', '.join(sorted(prompts)) or 'none'}")
+        self.model.spec = dataclasses.replace(spec, prompts=prompts, default_prompt_name=default)
+        log.info("prompts: %s; default: %s", ", ".join(f"{k}={v!r}" for k, v in prompts.items()) or "none",
+                 default or "none")
 
     def _head_words(self) -> str:
         m = self.model

@@ -55,6 +55,30 @@ def test_qwen3_folder_with_prompts_matches_sentence_transformers(qwen3_folder):
         engine.shutdown()
 
 
+def test_configured_prompts_join_the_folders_and_may_name_the_default(qwen3_folder):
+    """--config's prompts add to the folder's (or replace one of the same name) and may set the default."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedserve.errors import ConfigError
+
+    texts = mixed_texts(6, seed=9)
+    st = SentenceTransformer(str(qwen3_folder), device="cpu")
+    engine = Engine(EngineConfig(model=model_config(
+        qwen3_folder, prompts=(("title", "Title: "), ("document", "Doc: ")), default_prompt_name="title")))
+    engine.start()
+    try:
+        for name, text in ((None, "Title: "), ("document", "Doc: "), ("query", PROMPTS["query"])):
+            ref = st.encode(texts, prompt=text, convert_to_tensor=True)
+            got = asyncio.run(engine.embed(texts, EmbedOptions(prompt_name=name)))
+            assert F.cosine_similarity(got.vectors, ref).min() >= 0.9999, name
+    finally:
+        engine.shutdown()
+    with pytest.raises(ConfigError, match="default_prompt_name 'passage' is not one of this model's prompts: "
+                                          "document, query, title"):
+        Engine(EngineConfig(model=model_config(qwen3_folder, prompts=(("title", "T: "),),
+                                               default_prompt_name="passage")))
+
+
 def add_dense(folder, index: int, n_in: int, n_out: int, seed: int) -> dict:
     from safetensors.torch import save_file
 

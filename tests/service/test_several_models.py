@@ -75,18 +75,27 @@ def test_the_same_name_twice_is_refused_at_start_up(tmp_path):
 
 
 def test_a_config_file_gives_each_model_its_own_kind(tmp_path, st_embed):
-    """An embedder and a Qwen3-Reranker (a causal LM that only `kind = "rerank"` makes a reranker) side by side."""
+    """An embedder with prompts of its own (an e5-style query / passage pair the folder does not ship) and a
+    Qwen3-Reranker (a causal LM that only `kind = "rerank"` makes a reranker) side by side."""
     from tiny import build_tiny_qwen3_reranker
 
     build_tiny_qwen3_reranker(tmp_path / "qwen3")
     (tmp_path / "models.toml").write_text(
-        f'[[model]]\nname = "mini"\nmodel = "{MINILM_DIR}"\n\n'
+        f'[[model]]\nname = "mini"\nmodel = "{MINILM_DIR}"\n'
+        'prompts = { query = "query: ", passage = "passage: " }\ndefault_prompt_name = "query"\n\n'
         f'[[model]]\nname = "rr"\nmodel = "{tmp_path / "qwen3"}"\nkind = "rerank"\nmax_batch_tokens = 2048\n')
     with run_server(tmp_path, "--config", str(tmp_path / "models.toml")) as server:
         cards = httpx.get(server.url + "/v1/models").json()["data"]
         assert [(c["id"], c["kind"]) for c in cards] == [("mini", "embedding"), ("rr", "rerank")]
         got = post(server, "/v1/embeddings", {"model": "mini", "input": TEXTS[:2]}).json()["data"]
-        np.testing.assert_allclose(np.array([d["embedding"] for d in got]), st_embed(TEXTS[:2]), atol=1e-5)
+        np.testing.assert_allclose(np.array([d["embedding"] for d in got]), st_embed(TEXTS[:2], prompt="query: "),
+                                   atol=1e-5)  # the configured default prompt
+        got = post(server, "/v1/embeddings", {"model": "mini", "input": TEXTS[:2], "prompt_name": "passage"})
+        np.testing.assert_allclose(np.array([d["embedding"] for d in got.json()["data"]]),
+                                   st_embed(TEXTS[:2], prompt="passage: "), atol=1e-5)
+        assert not np.allclose(st_embed(TEXTS[:2], prompt="passage: "), st_embed(TEXTS[:2]), atol=1e-3)
+        bad = post(server, "/v1/embeddings", {"model": "mini", "input": "x", "prompt_name": "title"})
+        assert bad.status_code == 400 and "passage, query" in bad.json()["error"]["message"]
         r = post(server, "/v1/rerank", {"model": "rr", "query": QUERY, "documents": TEXTS})
         assert r.status_code == 200 and len(r.json()["results"]) == len(TEXTS)
         assert httpx.get(server.url + "/info").json()["max_batch_tokens"] == 4096  # /info is the first model's

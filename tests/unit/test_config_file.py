@@ -42,7 +42,18 @@ def test_models_from_flags_come_first(tmp_path):
     assert c.server.served_model_name == "one" and [m.name for m in c.more_models] == ["two"]
 
 
+def test_prompts_per_model(tmp_path):
+    c = config_for(tmp_path, '[[model]]\nmodel = "/m/e5"\nprompts = { query = "query: ", passage = "passage: " }\n'
+                             'default_prompt_name = "query"\n\n[[model]]\nmodel = "/m/plain"\n')
+    assert dict(c.engine.model.prompts) == {"query": "query: ", "passage": "passage: "}
+    assert c.engine.model.default_prompt_name == "query"
+    (plain,) = c.more_models
+    assert (plain.engine.model.prompts, plain.engine.model.default_prompt_name) == ((), None)
+
+
 @pytest.mark.parametrize("text, message", [
+    ('[[model]]\nmodel = "/m"\nprompts = "query: "\n', "model 1 \\(/m\\): prompts must be a table"),
+    ('[[model]]\nmodel = "/m"\nprompts = { query = 3 }\n', "prompts must map names to texts"),
     ('[[model]]\nmodel = "/m"\ncolour = "blue"\n', "unknown keys colour"),
     ('[[model]]\nname = "x"\n', "has no 'model'"),
     ('[[model]]\nmodel = "/m"\ndtype = "int3"\n', "model 1 \\(/m\\): dtype must be one of"),

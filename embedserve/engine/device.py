@@ -90,3 +90,37 @@ def release_cached_memory(device: torch.device) -> None:
     """Hand the allocator's cached blocks back after an out-of-memory, before retrying smaller."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _cpu_limit() -> tuple[int, str] | None:
+    """The tightest memory limit this process runs under, in bytes, and what sets it."""
+    import resource
+
+    found = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(path, encoding="ascii").read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:
+            found.append((int(raw), "the container's limit"))
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        found.append((soft, "the address-space limit (ulimit -v)"))
+    return min(found) if found else None
+
+
+def memory_words(device: torch.device) -> str:
+    """What the process holds at its peak so far and what it may hold, for the start-up log."""
+    mib = 1 << 20
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return f"{device}: peak {peak // mib} MiB allocated, {free // mib} of {total // mib} MiB free"
+    try:
+        status = open("/proc/self/status", encoding="ascii").read()
+        peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return "cpu: peak unknown"
+    limit = _cpu_limit()
+    return f"cpu: peak resident {peak // mib} MiB" + (f"; limit {limit[0] // mib} MiB, {limit[1]}" if limit else "")

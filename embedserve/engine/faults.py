@@ -1,6 +1,6 @@
 """What a failed forward pass means for the process, and the test hook that fakes each kind.
 
-- ``oom``: the step did not fit in device memory. Nothing is broken: the engine splits the step and retries,
+- ``oom``: the step did not fit in device memory (on the CPU: an allocation was refused). Nothing is broken: the engine splits the step and retries,
   and refuses only an input that does not fit on its own.
 - ``fatal``: a CUDA error other than out-of-memory (an illegal address, a device-side assert, a lost
   device). It poisons the CUDA context: every later call fails too, so the engine stops, answers what it
@@ -29,7 +29,10 @@ _FATAL_WORDS = (
     "CUDNN_STATUS_",
     "cuDNN error",
 )
-_OOM_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+# The CPU allocator's words when an allocation is refused (an address-space or container limit): as on CUDA,
+# nothing is broken, the step only did not fit.
+_OOM_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+              "DefaultCPUAllocator: can't allocate memory")
 
 
 def classify(exc: BaseException) -> str:

@@ -331,10 +331,12 @@ class Engine:
         started = time.perf_counter()
         try:
             self.runner.run([ids] * count, [self.dimensions] * count, [False] * count)
-        except torch.OutOfMemoryError as e:
+        except Exception as e:
+            if classify(e) != "oom":
+                raise
             raise ConfigError(
-                f"warm-up pass of {count * len(ids)} tokens ran out of device memory; lower --max-batch-tokens "
-                f"(now {self.max_batch_tokens}): {e}"
+                f"warm-up pass of {count * len(ids)} tokens ran out of {self.device.type.upper()} memory; lower "
+                f"--max-batch-tokens (now {self.max_batch_tokens}): {e}"
             ) from e
         log.info("warm-up: %d inputs, %d tokens in %.2fs", count, count * len(ids), time.perf_counter() - started)
         if self.chunk_tokens is not None and self.max_length > self.chunk_tokens:
@@ -361,11 +363,13 @@ class Engine:
                 chunks = [Chunk(key, start, length, start + n == length)] + [None] * fill
                 B = len(inputs)
                 self.runner.run(inputs, [self.dimensions] * B, [False] * B, [False] * B, chunks)
-        except torch.OutOfMemoryError as e:
+        except Exception as e:
+            if classify(e) != "oom":
+                raise
             raise ConfigError(
                 f"warm-up of a {length}-token input in chunks of {chunk} beside full steps of "
-                f"{self.max_batch_tokens} tokens, with {self.max_kv_tokens} key-cache tokens held, ran out of device "
-                f"memory; lower --max-kv-tokens (now {self.max_kv_tokens}) or --max-batch-tokens (now "
+                f"{self.max_batch_tokens} tokens, with {self.max_kv_tokens} key-cache tokens held, ran out of "
+                f"{self.device.type.upper()} memory; lower --max-kv-tokens (now {self.max_kv_tokens}) or --max-batch-tokens (now "
                 f"{self.max_batch_tokens}): {e}"
             ) from e
         finally:

@@ -35,6 +35,7 @@ def _load_engines(config: Config, svc: Service, on_fatal: Callable[[str, BaseExc
     set that cannot fit fails here, naming the models and the flag to lower. A model that fails to load stops
     the start-up, named."""
     from embedserve.config import ServedModel
+    from embedserve.engine.device import memory_words
     from embedserve.engine.front import Engine
     from embedserve.engine.turns import DeviceTurns
     from embedserve.errors import ConfigError, EmbedServeError
@@ -60,6 +61,8 @@ def _load_engines(config: Config, svc: Service, on_fatal: Callable[[str, BaseExc
                     beside = f", beside the weights of {names}" if stage == "warm up" else ""
                     raise ConfigError(f"model {m.name!r} ({m.engine.model.path}) failed to {stage}{beside}: "
                                       f"{e.message}") from e
+        devices = {e.device: None for e in engines.values()}
+        log.info("memory after every warm-up: %s", "; ".join(memory_words(d) for d in devices))
         for engine in engines.values():
             engine.start()
     except BaseException:

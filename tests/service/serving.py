@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -36,7 +37,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True):
+def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True,
+               address_space: int | None = None):
+    """``address_space``: the server's RLIMIT_AS in bytes (``ulimit -v``), for memory-limit tests."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSERVE_")}
@@ -49,6 +52,8 @@ def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, w
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedserve", "serve", "--port", str(port), *flags],
             stdout=out, stderr=subprocess.STDOUT, env=full_env,
+            preexec_fn=None if address_space is None else lambda: resource.setrlimit(
+                resource.RLIMIT_AS, (address_space, resource.RLIM_INFINITY)),
         )
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:

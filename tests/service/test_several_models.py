@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from on_device import ON_CUDA
 from serving import run_server
 from tiny import MINILM_DIR, build_tiny_cross_encoder, build_tiny_encoder, embed_with, mixed_texts
 
@@ -130,3 +131,24 @@ def test_a_model_that_cannot_load_stops_the_start_up_naming_it(tmp_path):
     with run_server(tmp_path, *flags, wait_ready=False) as server:
         assert server.proc.wait(120) != 0
     assert f"model 'ghost' ({tmp_path / 'nowhere'}) failed to load" in server.output()
+
+
+@pytest.mark.skipif(ON_CUDA, reason="on the CPU an address-space limit (ulimit -v) stands in for a small device")
+def test_models_that_cannot_all_warm_up_within_the_memory_stop_the_start_up_naming_them(tmp_path):
+    """Every model warms up beside all the weights: under the same memory limit two MiniLMs with the CPU's
+    budgets start and serve, while a second one whose warm-up step needs more than is left stops the start-up,
+    naming the model, the models beside it and the flag to lower."""
+    limit = 3 << 30  # a two-MiniLM server peaks near 1.7 GiB of address space
+    with run_server(tmp_path, "--model", f"a={MINILM_DIR}", "--model", f"b={MINILM_DIR}",
+                    address_space=limit) as server:
+        assert post(server, "/v1/embeddings", {"model": "b", "input": TEXTS}).status_code == 200
+    assert "memory after every warm-up: cpu: peak resident" in server.output()
+    assert "limit 3072 MiB, the address-space limit (ulimit -v)" in server.output()
+    # b's warm-up: 1024 inputs of 256 tokens, over 2 GiB of activations in one step.
+    (tmp_path / "models.toml").write_text(f'[[model]]\nname = "b"\nmodel = "{MINILM_DIR}"\n'
+                                          'max_batch_tokens = 262144\nmax_batch_requests = 1024\n')
+    with run_server(tmp_path, "--model", f"a={MINILM_DIR}", "--config", str(tmp_path / "models.toml"),
+                    wait_ready=False, address_space=limit) as server:
+        assert server.proc.wait(120) != 0
+    assert (f"model 'b' ({MINILM_DIR}) failed to warm up, beside the weights of a, b: warm-up pass of 262144 "
+            "tokens ran out of CPU memory; lower --max-batch-tokens (now 262144)") in server.output()

@@ -26,6 +26,25 @@ def test_out_of_memory_in_any_of_its_spellings():
     assert classify(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")) == "oom"
 
 
+def test_a_refused_cpu_allocation_is_out_of_memory():
+    """The real error of torch's CPU allocator under an address-space limit (ulimit -v), in a child process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from embedserve.engine.faults import classify\n"
+        "size = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (256 << 20), resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    torch.empty(1 << 30).fill_(1)\n"  # 4 GiB
+        "except Exception as e:\n"
+        "    print(type(e).__name__, classify(e))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["RuntimeError", "oom"], out.stdout + out.stderr
+
+
 def test_everything_else_is_an_ordinary_failure():
     for exc in (RuntimeError("shape '[3, 4]' is invalid for input of size 10"), ValueError("x"),
                 IndexError("index out of range in self"), KeyError("k")):

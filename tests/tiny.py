@@ -400,3 +400,47 @@ def _spread_yes_no(model) -> None:
         delta *= 2.0 / (states @ delta).std()
         head = model.get_output_embeddings().weight  # the input embeddings when tied
         head[yes] = head[no] + delta
+
+
+# A reranker chat template in the form sentence-transformers 6 CrossEncoders ship (Qwen3-Reranker's prompt over
+# the "query" and "document" roles; a system message, the default prompt, replaces the instruction).
+RERANK_CHAT_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n<Instruct>: '
+    '{{ messages | selectattr("role", "eq", "system") | map(attribute="content") | first | default("Given a web '
+    'search query, retrieve relevant passages that answer the query") }}\n'
+    '<Query>: {{ messages | selectattr("role", "eq", "query") | map(attribute="content") | first }}\n'
+    '<Document>: {{ messages | selectattr("role", "eq", "document") | map(attribute="content") | first }}'
+    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
+def build_tiny_logit_score_reranker(directory: Path, *, template: str | None = RERANK_CHAT_TEMPLATE,
+                                    false_token: bool = True, prompt: str | None = None,
+                                    restore_suffix: bool = True, activation: str | None = None) -> None:
+    """A tiny Qwen3-Reranker saved by sentence-transformers 6 as a CrossEncoder: Transformer (text-generation)
+    then LogitScore (true "yes", false "no" unless ``false_token`` is off), with a chat template (None: the
+    Transformer takes plain text pairs), a default prompt, no suffix restore, or another activation."""
+    from sentence_transformers import CrossEncoder
+
+    build_tiny_qwen3_reranker(directory)
+    if template is not None:
+        (directory / "chat_template.jinja").write_text(template)
+    CrossEncoder(str(directory), device="cpu").save_pretrained(str(directory))
+
+    def edit(name: str, change) -> None:
+        path = directory / name
+        cfg = json.loads(path.read_text())
+        change(cfg)
+        path.write_text(json.dumps(cfg, indent=2))
+
+    if not false_token:
+        edit("1_LogitScore/config.json", lambda c: c.update(false_token_id=None))
+    if prompt is not None:
+        edit("config_sentence_transformers.json", lambda c: c.update(prompts={"web": prompt}, default_prompt_name="web"))
+    if not restore_suffix:
+        edit("sentence_bert_config.json", lambda c: c.update(processing_kwargs={"chat_template": {"restore_suffix": False}}))
+    if template is None:
+        edit("sentence_bert_config.json", lambda c: c["modality_config"].pop("message", None))
+    if activation is not None:
+        edit("config_sentence_transformers.json", lambda c: c.update(activation_fn=activation))

@@ -53,7 +53,7 @@ from embedserve.errors import (
 from embedserve.kernels.attention import select_backend
 from embedserve.kernels.linear import select_linear_backend
 from embedserve.kernels.pool_encode import select_pool_backend
-from embedserve.models.classifier import apply_activation
+from embedserve.models.classifier import ChatTemplate, apply_activation
 from embedserve.models.hub import resolve as resolve_model
 from embedserve.models.sentence import LoadedModel, load_model
 
@@ -197,7 +197,9 @@ class Engine:
             cap_to_tokenizer=self.model.spec.max_seq_length is None,
         )
         template = self.model.classifier.template if self.model.classifier is not None else None
-        if template is not None:
+        if isinstance(template, ChatTemplate):
+            self.tokenizer.use_chat_template(dict(template.kwargs), template.system, template.restore_suffix)
+        elif template is not None:
             self.tokenizer.use_template(template.prefix, template.suffix)
         self.max_length = self.tokenizer.max_length
         # Ids must fit the embedding table, not only the tokenizer: on CUDA an id past the table is a
@@ -443,8 +445,11 @@ class Engine:
         if template is not None:
             if singles:
                 raise InvalidRequest("this reranker scores (query, document) pairs, not single texts", param="inputs")
-            ids = self.tokenizer.encode_templated(
-                [template.middle.format(query=q, document=d) for q, d in pairs], truncate=truncate)
+            if isinstance(template, ChatTemplate):
+                ids = self.tokenizer.encode_chat(pairs, truncate=truncate)
+            else:
+                ids = self.tokenizer.encode_templated(
+                    [template.middle.format(query=q, document=d) for q, d in pairs], truncate=truncate)
             starts = [len(x) for x in ids]
         elif singles:
             ids = self.tokenizer.encode([q for q, _ in pairs], truncate=truncate)

@@ -43,6 +43,7 @@ class Tokenizer:
         self.pad_token_id = hf.pad_token_id
         self.special_ids = frozenset(hf.all_special_ids)
 
+        self._hf = hf  # renders chat templates (a chat-template reranker's pairs); the Rust copies tokenize
         serialized = hf.backend_tokenizer.to_str()
         self._full = RustTokenizer.from_str(serialized)
         self._full.no_truncation()
@@ -73,6 +74,51 @@ class Tokenizer:
             ids = self._prefix + e.ids + self._suffix
             if len(ids) > self.max_length:
                 raise ContextLengthExceeded(self.max_length, len(ids), index=i)
+            out.append(ids)
+        return out
+
+    def use_chat_template(self, kwargs: dict, system: str | None, restore_suffix: bool) -> None:
+        """Pairs become the tokenizer's chat template rendered over ``[system?, query, document]`` messages, as
+        sentence-transformers 6 formats a causal-LM CrossEncoder's pairs: tokenized without special tokens, cut
+        at the right to the maximum, and a cut pair's last tokens overwritten with the template's tail (learnt
+        here from two renders with different fillers). Called once, before serving."""
+        if not getattr(self._hf, "chat_template", None):
+            raise ModelLoadError("this reranker formats pairs with a chat template, but its tokenizer has none "
+                                 "(chat_template.jinja or tokenizer_config.json's chat_template)")
+        self._chat = (dict(kwargs), system)
+        probe = self._render([("QUERY_PROBE_7", "DOCUMENT_PROBE_7")])[0]
+        if "QUERY_PROBE_7" not in probe or "DOCUMENT_PROBE_7" not in probe:
+            raise ModelLoadError("this reranker's chat template does not render a 'query' and a 'document' "
+                                 "message; sentence-transformers would refuse it too")
+        self._chat_suffix: list[int] = []
+        if restore_suffix:
+            first, second = (self._full.encode(r, add_special_tokens=False).ids
+                             for r in self._render([("0", "0"), ("1 2 3 4", "1 2 3 4")]))
+            common = 0
+            while common < min(len(first), len(second)) and first[-1 - common] == second[-1 - common]:
+                common += 1
+            if 0 < common < min(len(first), len(second)):
+                self._chat_suffix = first[len(first) - common:]
+
+    def _render(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        kwargs, system = self._chat
+        head = [{"role": "system", "content": system}] if system is not None else []
+        conversations = [head + [{"role": "query", "content": q}, {"role": "document", "content": d}]
+                         for q, d in pairs]
+        return self._hf.apply_chat_template(conversations, tokenize=False, **kwargs)
+
+    def encode_chat(self, pairs: Sequence[tuple[str, str]], *, truncate: bool) -> list[list[int]]:
+        """:meth:`use_chat_template`'s format for each (query, document) pair."""
+        out = []
+        for i, e in enumerate(self._full.encode_batch(self._render(pairs), add_special_tokens=False)):
+            ids = e.ids
+            if len(ids) > self.max_length:
+                if not truncate:
+                    raise ContextLengthExceeded(self.max_length, len(ids), index=i)
+                ids = ids[: self.max_length]
+            if len(ids) == self.max_length and self._chat_suffix:
+                keep = min(len(self._chat_suffix), len(ids))
+                ids[len(ids) - keep:] = self._chat_suffix[-keep:]
             out.append(ids)
         return out
 

@@ -9,6 +9,10 @@ turns each sequence into ``num_labels`` logits:
 - ModernBERT (gte-reranker-modernbert-base): the first token or the mean (``classifier_pooling``), then
   ``head.dense`` -> activation -> ``head.norm``, then ``classifier``.
 
+Causal LMs score by their last token's LM-head logits for a "true" (and a "false") token: Qwen3-Reranker by
+its model card's prompt (``--kind rerank``), and sentence-transformers 6 CrossEncoder folders (Transformer +
+``LogitScore``) by the folder's chat template (:class:`ChatTemplate`).
+
 Logits leave in float32; the activation the folder declares (sentence-transformers' ``activation_fn``: sigmoid
 for one label unless it says otherwise) is applied by the engine, so that a request may ask for raw scores.
 """
@@ -53,10 +57,22 @@ QWEN3_RERANKER = PairTemplate(
 
 
 @dataclass(frozen=True)
+class ChatTemplate:
+    """How a sentence-transformers 6 causal-LM CrossEncoder (Transformer + LogitScore) sees a pair: the
+    tokenizer's chat template renders ``[{"role": "query"}, {"role": "document"}]``, after a system message that
+    holds the folder's default prompt if it names one; the render is tokenized without special tokens and cut
+    at the right, and a cut pair gets the template's tail written back over its last tokens."""
+
+    kwargs: tuple[tuple[str, object], ...] = ()  # apply_chat_template's keyword arguments from processing_kwargs
+    system: str | None = None  # the default prompt, as a system message
+    restore_suffix: bool = True
+
+
+@dataclass(frozen=True)
 class ClassifierSpec:
     labels: tuple[str, ...]  # id2label, in label order
     activation: str  # one of ACTIVATIONS' values
-    template: PairTemplate | None = None  # causal-LM rerankers: the prompt around each pair
+    template: PairTemplate | ChatTemplate | None = None  # causal-LM rerankers: how each pair is formatted
 
     @property
     def num_labels(self) -> int:
@@ -87,6 +103,66 @@ def read_classifier_spec(directory: Path, cfg: dict) -> ClassifierSpec:
                                  + ", ".join(f"torch.nn.{n}" for n in ACTIVATIONS))
         act = ACTIVATIONS[name]
     return ClassifierSpec(labels, act)
+
+
+def _json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+
+
+def read_logit_score(directory: Path) -> tuple[tuple[int, ...], ChatTemplate | None] | None:
+    """A sentence-transformers 6 CrossEncoder folder of a causal LM (``modules.json``: a Transformer in this
+    folder, then a ``LogitScore``): the token ids it scores by (true, and false if it has one) and how a pair is
+    formatted (the chat template, or None where the folder feeds text pairs as they are). None for any other
+    folder."""
+    modules_path = directory / "modules.json"
+    if not modules_path.is_file():
+        return None
+    modules = _json(modules_path)
+    types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if "LogitScore" not in types:
+        return None
+    if types != ["Transformer", "LogitScore"] or modules[0].get("path", "") not in ("", "."):
+        raise ModelLoadError(f"{modules_path}: a LogitScore reranker is served as a Transformer in this folder "
+                             f"followed by a LogitScore; this one has {types}")
+    score_cfg = _json(directory / modules[1].get("path", "") / "config.json")
+    if score_cfg.get("module_input_name", "causal_logits") != "causal_logits":
+        raise ModelLoadError(f"{directory}: LogitScore reads {score_cfg['module_input_name']!r}; only the causal "
+                             "LM's logits (causal_logits) are supported")
+    ids = tuple(score_cfg.get(k) for k in ("true_token_id", "false_token_id") if score_cfg.get(k) is not None)
+    if not ids or "true_token_id" not in score_cfg or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ModelLoadError(f"{directory}: LogitScore needs a true_token_id (and optionally a false_token_id), "
+                             f"got {score_cfg}")
+    bert_path = directory / "sentence_bert_config.json"
+    bert = _json(bert_path) if bert_path.is_file() else {}
+    if bert.get("transformer_task", "text-generation") != "text-generation":
+        raise ModelLoadError(f"{bert_path}: a LogitScore reranker's Transformer must be a text-generation one, "
+                             f"not {bert['transformer_task']!r}")
+    processing = dict(bert.get("processing_kwargs") or {})
+    chat_kwargs = dict(processing.pop("chat_template", None) or {})
+    restore = bool(chat_kwargs.pop("restore_suffix", True))
+    unsupported = sorted(processing) + sorted(k for k in chat_kwargs if k in _TOKENIZER_SIZE_KEYS)
+    if unsupported:
+        raise ModelLoadError(f"{bert_path}: processing_kwargs {', '.join(unsupported)} are not supported (the "
+                             "maximum length comes from max_seq_length or the tokenizer)")
+    st_path = directory / "config_sentence_transformers.json"
+    st_cfg = _json(st_path) if st_path.is_file() else {}
+    default = st_cfg.get("default_prompt_name")
+    system = (st_cfg.get("prompts") or {}).get(default) if default else None
+    if "message" not in (bert.get("modality_config") or {}):
+        if system:
+            raise ModelLoadError(f"{st_path}: a default prompt on a reranker fed plain text pairs is not supported")
+        return ids, None
+    fmt = bert["modality_config"]["message"].get("format", "flat")
+    if fmt != "flat":
+        raise ModelLoadError(f"{bert_path}: message format {fmt!r} is not supported; only 'flat' (text content)")
+    return ids, ChatTemplate(tuple(sorted(chat_kwargs.items())), system or None, restore)
+
+
+# apply_chat_template's tokenizing arguments: a folder that sets them in its chat-template kwargs is refused.
+_TOKENIZER_SIZE_KEYS = frozenset({"max_length", "truncation", "padding", "return_tensors", "pad_to_multiple_of"})
 
 
 def apply_activation(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -171,18 +247,21 @@ class ModernBertHead(nn.Module):
         return [m]
 
 
-class YesNoHead(nn.Module):
-    """A causal LM as a reranker: the last token's logit for "yes" minus its logit for "no" (the log-odds whose
-    sigmoid is the model card's softmax over the two). Only those two rows of the LM head are kept."""
+class TokenLogitHead(nn.Module):
+    """A causal LM as a reranker: the last token's logit for a "true" token (``yes``), minus the logit for a
+    "false" token (``no``) when there is one: the log-odds whose sigmoid is Qwen3-Reranker's softmax over the
+    two, and sentence-transformers' ``LogitScore``. Only those LM-head rows are kept."""
 
     def __init__(self, rows: torch.Tensor) -> None:
         super().__init__()
-        self.rows = nn.Parameter(rows, requires_grad=False)  # [2, H]: no, yes
+        if rows.shape[0] not in (1, 2):
+            raise ValueError(f"a true token's row and at most one false token's, got {rows.shape[0]} rows")
+        self.rows = nn.Parameter(rows, requires_grad=False)  # [1 or 2, H]: true[, false]
 
     def forward(self, hidden: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
         last = hidden.index_select(0, (cu[1:] - 1).long())  # [B, H]
-        logits = linear(last, self.rows, None).float()  # [B, 2]
-        return logits[:, 1:2] - logits[:, 0:1]
+        logits = linear(last, self.rows, None).float()  # [B, 1 or 2]
+        return logits[:, 0:1] - logits[:, 1:2] if logits.shape[1] == 2 else logits
 
 
 def head_tensor_names(head: nn.Module, checkpoint_names: set[str]) -> tuple[str, ...]:

@@ -8,10 +8,12 @@ mean pooling and no normalisation (logged).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -24,9 +26,10 @@ from embedserve.models.layers import activation
 from embedserve.models.classifier import (
     QWEN3_RERANKER,
     ClassifierSpec,
-    YesNoHead,
+    TokenLogitHead,
     head_tensor_names,
     read_classifier_spec,
+    read_logit_score,
 )
 from embedserve.models.loader import SafetensorsCheckpoint, load_weights
 
@@ -202,19 +205,27 @@ class LoadedModel:
         return bool(getattr(self.encoder, "causal", False))
 
 
-def _yes_no_rows(directory: Path, checkpoint: SafetensorsCheckpoint, prefixes: tuple[str, ...],
-                 dtype: torch.dtype) -> torch.Tensor:
-    """``[2, H]``: the LM head's rows for "no" and "yes" (the input embeddings' when the head is tied)."""
+def _yes_no_ids(directory: Path) -> tuple[int, int]:
+    """The tokenizer's "yes" and "no" tokens: what the model card's recipe scores by."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
-    ids = [tok.convert_tokens_to_ids(t) for t in ("no", "yes")]
+    ids = tuple(tok.convert_tokens_to_ids(t) for t in ("yes", "no"))
     if any(i is None or i == tok.unk_token_id for i in ids):
         raise ModelLoadError(f"{directory}: the tokenizer has no single 'yes' / 'no' tokens to score a reranker by")
+    return ids
+
+
+def _lm_head_rows(directory: Path, checkpoint: SafetensorsCheckpoint, prefixes: tuple[str, ...],
+                  ids: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``[len(ids), H]``: the LM head's rows for these tokens (the input embeddings' when the head is tied)."""
     names = checkpoint.names()
     for name in ["lm_head.weight"] + [p + "embed_tokens.weight" for p in prefixes]:
         if name in names:
-            return checkpoint.read_rows(name, ids, dtype)
+            rows = checkpoint.shape(name)[0]
+            if any(i >= rows for i in ids):
+                raise ModelLoadError(f"{directory}: token ids {list(ids)} to score by, but {name} has {rows} rows")
+            return checkpoint.read_rows(name, list(ids), dtype)
     raise ModelLoadError(f"{directory}: no lm_head.weight (nor tied embed_tokens) to score a reranker by")
 
 
@@ -227,7 +238,8 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
         raise ModelLoadError(f"model directory {directory} does not exist")
     hf_config = _read_json(directory / "config.json")
     scoring = registry.classifier_for(hf_config)
-    yes_no = False
+    score_ids: Sequence[int] | None = None  # a causal LM scored by its last token's logits for these tokens
+    logit_score = read_logit_score(directory) if scoring is None else None
     if scoring is not None:
         if kind == "embedding":
             raise ModelLoadError(f"{directory} is a sequence-classification checkpoint "
@@ -238,12 +250,24 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
     else:
         make_args, model_cls = registry.resolve(hf_config)
         archs = hf_config.get("architectures") or []
-        yes_no = kind == "rerank"
-        if yes_no and not (getattr(model_cls, "causal", False) and any(a.endswith("ForCausalLM") for a in archs)):
+        if logit_score is not None and kind == "embedding":
+            raise ModelLoadError(f"{directory} is a sentence-transformers CrossEncoder (LogitScore) reranker; it "
+                                 "cannot serve embeddings")
+        scored = kind == "rerank" or logit_score is not None
+        if scored and not (getattr(model_cls, "causal", False) and any(a.endswith("ForCausalLM") for a in archs)):
             raise ModelLoadError(
-                f"--kind rerank needs a causal language model (a *ForCausalLM checkpoint, scored by its yes / no "
+                f"{'--kind rerank' if logit_score is None else 'a LogitScore reranker'} needs a causal language "
+                f"model (a *ForCausalLM checkpoint, scored by its yes / no "
                 f"logits as Qwen3-Reranker) or a sequence-classification checkpoint; {directory} is {archs}")
-        if yes_no:
+        if logit_score is not None:
+            # sentence-transformers 6's own format: its token ids, its chat template, its activation.
+            score_ids, chat = logit_score
+            spec = _cross_encoder_spec(directory)
+            classifier = dataclasses.replace(read_classifier_spec(directory, {"id2label": {"0": "score"}}),
+                                             template=chat)
+        elif scored:
+            # A plain causal-LM folder under --kind rerank: the Qwen3-Reranker model card's recipe.
+            score_ids = _yes_no_ids(directory)
             spec = _cross_encoder_spec(directory)
             classifier = ClassifierSpec(("yes",), "sigmoid", QWEN3_RERANKER)
         else:
@@ -257,8 +281,9 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
         encoder = model_cls(args)
         if scoring is not None:
             head = head_cls(encoder.hidden_size, classifier.num_labels, hf_config)
-    if yes_no:
-        head = YesNoHead(_yes_no_rows(directory, checkpoint, model_cls.weight_prefixes, dtype).to(device)).eval()
+    if score_ids is not None:
+        rows = _lm_head_rows(directory, checkpoint, model_cls.weight_prefixes, score_ids, dtype)
+        head = TokenLogitHead(rows.to(device)).eval()
     elif head is not None:
         load_weights(head, checkpoint, head.weight_maps(), ignored=(r".*",), dtype=dtype, device=device)
         ignored = ignored + head_tensor_names(head, checkpoint.names())

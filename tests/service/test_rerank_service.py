@@ -134,6 +134,24 @@ def test_a_causal_lm_served_with_kind_rerank_answers_the_rerank_route(tmp_path):
     assert all(abs(x["relevance_score"] - want[x["index"]]) <= 1e-5 for x in body["results"])
 
 
+def test_a_sentence_transformers_logit_score_folder_is_a_reranker_by_itself(tmp_path):
+    """A sentence-transformers 6 CrossEncoder folder of a causal LM (chat template + LogitScore) needs no --kind:
+    the rerank route answers CrossEncoder.predict's scores."""
+    from sentence_transformers import CrossEncoder
+
+    from tiny import build_tiny_logit_score_reranker
+
+    path = tmp_path / "st-reranker"
+    build_tiny_logit_score_reranker(path)
+    docs = DOCS[:8]
+    want = CrossEncoder(str(path), device="cpu").predict([(QUERY, d) for d in docs]).tolist()
+    with run_server(tmp_path, "--model", str(path)) as server:
+        body = post(server, "/v1/rerank", {"query": QUERY, "documents": docs}).json()
+        assert httpx.get(server.url + "/info").json()["kind"] == "rerank"
+    assert [x["index"] for x in body["results"]] == sorted(range(len(docs)), key=lambda i: -want[i])
+    assert all(abs(x["relevance_score"] - want[x["index"]]) <= 1e-5 for x in body["results"])
+
+
 def test_metrics_and_the_access_log_carry_the_route_and_the_kind(reranker):
     server, _ = reranker
     post(server, "/v1/rerank", {"query": QUERY, "documents": DOCS[:2]})

@@ -76,13 +76,18 @@ def _keys(text: str) -> list[str]:
 
 
 class _Flags:
-    """Adds flags whose default comes from EMBEDSERVE_<NAME> when set, and says so in --help."""
+    """Adds flags whose default comes from EMBEDSERVE_<NAME> when set, and says so in --help; ``group`` starts a
+    titled section of --help for the flags added after it."""
 
     def __init__(self, parser: argparse.ArgumentParser, env: dict[str, str]) -> None:
         self.parser = parser
         self.env = env
+        self._to: argparse.ArgumentParser | argparse._ArgumentGroup = parser
 
-    def add(self, flag: str, *, help: str, default=None, type: Callable = str, **kw) -> None:
+    def group(self, title: str, description: str | None = None) -> None:
+        self._to = self.parser.add_argument_group(title, description)
+
+    def _default(self, flag: str, default, type: Callable) -> tuple[object, str]:
         var = "EMBEDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
         raw = self.env.get(var)
         if raw is not None and raw != "":
@@ -90,8 +95,21 @@ class _Flags:
                 default = type(raw)
             except (ValueError, argparse.ArgumentTypeError) as e:
                 self.parser.error(f"{var}={raw!r}: {e}")
+        return default, var
+
+    def add(self, flag: str, *, help: str, default=None, type: Callable = str, **kw) -> None:
+        default, var = self._default(flag, default, type)
         shown = "" if default in (None, "") else f" (default: {default})"
-        self.parser.add_argument(flag, type=type, default=default, help=f"{help}{shown} [env: {var}]", **kw)
+        self._to.add_argument(flag, type=type, default=default, help=f"{help}{shown} [env: {var}]", **kw)
+
+    def switch(self, flag: str, *, help: str, default: bool) -> None:
+        """An on/off flag in both forms, ``--x`` / ``--no-x``; ``--x true|false`` (and the variable) also work."""
+        default, var = self._default(flag, default, _bool)
+        dest = flag.lstrip("-").replace("-", "_")
+        self._to.add_argument(flag, dest=dest, nargs="?", const=True, type=_bool, default=default,
+                              metavar="BOOL", help=f"{help} (default: {'on' if default else 'off'}) [env: {var}]")
+        self._to.add_argument("--no-" + flag.lstrip("-"), dest=dest, action="store_false",
+                              help=f"the same as {flag} false")
 
 
 def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
@@ -100,6 +118,7 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
     f = _Flags(serve, env)
+    f.group("model", "what is served, and how it runs")
     f.add("--model", type=_models, action=_Extend, metavar="[NAME=]MODEL",
           help="model directory (Hugging Face / sentence-transformers layout) or Hugging Face Hub id (downloaded "
           "into the HF cache); give it again (or list several, comma-separated) to serve several models, routed "
@@ -113,8 +132,6 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           metavar="FILE")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
-    f.add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
-    f.add("--port", default=8000, type=int, help="port to bind")
     f.add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     f.add("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: float32 on CPU, "
           "bfloat16 on CUDA")
@@ -124,6 +141,10 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           "logits (Qwen3-Reranker)")
     f.add("--pool-kernel", default="auto", choices=POOL_KERNELS, help="pool+normalise+base64 kernel: auto = "
           "Triton on CUDA, the torch twin on CPU; triton runs the kernel (on CPU only under TRITON_INTERPRET=1)")
+    f.add("--token-ids", default="cl100k", choices=TOKEN_ID_POLICIES, help="how token-id inputs are read: "
+          "cl100k = OpenAI tiktoken ids (what OpenAI clients send), decoded to text; model = ids of the served "
+          "model's own tokenizer, used as given")
+    f.group("batching", "how inputs are packed into forward passes")
     f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: 16384 on CUDA, "
           "4096 on CPU")
     f.add("--max-batch-requests", default=512, type=int, help="inputs packed into one forward pass")
@@ -131,27 +152,31 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           "cache, one per step, beside short inputs; 0 turns chunking off. Default: max-batch-tokens / 8")
     f.add("--max-kv-tokens", type=int, help="causal models: key-cache tokens long inputs in progress may hold "
           "together; new long inputs wait beyond it. Default: max(4 x max-batch-tokens, the model's maximum)")
+    f.group("limits", "what one request, and the queue, may hold")
     f.add("--max-queue", default=16384, type=int, help="inputs queued or running before requests get 429")
     f.add("--max-inputs-per-request", default=2048, type=int, help="items allowed in one request's input")
     f.add("--max-body-bytes", default=32 * 1024 * 1024, type=int, help="largest request body (413 beyond)")
-    f.add("--truncate", default=True, type=_bool, help="cut inputs longer than the model's maximum (true) or "
-          "refuse them with 400 (false); a request's own \"truncate\" wins", metavar="BOOL")
-    f.add("--token-ids", default="cl100k", choices=TOKEN_ID_POLICIES, help="how token-id inputs are read: "
-          "cl100k = OpenAI tiktoken ids (what OpenAI clients send), decoded to text; model = ids of the served "
-          "model's own tokenizer, used as given")
-    f.add("--reject-unknown-model", default=False, type=_bool, metavar="BOOL",
-          help="answer 404 model_not_found when a request names another model (default: answer any name)")
-    f.add("--api-key", type=_keys, help="accepted bearer token(s), comma-separated; none: no authentication. "
-          "/health and /ready stay open", metavar="KEY[,KEY...]")
+    f.switch("--truncate", default=True, help="cut inputs longer than the model's maximum; --no-truncate "
+             "refuses them with 400. A request's own \"truncate\" wins")
     f.add("--max-input-tokens", type=int, help="cap on one input's tokens below the model's maximum; longer "
           "inputs are truncated or refused as --truncate says. Default: the model's maximum")
     f.add("--max-tokens-per-request", type=int, help="tokens (after tokenisation) one request may hold; "
           "400 beyond. Default: no limit beyond the queue")
+    f.group("server and security")
+    f.add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
+    f.add("--port", default=8000, type=int, help="port to bind")
+    f.add("--api-key", type=_keys, help="accepted bearer token(s), comma-separated; none: no authentication. "
+          "/health, /ready, /metrics, /docs and /openapi.json stay open", metavar="KEY[,KEY...]")
+    f.switch("--reject-unknown-model", default=False,
+             help="answer 404 model_not_found when a request names a model not served (off: one model answers "
+             "any name)")
     f.add("--shutdown-grace", default=30.0, type=float, help="on SIGTERM, seconds to wait for accepted requests "
           "to be answered (new ones get 503) before exiting", metavar="SECONDS")
+    f.group("logging")
     f.add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
     f.add("--log-format", default="plain", choices=["plain", "json"], help="plain text or one JSON object per "
           "line; either way one line per request with its id, status, inputs, tokens, queue and total ms")
+    f.group("testing", "fault injection for tests; never in production")
     f.add("--fault-marker", help="testing only: a forward pass holding an input equal to this text fails")
     f.add("--fault-kind", default="error", choices=FAULT_KINDS, help="testing only: how the --fault-marker pass "
           "fails: error = its requests get 500; fatal = as a lost CUDA context (the engine stops, /health turns "

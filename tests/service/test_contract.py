@@ -214,7 +214,7 @@ def test_case_8_long_input_truncated_by_default_or_refused(server, st_embed):
 
 def test_case_8_a_server_that_refuses_long_input_unless_the_request_says_truncate(tmp_path):
     long = "word " * 700
-    with run_server(tmp_path, "--truncate", "false") as s:
+    with run_server(tmp_path, "--no-truncate") as s:
         err = assert_error(post(s, {"input": long, "model": "m"}), 400, "input")
         assert "maximum context length is 256 tokens" in err["message"]
         assert post(s, {"input": long, "model": "m", "truncate": True}).status_code == 200

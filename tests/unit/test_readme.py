@@ -17,10 +17,15 @@ def serve_flags() -> set[str]:
 
 
 def test_every_serve_flag_is_in_the_flags_table_with_its_variable():
-    table = set(re.findall(r"^\| `(--[a-z-]+)` \| `(EMBEDSERVE_[A-Z_]+)` \|", README, re.M))
-    assert {flag for flag, _ in table} == serve_flags()
-    for flag, var in table:
+    table = dict(re.findall(r"^\| `(--[a-z-]+)` \| `(EMBEDSERVE_[A-Z_]+)` \|", README, re.M))
+    flags = serve_flags()
+    negations = {f for f in flags if f.startswith("--no-") and "--" + f[5:] in flags}
+    assert set(table) == flags - negations
+    for flag, var in table.items():
         assert var == "EMBEDSERVE_" + flag[2:].replace("-", "_").upper()
+    for negation in negations:  # an on/off pair's row names its --no- form
+        row = re.search(rf"^\| `--{negation[5:]}` .*$", README, re.M).group(0)
+        assert f"`{negation}`" in row
 
 
 def test_the_two_set_up_commands_are_there():

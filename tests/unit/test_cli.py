@@ -1,0 +1,53 @@
+"""The serve command's flags: on/off flags in both forms, and --help in titled groups."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedserve.cli import build_config, build_parser
+
+
+def config(*flags: str, env: dict[str, str] | None = None):
+    return build_config(build_parser(env or {}).parse_args(["serve", *flags]))
+
+
+@pytest.mark.parametrize("flags, truncate", [
+    ((), True),
+    (("--truncate",), True),
+    (("--no-truncate",), False),
+    (("--truncate", "false"), False),
+    (("--truncate", "true"), True),
+    (("--no-truncate", "--truncate"), True),  # the last one wins, as with any flag
+])
+def test_truncate_in_every_spelling(flags, truncate):
+    assert config(*flags).engine.truncate is truncate
+
+
+def test_a_switch_beats_its_variable_both_ways():
+    assert config("--truncate", env={"EMBEDSERVE_TRUNCATE": "false"}).engine.truncate is True
+    assert config(env={"EMBEDSERVE_TRUNCATE": "false"}).engine.truncate is False
+    assert config("--no-reject-unknown-model", env={"EMBEDSERVE_REJECT_UNKNOWN_MODEL": "on"}).server \
+        .reject_unknown_model is False
+    assert config("--reject-unknown-model").server.reject_unknown_model is True
+
+
+def test_a_bad_switch_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        config("--truncate", "maybe")
+    assert "expected true/false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_help_groups_the_flags_with_their_variables():
+    serve = build_parser({})._subparsers._group_actions[0].choices["serve"]
+    text = serve.format_help()
+    titles = ["model:", "batching:", "limits:", "server and security:", "logging:", "testing:"]
+    at = [text.index("\n" + t + "\n") for t in titles]
+    assert at == sorted(at)  # in this order
+    for flag, group in (("--model", "model:"), ("--max-batch-tokens", "batching:"), ("--no-truncate", "limits:"),
+                        ("--api-key", "server and security:"), ("--log-format", "logging:"),
+                        ("--fault-kind", "testing:")):
+        start = text.index("\n" + group + "\n")
+        end = min([a for a in at if a > start] + [len(text)])
+        assert f"  {flag}" in text[start:end], (flag, group)
+    flat = " ".join(text.split())  # argparse wraps lines anywhere
+    assert "[env: EMBEDSERVE_TRUNCATE]" in flat and "the same as --truncate false" in flat

@@ -8,7 +8,7 @@ fields are ignored: OpenAI clients add fields over time and must keep working.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -17,22 +17,46 @@ from embedserve.errors import InvalidRequest
 ENCODING_FORMATS = ("float", "base64")
 
 
+def _loose(description: str, *shapes: dict) -> Any:
+    """A field decoded as ``Any`` (checked by hand, with errors that name it) whose documented JSON Schema is
+    the shapes it accepts: the one place both the decoder and /openapi.json read."""
+    return Annotated[Any, msgspec.Meta(description=description, extra_json_schema={"anyOf": list(shapes)})]
+
+
+_STR = {"type": "string"}
+_STRS = {"type": "array", "items": _STR, "minItems": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PAIR = {"type": "array", "items": _STR, "minItems": 2, "maxItems": 2}
+
+
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
-    input: Any
-    model: str
-    encoding_format: str | None = None
-    dimensions: int | None = None
-    user: str | None = None
+    input: _loose("What to embed: a text, texts, or token ids (one input or several).",
+                  _STR, _STRS, _IDS, {"type": "array", "items": _IDS, "minItems": 1})
+    model: Annotated[str, msgspec.Meta(description="The served model's name (GET /v1/models lists them).")]
+    encoding_format: Annotated[str | None, msgspec.Meta(
+        description="float (default) or base64: standard base64 of the little-endian float32 bytes.",
+        extra_json_schema={"enum": ["float", "base64", None]})] = None
+    dimensions: Annotated[int | None, msgspec.Meta(
+        description="Keep the first k values, then L2-renormalise; 1 to the model's width.",
+        extra_json_schema={"minimum": 1})] = None
+    user: Annotated[str | None, msgspec.Meta(description="Accepted and ignored (OpenAI's end-user id).")] = None
     # embedserve's own extras
-    truncate: bool | None = None
-    normalize: bool | None = None
-    prompt_name: str | None = None
+    truncate: Annotated[bool | None, msgspec.Meta(
+        description="Cut inputs longer than the model's maximum (true) or refuse them with 400 (false); "
+                    "default: the server's --truncate.")] = None
+    normalize: Annotated[bool | None, msgspec.Meta(
+        description="L2-normalise; default: as the model's sentence-transformers modules say.")] = None
+    prompt_name: Annotated[str | None, msgspec.Meta(
+        description="One of the model's prompts, prepended to each text.")] = None
 
 
 class EmbeddingItem(msgspec.Struct, kw_only=True):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | msgspec.Raw
+    # list[float], or msgspec.Raw holding the base64 string already encoded (only ever encoded, never decoded)
+    embedding: _loose("The vector: floats, or with encoding_format base64 a string of its little-endian float32 "
+                      "bytes.", {"type": "array", "items": {"type": "number"}},
+                      {"type": "string", "contentEncoding": "base64"})
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -75,18 +99,27 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 class RerankRequest(msgspec.Struct, kw_only=True):
     """Cohere's and Jina's rerank body (``documents``), or TEI's (``texts``); the body tells which."""
 
-    query: Any = None
-    model: str | None = None
+    EITHER: ClassVar[tuple[str, ...]] = ("documents", "texts")  # exactly one of them (documented as oneOf)
+
+    query: _loose("The query every document is scored against.", _STR)
+    model: Annotated[str | None, msgspec.Meta(description="The served reranker's name.")] = None
     # Cohere / Jina
-    documents: Any = None
-    top_n: int | None = None
-    return_documents: bool = False
-    max_tokens_per_doc: int | None = None
+    documents: _loose("Cohere / Jina: the documents, as strings or {\"text\": ...} objects.", {
+        "type": "array", "minItems": 1, "items": {"anyOf": [
+            _STR, {"type": "object", "properties": {"text": _STR}, "required": ["text"]}]}}) = None
+    top_n: Annotated[int | None, msgspec.Meta(description="Cohere / Jina: answer the best n only.",
+                                              extra_json_schema={"minimum": 1})] = None
+    return_documents: Annotated[bool, msgspec.Meta(
+        description="Cohere / Jina: echo each document's text.")] = False
+    max_tokens_per_doc: Annotated[int | None, msgspec.Meta(
+        description="Cohere: cut each document after this many tokens first.", extra_json_schema={"minimum": 1})
+    ] = None
     # TEI
-    texts: Any = None
-    raw_scores: bool = False
-    return_text: bool = False
-    truncate: bool | None = None
+    texts: _loose("TEI: the documents, as strings (answered in TEI's list shape).", _STRS) = None
+    raw_scores: Annotated[bool, msgspec.Meta(description="TEI: logits instead of scores.")] = False
+    return_text: Annotated[bool, msgspec.Meta(description="TEI: echo each text.")] = False
+    truncate: Annotated[bool | None, msgspec.Meta(
+        description="Cut over-long pairs (true) or refuse them (false); default: the server's --truncate.")] = None
 
 
 class RerankDocument(msgspec.Struct, kw_only=True):
@@ -129,16 +162,17 @@ class TeiRank(msgspec.Struct, kw_only=True, omit_defaults=True):
 class TeiEmbedRequest(msgspec.Struct, kw_only=True):
     """TEI's /embed (and huggingface_hub's feature_extraction, which posts the same body)."""
 
-    inputs: Any = None
+    inputs: _loose("A text or texts.", _STR, _STRS)
     normalize: bool = True
     truncate: bool | None = None
-    truncation_direction: str | None = None
+    truncation_direction: Annotated[str | None, msgspec.Meta(
+        description="Right (the default) only.", extra_json_schema={"enum": ["Right", "right", None]})] = None
     prompt_name: str | None = None
-    dimensions: int | None = None
+    dimensions: Annotated[int | None, msgspec.Meta(extra_json_schema={"minimum": 1})] = None
 
 
 class TeiTokenizeRequest(msgspec.Struct, kw_only=True):
-    inputs: Any = None
+    inputs: _loose("A text or texts.", _STR, _STRS)
     add_special_tokens: bool = True
     prompt_name: str | None = None
 
@@ -152,22 +186,47 @@ class TeiToken(msgspec.Struct, kw_only=True):
 
 
 class TeiDecodeRequest(msgspec.Struct, kw_only=True):
-    ids: Any = None
+    ids: _loose("Token ids of one text, or of several.", _IDS, {"type": "array", "items": _IDS, "minItems": 1})
     skip_special_tokens: bool = True
 
 
 class TeiPredictRequest(msgspec.Struct, kw_only=True):
     """TEI's /predict (embedserve's /classify): one text, one pair ``[a, b]``, or a batch of either."""
 
-    inputs: Any = None
+    inputs: _loose("A text, a pair [a, b], or a batch of either.", _STR, _PAIR,
+                   {"type": "array", "minItems": 1, "items": {"anyOf": [_STR, _PAIR]}})
     raw_scores: bool = False
     truncate: bool | None = None
-    top_k: int | None = None
+    top_k: Annotated[int | None, msgspec.Meta(description="Answer the k best labels only.")] = None
 
 
 class TeiPrediction(msgspec.Struct, kw_only=True):
     score: float
     label: str
+
+
+class TeiInfo(msgspec.Struct, kw_only=True):
+    """TEI's /info, with embedserve's additions (kind, dimensions, device)."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: Annotated[dict[str, Any], msgspec.Meta(
+        description='{"embedding": {"pooling"}}, {"reranker": {"id2label", "label2id"}} or {"classifier": ...}')]
+    kind: str
+    dimensions: int
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int
+    max_client_batch_size: int
+    tokenization_workers: int
+    version: str
+    device: str
+
+
+class Status(msgspec.Struct, kw_only=True):
+    status: str
 
 
 request_decoder = msgspec.json.Decoder(EmbeddingRequest)

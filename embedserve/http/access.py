@@ -19,7 +19,8 @@ log = logging.getLogger("embedserve.access")
 # Routes that put work on the engine: counted in flight, so that a drain on SIGTERM waits for them.
 WORK_ROUTES = {"/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/predict",
                "/classify", "/"}
-_ROUTES = WORK_ROUTES | {"/v1/models", "/models", "/health", "/ready", "/metrics", "/tokenize", "/decode", "/info"}
+_ROUTES = WORK_ROUTES | {"/v1/models", "/models", "/health", "/ready", "/metrics", "/tokenize", "/decode", "/info",
+                         "/openapi.json", "/docs"}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 

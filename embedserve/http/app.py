@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from embedserve.config import Config
-from embedserve.http import routes, tei
 from embedserve.http.access import AccessMiddleware
 from embedserve.http.errors import EXCEPTION_HANDLERS
+from embedserve.http.openapi import OPERATIONS, swagger_ui_assets
 from embedserve.http.state import Service
 
 log = logging.getLogger(__name__)
@@ -128,23 +129,8 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
-            Route("/embeddings", routes.embeddings, methods=["POST"]),
-            Route("/v1/rerank", routes.rerank, methods=["POST"]),
-            Route("/v2/rerank", routes.rerank, methods=["POST"]),
-            Route("/rerank", routes.rerank, methods=["POST"]),
-            Route("/embed", tei.embed, methods=["POST"]),
-            Route("/predict", tei.predict, methods=["POST"]),
-            Route("/classify", tei.predict, methods=["POST"]),
-            Route("/tokenize", tei.tokenize, methods=["POST"]),
-            Route("/decode", tei.decode, methods=["POST"]),
-            Route("/info", tei.info, methods=["GET"]),
-            Route("/", tei.root, methods=["POST"]),
-            Route("/v1/models", routes.models, methods=["GET"]),
-            Route("/models", routes.models, methods=["GET"]),
-            Route("/health", routes.health, methods=["GET"]),
-            Route("/ready", routes.ready, methods=["GET"]),
-            Route("/metrics", routes.metrics, methods=["GET"]),
+            *(Route(op.path, op.endpoint, methods=[op.method]) for op in OPERATIONS),
+            Mount("/docs/assets", StaticFiles(directory=swagger_ui_assets()), name="docs-assets"),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(AccessMiddleware, service=svc)],

@@ -27,6 +27,7 @@ from embedserve.protocol import (
     RerankResponse,
     RerankResult,
     RerankUsage,
+    Status,
     TeiRank,
     Usage,
     decode_request,
@@ -220,10 +221,10 @@ async def health(request: Request) -> Response:
     """Alive: the process answers and its engine has not failed for good. Open without a key (probes carry
     none)."""
     service(request).require_alive()
-    return Response(b'{"status":"ok"}', media_type="application/json")
+    return Response(encoder.encode(Status(status="ok")), media_type="application/json")
 
 
 async def ready(request: Request) -> Response:
     """Ready: the model is loaded and warmed up, and the server is not shutting down."""
     service(request).require_ready()
-    return Response(b'{"status":"ready"}', media_type="application/json")
+    return Response(encoder.encode(Status(status="ready")), media_type="application/json")

@@ -21,6 +21,7 @@ from embedserve.http.routes import ClientGone, check_auth, read_body, record_res
 from embedserve.protocol import (
     TeiDecodeRequest,
     TeiEmbedRequest,
+    TeiInfo,
     TeiPrediction,
     TeiPredictRequest,
     TeiToken,
@@ -138,19 +139,19 @@ async def info(request: Request) -> Response:
                 "label2id": {v: i for i, v in id2label.items()}}
         model_type = {"reranker" if m.kind == "rerank" else "classifier": body}
     cfg = svc.config
-    return _json({
-        "model_id": svc.served_name,
-        "model_sha": engine.source.commit,
-        "model_dtype": str(engine.dtype).removeprefix("torch."),
-        "model_type": model_type,
-        "kind": m.kind,
-        "dimensions": m.dimensions,
-        "max_concurrent_requests": engine.scheduler.max_queue,
-        "max_input_length": engine.max_length,
-        "max_batch_tokens": engine.max_batch_tokens,
-        "max_batch_requests": engine.scheduler.max_batch_requests,
-        "max_client_batch_size": cfg.max_inputs_per_request,
-        "tokenization_workers": engine.config.tokenizer_workers,
-        "version": embedserve.__version__,
-        "device": str(engine.device),
-    })
+    return _json(TeiInfo(
+        model_id=svc.served_name,
+        model_sha=engine.source.commit,
+        model_dtype=str(engine.dtype).removeprefix("torch."),
+        model_type=model_type,
+        kind=m.kind,
+        dimensions=m.dimensions,
+        max_concurrent_requests=engine.scheduler.max_queue,
+        max_input_length=engine.max_length,
+        max_batch_tokens=engine.max_batch_tokens,
+        max_batch_requests=engine.scheduler.max_batch_requests,
+        max_client_batch_size=cfg.max_inputs_per_request,
+        tokenization_workers=engine.config.tokenizer_workers,
+        version=embedserve.__version__,
+        device=str(engine.device),
+    ))

@@ -11,9 +11,18 @@ Backends, chosen once per (device, dtype) at start-up by :func:`select_linear_ba
 from __future__ import annotations
 
 import logging
+import os
 
-import torch
-import torch.nn.functional as F
+# oneDNN compiles one primitive per GEMM shape and caches it (so does torch's ideep layer above it), and a packed
+# server sees a new row count at nearly every step: with the default caches (1024 entries each, about 0.6 MB per
+# entry) a CPU server grows by hundreds of MB as shapes come and go. 128 entries bound that; a miss costs one
+# primitive creation (well under a millisecond, a few per step). Both are read at first use, so they are set on
+# import; an operator's own values win. (0 is not an option: torch's LRU cache crashes with it.)
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -124,3 +124,26 @@ def memory_words(device: torch.device) -> str:
         return "cpu: peak unknown"
     limit = _cpu_limit()
     return f"cpu: peak resident {peak // mib} MiB" + (f"; limit {limit[0] // mib} MiB, {limit[1]}" if limit else "")
+
+
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_host_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim). Packed steps of ever-changing shapes
+    leave the CPU allocator's arenas fragmented: without this an idle CPU server keeps hundreds of MB (measured:
+    a 2 GB process back to 0.5 GB) it no longer uses. False where the C library has no such call."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True

@@ -32,7 +32,13 @@ from typing import Callable, Sequence
 import torch
 
 from embedserve.config import EngineConfig, ModelConfig
-from embedserve.engine.device import bind_thread, release_cached_memory, resolve_device, resolve_dtype
+from embedserve.engine.device import (
+    bind_thread,
+    release_cached_memory,
+    release_host_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from embedserve.engine.faults import classify, injected
 from embedserve.engine.runner import Chunk, Runner, StepHandle
 from embedserve.engine.scheduler import Entry, Scheduler, Step, Work
@@ -58,6 +64,9 @@ from embedserve.models.hub import resolve as resolve_model
 from embedserve.models.sentence import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+# An idle CPU engine hands its heap's free pages back at most this often (see device.release_host_memory).
+TRIM_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +278,8 @@ class Engine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._steps_since_trim = 0  # CPU heap trimming when idle (engine thread only)
+        self._trimmed_at = 0.0
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
         hf = self.model.hf_config
         log.info("architecture: %s -> %s", (hf.get("architectures") or [hf.get("model_type")])[0],
@@ -578,6 +589,13 @@ class Engine:
                 with self._cond:
                     while not self._inflight and not self.scheduler.has_waiting() and not self._stopping:
                         self.runner.free(self.scheduler.take_released())  # cancelled long inputs
+                        if self._trim_due():
+                            self._cond.release()  # submitters are not held up while the heap is trimmed
+                            try:
+                                self._trim()
+                            finally:
+                                self._cond.acquire()
+                            continue
                         self._cond.wait()
                     self.runner.free(self.scheduler.take_released())
                     step = self.scheduler.schedule() if len(self._inflight) < self._depth else None
@@ -597,6 +615,16 @@ class Engine:
         except BaseException as exc:  # the thread must never die silently with callers waiting
             log.exception("engine thread died")
             self._die(exc, [])
+
+    def _trim_due(self) -> bool:
+        """On the CPU, once idle after some work: at most every TRIM_INTERVAL_S seconds."""
+        return (self.device.type == "cpu" and self._steps_since_trim > 0
+                and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S)
+
+    def _trim(self) -> None:
+        self._steps_since_trim = 0
+        self._trimmed_at = time.monotonic()
+        release_host_memory()
 
     def _step_args(self, items: Sequence[Work], plan: Sequence[_Pending | None], dims: int):
         inputs = [w.entry.payload[w.start : w.start + w.length] if w.chunked else w.entry.payload for w in items]
@@ -634,6 +662,7 @@ class Engine:
 
     def _launch(self, step: Step, plan: list[_Pending | None]) -> None:
         started = time.perf_counter()
+        self._steps_since_trim += 1
         for p in plan:
             if p is not None and p.started_at is None:
                 p.started_at = started

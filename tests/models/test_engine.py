@@ -372,3 +372,50 @@ def test_ids_past_the_embedding_table_are_refused_even_if_the_tokenizer_knows_th
         assert asyncio.run(e.embed(["fine"])).vectors.shape == (1, 36)
     finally:
         e.shutdown(timeout=10)
+
+
+def test_an_idle_cpu_engine_hands_its_free_heap_back_once_per_burst(tiny_dir, monkeypatch):
+    """After work, when the queue empties, the engine trims the C heap (glibc's malloc_trim): once, not on every
+    idle wake-up, and never without work since the last trim; never on CUDA (its allocator is torch's)."""
+    import time
+
+    import embedserve.engine.front as front
+
+    calls = []
+    monkeypatch.setattr(front, "release_host_memory", lambda: calls.append(time.monotonic()) or True)
+    monkeypatch.setattr(front, "TRIM_INTERVAL_S", 0.0)
+    e = Engine(EngineConfig(model=model_config(tiny_dir)))
+    e.start()
+    try:
+        time.sleep(0.2)
+        assert calls == []  # nothing ran yet
+        asyncio.run(e.embed(["hello", "world"]))
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        expected = 1 if e.device.type == "cpu" else 0
+        time.sleep(0.2)
+        assert len(calls) == expected
+        asyncio.run(e.embed(["again"]))
+        time.sleep(0.3)
+        assert len(calls) == 2 * expected
+    finally:
+        e.shutdown(timeout=10)
+
+
+def test_release_host_memory_returns_freed_pages_to_the_os():
+    """The real call: a heap full of freed small blocks shrinks once trimmed."""
+    import re
+
+    from embedserve.engine.device import release_host_memory
+
+    def rss_kib() -> int:
+        return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+    blocks = [bytearray(64 * 1024) for _ in range(4000)]  # 256 MB in blocks below glibc's mmap threshold
+    keep = blocks[-1]
+    del blocks  # freed, but glibc keeps them (the last block pins the heap's top)
+    before = rss_kib()
+    assert release_host_memory()
+    assert before - rss_kib() > 100 * 1024, "malloc_trim returned less than 100 MB"
+    del keep

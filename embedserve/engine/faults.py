@@ -1,7 +1,7 @@
 """What a failed forward pass means for the process, and the test hook that fakes each kind.
 
-- ``oom``: the step did not fit in device memory (on the CPU: an allocation was refused). Nothing is broken: the engine splits the step and retries,
-  and refuses only an input that does not fit on its own.
+- ``oom``: the step did not fit in device memory (on the CPU: an allocation was refused). Nothing is broken:
+  the engine splits the step and retries, and refuses only an input that does not fit on its own.
 - ``fatal``: a CUDA error other than out-of-memory (an illegal address, a device-side assert, a lost
   device). It poisons the CUDA context: every later call fails too, so the engine stops, answers what it
   holds, and the process exits for Docker or Kubernetes to restart it.

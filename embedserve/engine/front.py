@@ -382,7 +382,8 @@ class Engine:
             raise ConfigError(
                 f"warm-up of a {length}-token input in chunks of {chunk} beside full steps of "
                 f"{self.max_batch_tokens} tokens, with {self.max_kv_tokens} key-cache tokens held, ran out of "
-                f"{self.device.type.upper()} memory; lower --max-kv-tokens (now {self.max_kv_tokens}) or --max-batch-tokens (now "
+                f"{self.device.type.upper()} memory; lower --max-kv-tokens (now {self.max_kv_tokens}) or "
+                f"--max-batch-tokens (now "
                 f"{self.max_batch_tokens}): {e}"
             ) from e
         finally:

@@ -89,10 +89,12 @@ _RANKED = (RerankResponse, list[TeiRank])
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("/v1/embeddings", "POST", routes.embeddings, "Create embeddings (OpenAI)", "embeddings",
-              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding",), example=_EMBED_EXAMPLE,
+              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding",),
+              example=_EMBED_EXAMPLE,
               description="OpenAI's embeddings API: the same vectors sentence-transformers gives for the model."),
     Operation("/embeddings", "POST", routes.embeddings, "Create embeddings (OpenAI, without /v1)", "embeddings",
-              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding",), example=_EMBED_EXAMPLE),
+              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding",),
+              example=_EMBED_EXAMPLE),
     Operation("/v1/rerank", "POST", routes.rerank, "Rerank documents (Cohere / Jina)", "rerank",
               RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank",), example=_RERANK_EXAMPLE,
               description="Scores each document against the query with a cross-encoder; results best first."),

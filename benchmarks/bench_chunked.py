@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from timing import cpu_line  # noqa: E402
 from bench_models import build  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=8.0, help="short requests per second")
     ap.add_argument("--chunk", type=int, default=512)
     args = ap.parse_args()
+    print(cpu_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; long input {args.long_tokens} tokens, "
           f"16-token requests at {args.rate}/s, chunk {args.chunk}")
     with tempfile.TemporaryDirectory() as tmp:

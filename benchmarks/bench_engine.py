@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import cpu_line  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--st-batch-size", type=int, default=32)
     args = ap.parse_args()
+    print(cpu_line())
     path = args.model or default_model()
     texts = mixed_corpus(args.texts)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(texts)} texts, model {path}")

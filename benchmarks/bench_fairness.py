@@ -25,6 +25,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from timing import cpu_line  # noqa: E402
 sys.path.insert(0, str(ROOT.parent / "tests"))
 sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
 from corpus import mixed_corpus  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=40)
     ap.add_argument("--max-batch-tokens", type=int, default=4096)
     args = ap.parse_args()
+    print(cpu_line())
     from serving import run_server
     from tiny import MINILM_DIR
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from timing import cpu_line  # noqa: E402
 sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
 from corpus import mixed_corpus  # noqa: E402
 
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("serve_flags", nargs="*")
     args = ap.parse_args()
+    print(cpu_line())
 
     from serving import run_server  # the tests' server launcher: a real process on 127.0.0.1
 

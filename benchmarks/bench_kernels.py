@@ -19,7 +19,7 @@ from embedserve.kernels.attention import prepare, usable_backends, varlen_attent
 from embedserve.kernels.linear import linear, select_linear_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_ms  # noqa: E402
+from timing import cpu_line, median_ms  # noqa: E402
 
 
 SHAPES = {
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--tokens", type=int, default=4096)
     args = ap.parse_args()
+    print(cpu_line())
     dtype = getattr(torch, args.dtype)
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")

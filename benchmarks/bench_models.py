@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from timing import cpu_line  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--models", default="qwen3,bert")
     args = ap.parse_args()
+    print(cpu_line())
     dtype = getattr(torch, args.dtype)
     texts = mixed_corpus(args.texts)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(texts)} texts, {args.dtype}")

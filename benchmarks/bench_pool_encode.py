@@ -22,7 +22,7 @@ from embedserve.kernels.pool_encode import b64_lengths, pool_encode_torch, pool_
 from embedserve.models.bert import BertArgs, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_ms  # noqa: E402
+from timing import cpu_line, median_ms  # noqa: E402
 
 
 def timed_ms(fn, device: torch.device, repeats: int = 5) -> float:
@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
+    print(cpu_line())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     T = args.tokens or (65536 if device.type == "cuda" else 4096)
     print(f"{device.type}: T={T}, H={args.hidden}, B={min(args.batch, T)}, {args.dtype}; mean pooling + normalise + "

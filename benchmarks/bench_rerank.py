@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import cpu_line  # noqa: E402
 from corpus import _WORDS  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from embedserve.engine.device import resolve_dtype  # noqa: E402
 from embedserve.engine.front import Engine  # noqa: E402
 from embedserve.models.classifier import apply_activation  # noqa: E402
 
@@ -79,6 +81,7 @@ def main() -> None:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     args = ap.parse_args()
+    print(cpu_line())
     from sentence_transformers import CrossEncoder
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +97,8 @@ def main() -> None:
             lambda: ce.predict(pairs, batch_size=args.st_batch_size, convert_to_tensor=True, show_progress_bar=False),
             args.repeats)
         print(f"{'sentence-transformers fp32':28s} {len(pairs) / st_s:8.1f} pairs/s  ({st_s:.3f} s median)")
+        auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+        print(f"(the server's default, --dtype auto, is {auto} on this CPU)")
         for dtype in ("float32", "bfloat16"):
             engine = Engine(EngineConfig(
                 model=ModelConfig(path=str(path), dtype=dtype, attention=args.attention),

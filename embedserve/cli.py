@@ -133,8 +133,9 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
     f.add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    f.add("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: float32 on CPU, "
-          "bfloat16 on CUDA")
+    f.add("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: bfloat16 on CUDA, and "
+          "on a CPU that computes it natively (AVX512-BF16 or AMX), float32 (exact) on other CPUs; a half "
+          "precision the CPU emulates starts with a warning")
     f.add("--attention", default="auto", choices=ATTENTION_BACKENDS, help="varlen attention backend")
     f.add("--kind", default="auto", choices=KINDS, help="what the model serves: auto = embeddings, or rerank / "
           "classify for a sequence-classification checkpoint; rerank also serves a causal LM by its yes / no "

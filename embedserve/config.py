@@ -29,7 +29,7 @@ class ModelConfig:
     revision: str | None = None
     """Hub ids only: the branch, tag or commit to serve; None: main."""
     dtype: str = "auto"
-    """auto: float32 on CPU (exact), bfloat16 on CUDA."""
+    """auto: bfloat16 on CUDA; on the CPU bfloat16 where it is native (AVX512-BF16 / AMX), else float32 (exact)."""
     device: str = "auto"
     """auto: cuda if available, else cpu."""
     attention: str = "auto"

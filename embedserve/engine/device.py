@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from embedserve.engine import cpu
 from embedserve.errors import ConfigError
 from embedserve.models.sentence import DTYPES
 
@@ -75,8 +76,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA; on the CPU bfloat16 where it computes it natively (AVX512-BF16 or AMX),
+    else float32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else cpu.auto_cpu_dtype(cpu.read_cpu())
     return DTYPES[name]
 
 

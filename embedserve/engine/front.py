@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from embedserve.config import EngineConfig, ModelConfig
+from embedserve.engine import cpu as cpu_caps
 from embedserve.engine.device import (
     bind_thread,
     release_cached_memory,
@@ -191,6 +192,8 @@ class Engine:
         self.device = resolve_device(config.model.device)
         bind_thread(self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        if self.device.type == "cpu":
+            self._check_cpu_dtype(config.model.dtype)
         started = time.perf_counter()
         self.source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
         self.model: LoadedModel = load_model(self.source.directory, dtype=self.dtype, device=self.device,
@@ -294,6 +297,18 @@ class Engine:
             self.linear_backend, self.pool_backend, self._head_words(), self.model.dimensions, self.max_length,
             self.max_batch_tokens, sc.max_batch_requests, self._depth,
         )
+
+    def _check_cpu_dtype(self, asked: str) -> None:
+        """Log what this CPU computes natively and the dtype chosen; warn when a half precision asked for is
+        emulated here (with what a short probe measured)."""
+        info = cpu_caps.read_cpu()
+        dtype = str(self.dtype).removeprefix("torch.")
+        why = ("auto: native bf16" if self.dtype == torch.bfloat16 else "auto: no native bf16") if asked == "auto" \
+            else "asked"
+        log.info("cpu: %s; dtype %s (%s)", info.describe(), dtype, why)
+        warning = cpu_caps.emulation_warning(self.dtype, info)
+        if warning is not None:
+            log.warning("%s", warning)
 
     def _configure_prompts(self, cfg: ModelConfig) -> None:
         """The configured prompts over the folder's; the default must be one of them."""

@@ -419,3 +419,26 @@ def test_release_host_memory_returns_freed_pages_to_the_os():
     assert release_host_memory()
     assert before - rss_kib() > 100 * 1024, "malloc_trim returned less than 100 MB"
     del keep
+
+
+@pytest.mark.skipif(torch.device(model_config("x").device).type != "cpu", reason="the CPU's dtype choice")
+def test_start_up_names_the_cpu_and_warns_for_an_emulated_half_precision(tiny_dir, monkeypatch, caplog):
+    """On a CPU without native bf16 (mocked: an AVX2-only Zen 3), auto serves float32, and an explicit bfloat16
+    starts, with a warning that says it is emulated and what the probe measured."""
+    import logging
+
+    from embedserve.engine import cpu
+
+    monkeypatch.setattr(cpu, "read_cpu", lambda: cpu.CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma"})))
+    monkeypatch.setattr(cpu, "matmul_gflops", lambda dtype: 1.0 if dtype != torch.float32 else 100.0)
+    caplog.set_level(logging.INFO, logger="embedserve.engine.front")
+    auto = Engine(EngineConfig(model=model_config(tiny_dir, dtype="auto")))
+    assert auto.dtype == torch.float32
+    assert "cpu: AMD EPYC 7B13" in caplog.text and "dtype float32 (auto: no native bf16)" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    half = Engine(EngineConfig(model=model_config(tiny_dir, dtype="bfloat16")))
+    assert half.dtype == torch.bfloat16
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("bfloat16 is emulated" in w and "(100x slower)" in w for w in warnings), warnings
+    for e in (auto, half):
+        e.shutdown(timeout=10)

@@ -44,6 +44,10 @@ def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, w
     log = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSERVE_")}
     full_env["EMBEDSERVE_DEVICE"] = str(DEVICE)  # the test device, not whatever "auto" finds
+    if DEVICE.type == "cpu":
+        # The tests compare with sentence-transformers at fp32 tolerances; on a CPU with native bf16, auto would
+        # pick bf16. A test that wants auto passes EMBEDSERVE_DTYPE=auto (or --dtype).
+        full_env["EMBEDSERVE_DTYPE"] = "float32"
     # Nothing may reach a hub at run time unless a test says so (the fake Hub's tests): prove it works offline.
     full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     full_env.update(env or {})

@@ -18,3 +18,25 @@ def test_the_benchmark_imports(name, monkeypatch):
     monkeypatch.delitem(sys.modules, name, raising=False)
     module = importlib.import_module(name)
     assert module.__doc__, f"benchmarks/{name}.py says what it measures"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("bench_*.py")))
+def test_every_benchmark_prints_the_cpu_line_first(name):
+    """Figures from different hosts must be told apart: each benchmark prints timing.cpu_line() right after
+    reading its arguments."""
+    source = (BENCH / f"{name}.py").read_text()
+    main = source[source.index("def main("):]
+    after_args = main[main.index("parse_args("):]
+    assert after_args.splitlines()[1].strip() == "print(cpu_line())", name
+
+
+def test_the_cpu_line_names_the_cpu_and_its_capabilities(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from timing import cpu_line
+
+    from embedserve.engine.cpu import read_cpu
+
+    line = cpu_line()
+    assert line.startswith(f"cpu: {read_cpu().model}")
+    for cap in ("AVX2", "AVX-512", "AVX512-BF16", "AMX", "VNNI", "threads", "torch"):
+        assert cap in line

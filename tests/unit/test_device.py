@@ -74,5 +74,57 @@ def test_other_names_are_refused():
         with pytest.raises(ConfigError, match="auto, cpu, cuda or cuda:N"):
             resolve_device(name)
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+
+
+# --- the CPU's capabilities and the dtype --------------------------------------------------------------------
+
+CPUS = {
+    "avx2 only (Zen 3)": ("avx2 fma f16c", torch.float32),
+    "avx-512, no bf16 (Skylake-SP)": ("avx2 avx512f avx512bw avx512_vnni", torch.float32),
+    "avx-512 with bf16 (Zen 4)": ("avx2 avx512f avx512_vnni avx512_bf16", torch.bfloat16),
+    "amx (Sapphire Rapids)": ("avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8", torch.bfloat16),
+    "unknown (no /proc/cpuinfo flags)": ("", torch.float32),
+}
+
+
+def fake_cpuinfo(tmp_path, flags: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+                    f"model name\t: ignored\nflags\t\t: ignored\n")
+    return path
+
+
+@pytest.mark.parametrize("name", list(CPUS))
+def test_auto_dtype_on_each_capability_set(tmp_path, monkeypatch, name):
+    from embedserve.engine import cpu
+
+    flags, want = CPUS[name]
+    info = cpu.read_cpu.__wrapped__(str(fake_cpuinfo(tmp_path, flags)))
+    assert info.model == "Test CPU 9000" and info.flags == frozenset(flags.split())
+    monkeypatch.setattr(cpu, "read_cpu", lambda: info)
+    assert resolve_dtype("auto", torch.device("cpu")) == want
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16  # CUDA is not the CPU's business
+    described = info.describe()
+    assert described.startswith("Test CPU 9000") and "AVX2 " in described and "AMX " in described
+
+
+def test_an_emulated_half_precision_warns_with_what_a_probe_measured(monkeypatch):
+    from embedserve.engine import cpu
+
+    monkeypatch.setattr(cpu, "matmul_gflops", lambda dtype: 1.5 if dtype != torch.float32 else 120.0)
+    zen3 = cpu.CpuInfo("AMD EPYC 7B13", frozenset({"avx2"}))
+    zen4 = cpu.CpuInfo("AMD EPYC 9B14", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    warning = cpu.emulation_warning(torch.bfloat16, zen3)
+    assert "--dtype bfloat16: this CPU (AMD EPYC 7B13) has no AVX512-BF16 or AMX" in warning
+    assert "1.5 GFLOP/s against 120.0 in float32 (80x slower)" in warning and "(float32 here)" in warning
+    assert cpu.emulation_warning(torch.bfloat16, zen4) is None  # native
+    assert "AVX512-FP16" in cpu.emulation_warning(torch.float16, zen4)  # bf16 native, fp16 not
+    assert cpu.emulation_warning(torch.float32, zen3) is None
+
+
+def test_the_probe_measures_real_matmuls():
+    from embedserve.engine.cpu import matmul_gflops
+
+    assert matmul_gflops(torch.float32, n=64, seconds=0.01) > 0.1

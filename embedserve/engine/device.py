@@ -9,6 +9,7 @@ CUDA build. Every thread that launches work on a GPU other than ``cuda:0`` must 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -129,24 +130,23 @@ def memory_words(device: torch.device) -> str:
     return f"cpu: peak resident {peak // mib} MiB" + (f"; limit {limit[0] // mib} MiB, {limit[1]}" if limit else "")
 
 
+@functools.lru_cache(maxsize=1)
 def _malloc_trim():
+    """glibc's malloc_trim from the process's own symbols (looked up once, on first use); None elsewhere."""
     import ctypes
-    import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
-
-
-_TRIM = _malloc_trim()
 
 
 def release_host_memory() -> bool:
     """Hand the C heap's free pages back to the OS (glibc's malloc_trim). Packed steps of ever-changing shapes
     leave the CPU allocator's arenas fragmented: without this an idle CPU server keeps hundreds of MB (measured:
     a 2 GB process back to 0.5 GB) it no longer uses. False where the C library has no such call."""
-    if _TRIM is None:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _TRIM(0)
+    trim(0)
     return True

@@ -19,6 +19,7 @@ a fatal device error stops the engine: the failing step's requests get 500, ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -303,8 +304,10 @@ class Engine:
         emulated here (with what a short probe measured)."""
         info = cpu_caps.read_cpu()
         dtype = str(self.dtype).removeprefix("torch.")
-        why = ("auto: native bf16" if self.dtype == torch.bfloat16 else "auto: no native bf16") if asked == "auto" \
-            else "asked"
+        if asked != "auto":
+            why = "asked"
+        else:
+            why = "auto: native bf16" if info.bf16 else "auto: no native bf16"
         log.info("cpu: %s; dtype %s (%s)", info.describe(), dtype, why)
         warning = cpu_caps.emulation_warning(self.dtype, info)
         if warning is not None:
@@ -398,8 +401,7 @@ class Engine:
                 f"warm-up of a {length}-token input in chunks of {chunk} beside full steps of "
                 f"{self.max_batch_tokens} tokens, with {self.max_kv_tokens} key-cache tokens held, ran out of "
                 f"{self.device.type.upper()} memory; lower --max-kv-tokens (now {self.max_kv_tokens}) or "
-                f"--max-batch-tokens (now "
-                f"{self.max_batch_tokens}): {e}"
+                f"--max-batch-tokens (now {self.max_batch_tokens}): {e}"
             ) from e
         finally:
             self.runner.free([key])
@@ -664,9 +666,8 @@ class Engine:
     def _forward(self, inputs, dims, normalize, want_b64, chunks, type_starts=None) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self.config.fault_kind)
-        if self._turns is None:
-            return self.runner.launch(inputs, dims, normalize, want_b64, chunks, type_starts)
-        with self._turns.turn(self.name):  # other models' steps on this device wait, in turn
+        # With several models on the device, the others' steps wait for this one, in turn.
+        with self._turns.turn(self.name) if self._turns is not None else contextlib.nullcontext():
             return self.runner.launch(inputs, dims, normalize, want_b64, chunks, type_starts)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:

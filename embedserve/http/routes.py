@@ -38,7 +38,7 @@ from embedserve.protocol import (
 
 
 # Answers with more floats than this are JSON-encoded on a worker thread (about a millisecond of work).
-_ENCODE_INLINE_FLOATS = 32_768
+ENCODE_INLINE_FLOATS = 32_768
 
 
 class ClientGone(Exception):
@@ -142,7 +142,7 @@ async def embeddings(request: Request) -> Response:
         return Response(status_code=499)  # nobody reads it; uvicorn discards it
     headers = record_result(svc, request, len(inputs), result, engine)
     args = (result.vectors, result.token_counts, fmt, name, result.base64)
-    if result.vectors.numel() > _ENCODE_INLINE_FLOATS:
+    if result.vectors.numel() > ENCODE_INLINE_FLOATS:
         body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
     else:
         body = encode_embeddings(*args)

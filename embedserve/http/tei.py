@@ -17,7 +17,15 @@ from starlette.responses import Response
 import embedserve
 from embedserve.engine.front import EmbedOptions
 from embedserve.errors import InvalidRequest, WrongModelKind
-from embedserve.http.routes import ClientGone, check_auth, read_body, record_result, service, until_disconnect
+from embedserve.http.routes import (
+    ENCODE_INLINE_FLOATS,
+    ClientGone,
+    check_auth,
+    read_body,
+    record_result,
+    service,
+    until_disconnect,
+)
 from embedserve.protocol import (
     TeiDecodeRequest,
     TeiEmbedRequest,
@@ -63,7 +71,7 @@ async def embed(request: Request) -> Response:
     except ClientGone:
         return Response(status_code=499)
     headers = record_result(svc, request, len(texts), result, engine)
-    if result.vectors.numel() > 32_768:
+    if result.vectors.numel() > ENCODE_INLINE_FLOATS:
         return Response(await run_in_threadpool(encoder.encode, result.vectors.tolist()),
                         media_type="application/json", headers=headers)
     return _json(result.vectors.tolist(), headers)

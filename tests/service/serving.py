@@ -83,3 +83,14 @@ def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, w
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def cross_encoder_server(folder: Path, kind: str, served_name: str, **build):
+    """A tiny random cross-encoder of ``kind`` built into ``folder`` (tiny.build_tiny_cross_encoder's keywords)
+    and served alone under ``served_name``: yields (server, the sentence-transformers CrossEncoder)."""
+    from tiny import build_tiny_cross_encoder
+
+    ce = build_tiny_cross_encoder(folder, kind, **build)
+    with run_server(folder.parent, "--model", str(folder), "--served-model-name", served_name) as server:
+        yield server, ce

@@ -7,8 +7,8 @@ import httpx
 import pytest
 import torch
 
-from serving import run_server
-from tiny import build_tiny_cross_encoder, long_text, mixed_texts
+from serving import cross_encoder_server, run_server
+from tiny import long_text, mixed_texts
 
 QUERY = "what is a search query"
 DOCS = mixed_texts(12, seed=21) + [long_text(800, seed=3)]
@@ -16,10 +16,8 @@ DOCS = mixed_texts(12, seed=21) + [long_text(800, seed=3)]
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reranker")
-    ce = build_tiny_cross_encoder(path, "bert", seed=8)
-    with run_server(path.parent, "--model", str(path), "--served-model-name", "tiny-reranker") as server:
-        yield server, ce
+    with cross_encoder_server(tmp_path_factory.mktemp("reranker"), "bert", "tiny-reranker", seed=8) as served:
+        yield served
 
 
 def post(server, route: str, body: dict, **kw) -> httpx.Response:

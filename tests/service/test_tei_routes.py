@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving import run_server
-from tiny import build_tiny_cross_encoder, mixed_texts
+from serving import cross_encoder_server
+from tiny import mixed_texts
 
 TEXTS = ["The cat sits on the mat.", "A feline rests.", "Stock markets fell sharply today."]
 QUERY = "what is a search query"
@@ -19,19 +19,16 @@ DOCS = mixed_texts(10, seed=31)
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    path = tmp_path_factory.mktemp("nli")
-    ce = build_tiny_cross_encoder(path, "bert", num_labels=3, seed=5,
-                                  id2label={0: "contradiction", 1: "entailment", 2: "neutral"})
-    with run_server(path.parent, "--model", str(path), "--served-model-name", "tiny-nli") as server:
-        yield server, ce
+    with cross_encoder_server(tmp_path_factory.mktemp("nli"), "bert", "tiny-nli", num_labels=3, seed=5,
+                              id2label={0: "contradiction", 1: "entailment", 2: "neutral"}) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tei-reranker")
-    ce = build_tiny_cross_encoder(path, "xlm-roberta", seed=6)
-    with run_server(path.parent, "--model", str(path), "--served-model-name", "tiny-reranker") as server:
-        yield server, ce
+    with cross_encoder_server(tmp_path_factory.mktemp("tei-reranker"), "xlm-roberta", "tiny-reranker",
+                              seed=6) as served:
+        yield served
 
 
 def post(server, route, body):

@@ -26,8 +26,7 @@ class _QueueCollector:
         self.service = service
 
     def collect(self):
-        engine = self.service.engine
-        engines = self.service.engines or ({self.service.served_name: engine} if engine is not None else {})
+        engines = self.service.serving()
         stats = [e.queue_stats() for e in engines.values()]
         waiting, tokens, running, dropped = (sum(x) for x in zip(*stats)) if stats else (0, 0, 0, 0)
         yield GaugeMetricFamily("embedserve_queue_inputs", "Inputs waiting for a forward pass", value=waiting)
@@ -36,10 +35,11 @@ class _QueueCollector:
         yield CounterMetricFamily(
             "embedserve_dropped_inputs", "Queued inputs dropped because their client went away", value=dropped
         )
-        yield GaugeMetricFamily("embedserve_in_flight_requests", "Requests with engine work (embed, rerank, classify) accepted and not yet answered",
+        yield GaugeMetricFamily("embedserve_in_flight_requests",
+                                "Requests with engine work (embed, rerank, classify) accepted and not yet answered",
                                 value=self.service.in_flight)
         yield GaugeMetricFamily("embedserve_ready", "1 when the model is loaded and not draining",
-                                value=float(engine is not None and not self.service.shutting_down))
+                                value=float(bool(engines) and not self.service.shutting_down))
         if engines:
             info = GaugeMetricFamily("embedserve_model_info", "Each served model and its kind (embedding, rerank, "
                                      "classify); always 1", labels=["model", "kind"])

@@ -145,7 +145,7 @@ async def docs(request: Request) -> Response:
 
 async def landing(request: Request) -> Response:
     svc = request.app.state.service
-    names = ", ".join(html.escape(n) for n in (svc.engines or {svc.served_name: None}))
+    names = ", ".join(html.escape(n) for n in (svc.serving() or [svc.served_name]))
     return HTMLResponse(_LANDING.format(version=embedserve.__version__, models=names))
 
 
@@ -170,7 +170,7 @@ def _served_kinds(svc, routed: bool) -> set[str] | None:
     """The kinds of model that may answer: any served one's where the body names it, else the default's."""
     if svc.engine is None:
         return None  # still loading
-    return {e.kind for e in svc.engines.values()} if routed and svc.engines else {svc.engine.kind}
+    return {e.kind for e in svc.serving().values()} if routed else {svc.engine.kind}
 
 
 def build_spec(svc) -> dict:

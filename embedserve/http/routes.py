@@ -205,8 +205,8 @@ async def rerank(request: Request) -> Response:
 async def models(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    engines = svc.engines or ({svc.served_name: svc.engine} if svc.engine is not None else {})
-    cards = [ModelCard(id=name, created=svc.created, kind=e.kind, dimensions=e.dimensions) for name, e in engines.items()]
+    cards = [ModelCard(id=name, created=svc.created, kind=e.kind, dimensions=e.dimensions)
+             for name, e in svc.serving().items()]
     if not cards:  # still loading: the name is known already
         cards = [ModelCard(id=svc.served_name, created=svc.created)]
     return Response(encoder.encode(ModelList(data=cards)), media_type="application/json")

@@ -34,6 +34,11 @@ class Service:
         self.engines = dict(engines)
         self.engine = next(iter(self.engines.values()))
 
+    def serving(self) -> dict[str, Engine]:
+        """Served name -> engine of every model ready to serve (empty while loading); an engine handed over as
+        ``engine`` alone (the tests' fakes) counts as the one model."""
+        return self.engines or ({self.served_name: self.engine} if self.engine is not None else {})
+
     def model_failed(self, name: str, exc: BaseException) -> None:
         """One model's engine stopped by a fault of its own (the device is fine): only its requests fail."""
         self.failed_models[name] = exc

@@ -58,8 +58,9 @@ class _Extend(argparse.Action):
         setattr(namespace, self.dest, (values if current is self.default else current + values))
 
 
-def _models(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
+def _comma_list(text: str) -> list[str]:
+    """``a, b,,c`` -> ["a", "b", "c"]: --model and --api-key lists."""
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _named(entry: str) -> tuple[str | None, str]:
@@ -69,10 +70,6 @@ def _named(entry: str) -> tuple[str | None, str]:
     if sep and name and "/" not in name and model:
         return name, model
     return None, entry
-
-
-def _keys(text: str) -> list[str]:
-    return [k.strip() for k in text.split(",") if k.strip()]
 
 
 class _Flags:
@@ -119,7 +116,7 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
     f = _Flags(serve, env)
     f.group("model", "what is served, and how it runs")
-    f.add("--model", type=_models, action=_Extend, metavar="[NAME=]MODEL",
+    f.add("--model", type=_comma_list, action=_Extend, metavar="[NAME=]MODEL",
           help="model directory (Hugging Face / sentence-transformers layout) or Hugging Face Hub id (downloaded "
           "into the HF cache); give it again (or list several, comma-separated) to serve several models, routed "
           "by the request's model field, the first answering requests that name none; NAME= sets the served name. "
@@ -138,8 +135,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           "precision the CPU emulates starts with a warning")
     f.add("--attention", default="auto", choices=ATTENTION_BACKENDS, help="varlen attention backend")
     f.add("--kind", default="auto", choices=KINDS, help="what the model serves: auto = embeddings, or rerank / "
-          "classify for a sequence-classification checkpoint; rerank also serves a causal LM by its yes / no "
-          "logits (Qwen3-Reranker)")
+          "classify for a sequence-classification checkpoint (a sentence-transformers LogitScore folder is a "
+          "reranker by itself); rerank also serves a plain causal LM by its yes / no logits (Qwen3-Reranker)")
     f.add("--pool-kernel", default="auto", choices=POOL_KERNELS, help="pool+normalise+base64 kernel: auto = "
           "Triton on CUDA, the torch twin on CPU; triton runs the kernel (on CPU only under TRITON_INTERPRET=1)")
     f.add("--token-ids", default="cl100k", choices=TOKEN_ID_POLICIES, help="how token-id inputs are read: "
@@ -166,7 +163,7 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.group("server and security")
     f.add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
     f.add("--port", default=8000, type=int, help="port to bind")
-    f.add("--api-key", type=_keys, help="accepted bearer token(s), comma-separated; none: no authentication. "
+    f.add("--api-key", type=_comma_list, help="accepted bearer token(s), comma-separated; none: no authentication. "
           "/health, /ready, /metrics, /docs and /openapi.json stay open", metavar="KEY[,KEY...]")
     f.switch("--reject-unknown-model", default=False,
              help="answer 404 model_not_found when a request names a model not served (off: one model answers "

@@ -31,6 +31,7 @@ from embedserve.errors import ModelLoadError
 from embedserve.kernels.linear import activate, linear
 from embedserve.kernels.pooling import pool
 from embedserve.models.layers import activation
+from embedserve.models.loader import read_json
 
 # sentence-transformers activation_fn (a torch.nn class path) -> ours
 ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Tanh": "tanh", "Softmax": "softmax"}
@@ -105,13 +106,6 @@ def read_classifier_spec(directory: Path, cfg: dict) -> ClassifierSpec:
     return ClassifierSpec(labels, act)
 
 
-def _json(path: Path) -> dict | list:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
-
-
 def read_logit_score(directory: Path) -> tuple[tuple[int, ...], ChatTemplate | None] | None:
     """A sentence-transformers 6 CrossEncoder folder of a causal LM (``modules.json``: a Transformer in this
     folder, then a ``LogitScore``): the token ids it scores by (true, and false if it has one) and how a pair is
@@ -120,14 +114,14 @@ def read_logit_score(directory: Path) -> tuple[tuple[int, ...], ChatTemplate | N
     modules_path = directory / "modules.json"
     if not modules_path.is_file():
         return None
-    modules = _json(modules_path)
+    modules = read_json(modules_path)
     types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     if "LogitScore" not in types:
         return None
     if types != ["Transformer", "LogitScore"] or modules[0].get("path", "") not in ("", "."):
         raise ModelLoadError(f"{modules_path}: a LogitScore reranker is served as a Transformer in this folder "
                              f"followed by a LogitScore; this one has {types}")
-    score_cfg = _json(directory / modules[1].get("path", "") / "config.json")
+    score_cfg = read_json(directory / modules[1].get("path", "") / "config.json")
     if score_cfg.get("module_input_name", "causal_logits") != "causal_logits":
         raise ModelLoadError(f"{directory}: LogitScore reads {score_cfg['module_input_name']!r}; only the causal "
                              "LM's logits (causal_logits) are supported")
@@ -136,7 +130,7 @@ def read_logit_score(directory: Path) -> tuple[tuple[int, ...], ChatTemplate | N
         raise ModelLoadError(f"{directory}: LogitScore needs a true_token_id (and optionally a false_token_id), "
                              f"got {score_cfg}")
     bert_path = directory / "sentence_bert_config.json"
-    bert = _json(bert_path) if bert_path.is_file() else {}
+    bert = read_json(bert_path) if bert_path.is_file() else {}
     if bert.get("transformer_task", "text-generation") != "text-generation":
         raise ModelLoadError(f"{bert_path}: a LogitScore reranker's Transformer must be a text-generation one, "
                              f"not {bert['transformer_task']!r}")
@@ -148,7 +142,7 @@ def read_logit_score(directory: Path) -> tuple[tuple[int, ...], ChatTemplate | N
         raise ModelLoadError(f"{bert_path}: processing_kwargs {', '.join(unsupported)} are not supported (the "
                              "maximum length comes from max_seq_length or the tokenizer)")
     st_path = directory / "config_sentence_transformers.json"
-    st_cfg = _json(st_path) if st_path.is_file() else {}
+    st_cfg = read_json(st_path) if st_path.is_file() else {}
     default = st_cfg.get("default_prompt_name")
     system = (st_cfg.get("prompts") or {}).get(default) if default else None
     if "message" not in (bert.get("modality_config") or {}):

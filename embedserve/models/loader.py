@@ -27,6 +27,18 @@ from torch import nn
 
 from embedserve.errors import ModelLoadError
 
+
+def read_json(path: Path) -> dict | list:
+    """A JSON file of a model folder; missing or broken is a ModelLoadError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"missing file {path}") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 

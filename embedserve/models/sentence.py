@@ -9,7 +9,6 @@ mean pooling and no normalisation (logged).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from embedserve.models.classifier import (
     read_classifier_spec,
     read_logit_score,
 )
-from embedserve.models.loader import SafetensorsCheckpoint, load_weights
+from embedserve.models.loader import SafetensorsCheckpoint, load_weights, read_json
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +67,6 @@ class SentenceSpec:
     default_prompt_name: str | None = None
 
 
-def _read_json(path: Path) -> dict | list:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"missing file {path}") from None
-    except ValueError as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
-
-
 def _pooling_mode(cfg: dict, path: Path) -> str:
     if isinstance(cfg.get("pooling_mode"), str):
         name = cfg["pooling_mode"]
@@ -99,8 +89,8 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
     modules_path = directory / "modules.json"
     st_cfg_path = directory / "config_sentence_transformers.json"
     bert_cfg_path = directory / "sentence_bert_config.json"
-    st_cfg = _read_json(st_cfg_path) if st_cfg_path.is_file() else {}
-    bert_cfg = _read_json(bert_cfg_path) if bert_cfg_path.is_file() else {}
+    st_cfg = read_json(st_cfg_path) if st_cfg_path.is_file() else {}
+    bert_cfg = read_json(bert_cfg_path) if bert_cfg_path.is_file() else {}
     common = dict(
         max_seq_length=bert_cfg.get("max_seq_length"),
         do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
@@ -114,14 +104,14 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
     pooling: str | None = None
     normalize = False
     dense: list[Path] = []
-    for module in _read_json(modules_path):
+    for module in read_json(modules_path):
         kind = module.get("type", "").rsplit(".", 1)[-1]
         sub = directory / module.get("path", "")
         if kind == "Transformer":
             if module.get("path", "") not in ("", "."):
                 raise ModelLoadError(f"{modules_path}: a Transformer module outside the top folder is not supported")
         elif kind == "Pooling":
-            pooling = _pooling_mode(_read_json(sub / "config.json"), sub / "config.json")
+            pooling = _pooling_mode(read_json(sub / "config.json"), sub / "config.json")
         elif kind == "Dense":
             if pooling is None:
                 raise ModelLoadError(f"{modules_path}: a Dense module before Pooling is not supported")
@@ -141,7 +131,7 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
 def _cross_encoder_spec(directory: Path) -> SentenceSpec:
     """A CrossEncoder folder (or a plain transformers one): only the length limit and casing apply."""
     path = directory / "sentence_bert_config.json"
-    cfg = _read_json(path) if path.is_file() else {}
+    cfg = read_json(path) if path.is_file() else {}
     return SentenceSpec(pooling="cls", max_seq_length=cfg.get("max_seq_length"),
                         do_lower_case=bool(cfg.get("do_lower_case", False)))
 
@@ -159,7 +149,7 @@ class Dense(nn.Module):
 
 
 def _load_dense(folder: Path, dtype: torch.dtype, device: torch.device) -> Dense:
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     act_name = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
     if act_name not in _ST_ACTIVATIONS:
         raise ModelLoadError(
@@ -236,7 +226,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelLoadError(f"model directory {directory} does not exist")
-    hf_config = _read_json(directory / "config.json")
+    hf_config = read_json(directory / "config.json")
     scoring = registry.classifier_for(hf_config)
     score_ids: Sequence[int] | None = None  # a causal LM scored by its last token's logits for these tokens
     logit_score = read_logit_score(directory) if scoring is None else None

@@ -363,11 +363,16 @@ class Engine:
         try:
             self.runner.run([ids] * count, [self.dimensions] * count, [False] * count)
         except Exception as e:
-            if classify(e) != "oom":
-                raise
+            if classify(e) == "oom":
+                raise ConfigError(
+                    f"warm-up pass of {count * len(ids)} tokens ran out of {self.device.type.upper()} memory; lower "
+                    f"--max-batch-tokens (now {self.max_batch_tokens}): {e}"
+                ) from e
+            # Short of memory, oneDNN fails in its own words ("could not create a primitive"): the largest step
+            # is what the budget decides, so the flag is named whatever the cause.
             raise ConfigError(
-                f"warm-up pass of {count * len(ids)} tokens ran out of {self.device.type.upper()} memory; lower "
-                f"--max-batch-tokens (now {self.max_batch_tokens}): {e}"
+                f"warm-up pass of {count * len(ids)} tokens failed ({type(e).__name__}: {e}); if memory is short "
+                f"here, lower --max-batch-tokens (now {self.max_batch_tokens})"
             ) from e
         log.info("warm-up: %d inputs, %d tokens in %.2fs", count, count * len(ids), time.perf_counter() - started)
         if self.chunk_tokens is not None and self.max_length > self.chunk_tokens:

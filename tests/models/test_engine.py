@@ -442,3 +442,20 @@ def test_start_up_names_the_cpu_and_warns_for_an_emulated_half_precision(tiny_di
     assert any("bfloat16 is emulated" in w and "(100x slower)" in w for w in warnings), warnings
     for e in (auto, half):
         e.shutdown(timeout=10)
+
+
+def test_a_warm_up_that_fails_in_other_words_still_names_the_budget_flag(tiny_dir):
+    """Short of memory, oneDNN fails primitive creation in its own words, not as an out-of-memory: the start-up
+    error still names the step and the flag that sizes it."""
+    from embedserve.errors import ConfigError
+
+    e = Engine(EngineConfig(model=model_config(tiny_dir)))
+
+    def fail(*args, **kw):
+        raise RuntimeError("could not create a primitive")
+
+    e.runner.run = fail
+    with pytest.raises(ConfigError, match=r"warm-up pass of \d+ tokens failed \(RuntimeError: could not create a "
+                                          r"primitive\); if memory is short here, lower --max-batch-tokens \(now "):
+        e.warmup()
+    e.shutdown(timeout=10)

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_engine.py [--model DIR] [--texts 600] [--repeats 3]
 
-Prints tokens/s (median of the repeats) for sentence-transformers fp32, embedserve fp32 and embedserve
-bf16, the ratios, and the bf16 vectors' worst cosine against fp32.
+Prints tokens/s (median of the repeats) for sentence-transformers fp32, embedserve fp32, embedserve bf16
+(where the CPU computes it natively, or with ``--bf16`` anyway) and embedserve ``--quantize int8``, the ratios
+against sentence-transformers and against embedserve fp32, and each one's worst cosine against fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from timing import cpu_line  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from embedserve.engine.cpu import read_cpu  # noqa: E402
 from embedserve.engine.front import Engine  # noqa: E402
 
 
@@ -41,10 +43,11 @@ def time_it(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def run_engine(path: str, dtype: str, texts: list[str], repeats: int, attention: str, batch_tokens: int | None):
+def run_engine(path: str, dtype: str, texts: list[str], repeats: int, attention: str, batch_tokens: int | None,
+               quantize: str = "none"):
     engine = Engine(
         EngineConfig(
-            model=ModelConfig(path=path, dtype=dtype, attention=attention),
+            model=ModelConfig(path=path, dtype=dtype, attention=attention, quantize=quantize),
             scheduler=SchedulerConfig(max_batch_tokens=batch_tokens),
         )
     )
@@ -64,6 +67,7 @@ def main() -> None:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--st-batch-size", type=int, default=32)
+    ap.add_argument("--bf16", action="store_true", help="run the bf16 row on a CPU that emulates bf16 too")
     args = ap.parse_args()
     print(cpu_line())
     path = args.model or default_model()
@@ -78,16 +82,22 @@ def main() -> None:
         args.repeats,
     )
 
-    fp32_s, fp32_vecs, tokens = run_engine(path, "float32", texts, args.repeats, args.attention, args.max_batch_tokens)
-    bf16_s, bf16_vecs, _ = run_engine(path, "bfloat16", texts, args.repeats, args.attention, args.max_batch_tokens)
-
+    runs = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("auto", "int8")}
+    if not (args.bf16 or read_cpu().bf16):
+        del runs["bf16"]
+        print("bf16 row skipped: this CPU emulates bf16 (--bf16 runs it anyway)")
+    results = {name: run_engine(path, dtype, texts, args.repeats, args.attention, args.max_batch_tokens, quantize)
+               for name, (dtype, quantize) in runs.items()}
+    tokens = results["fp32"][2]
+    fp32_s, fp32_vecs = results["fp32"][0], results["fp32"][1]
     cos_st = torch.nn.functional.cosine_similarity(fp32_vecs, st_vecs.float()).min().item()
-    cos_bf16 = torch.nn.functional.cosine_similarity(bf16_vecs, fp32_vecs).min().item()
     print(f"tokens embedded: {tokens}")
     print(f"{'sentence-transformers fp32':30s} {tokens / st_s:10.0f} tok/s  ({st_s:.3f} s median)")
-    print(f"{'embedserve fp32':30s} {tokens / fp32_s:10.0f} tok/s  ({fp32_s:.3f} s)  ratio {st_s / fp32_s:.2f}x")
-    print(f"{'embedserve bf16':30s} {tokens / bf16_s:10.0f} tok/s  ({bf16_s:.3f} s)  ratio {st_s / bf16_s:.2f}x")
-    print(f"min cosine: fp32 vs sentence-transformers {cos_st:.6f}; bf16 vs fp32 {cos_bf16:.6f}")
+    for name, (seconds, vecs, _) in results.items():
+        cos = torch.nn.functional.cosine_similarity(vecs.float(), fp32_vecs).min().item()
+        print(f"{'embedserve ' + name:30s} {tokens / seconds:10.0f} tok/s  ({seconds:.3f} s)  ratio {st_s / seconds:.2f}x"
+              f"  vs embedserve fp32 {fp32_s / seconds:.2f}x  min cosine vs fp32 {cos:.6f}")
+    print(f"min cosine: embedserve fp32 vs sentence-transformers {cos_st:.6f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ keep-alive HTTP/1.1 client (so the load generator takes little of the CPU the se
 - 1 text per request at concurrency 32, and 32 texts per request at concurrency 4, float and base64;
 - a single short text at concurrency 1 (the latency floor).
 
-Prints tokens/s, p50/p99 latency and, for throughput shapes, the ratio to sentence-transformers in-process.
+Prints tokens/s, p50/p99 latency and, for throughput shapes, the ratio to sentence-transformers in-process;
+then the same engine, built from the same flags, driven in-process at 32 texts x 4 concurrent requests, beside
+the server's 32 x 4 rows: what HTTP, JSON and the response encoding cost on top of the engine.
 """
 
 from __future__ import annotations
@@ -105,6 +107,38 @@ def st_tokens_per_s(model_dir: str, texts: list[str], repeats: int = 3) -> float
     return tokens / statistics.median(times)
 
 
+def engine_tokens_per_s(serve_flags: list[str], env: dict[str, str], batches: list[list[str]], concurrency: int,
+                        seconds: float) -> float:
+    """The engine the server would build from these flags and variables, driven in-process by ``concurrency``
+    coroutines sending ``batches`` for ``seconds``: HTTP's baseline."""
+    from embedserve.cli import build_config, build_parser
+    from embedserve.engine.front import Engine
+
+    config = build_config(build_parser(env).parse_args(["serve", *serve_flags]))
+    engine = Engine(config.engine)
+    engine.warmup()
+    engine.start()
+
+    async def drive() -> float:
+        tokens = 0
+        counter = iter(range(10**9))
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal tokens
+            while time.perf_counter() < deadline:
+                tokens += (await engine.embed(batches[next(counter) % len(batches)])).total_tokens
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return tokens / (time.perf_counter() - started)
+
+    try:
+        return asyncio.run(drive())
+    finally:
+        engine.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -133,6 +167,11 @@ def main() -> None:
                 rows.append((name, fmt, asyncio.run(load(port, batches, conc, fmt, args.seconds))))
         floor = asyncio.run(load(port, short, 1, "float", min(args.seconds, 5.0)))
 
+    # The tests' launcher gives the server no EMBEDSERVE_* variables but float32 on a CPU; the same here.
+    import torch
+
+    env = {} if torch.cuda.is_available() else {"EMBEDSERVE_DTYPE": "float32"}
+    in_process = engine_tokens_per_s(flags, env, thirty_twos, 4, args.seconds)
     st = st_tokens_per_s(model_dir, corpus)
     print(f"corpus: {len(corpus)} mixed texts; {args.seconds:.0f} s per shape; sentence-transformers "
           f"in-process: {st:.0f} tok/s")
@@ -141,6 +180,10 @@ def main() -> None:
     for name, fmt, r in rows:
         print(f"{name:24s} {fmt:7s} {r['tok_s']:8.0f} {r['p50']:8.1f} {r['p99']:8.1f} {r['requests']:6d} "
               f"{r['errors']:6d} {r['tok_s'] / st:5.2f}x")
+    for name, fmt, r in rows:
+        if name.startswith("32 texts"):
+            print(f"32 texts x 4, {fmt:6s}: HTTP {r['tok_s']:.0f} tok/s, engine in-process {in_process:.0f} tok/s: "
+                  f"HTTP at {r['tok_s'] / in_process:.2f}x of the engine")
     print(f"single short text, 1 client: p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms "
           f"({floor['requests']} requests, {floor['errors']} errors)")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from embedserve.errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZE = ("none", "int8")
 TOKEN_ID_POLICIES = ("cl100k", "model")
 POOL_KERNELS = ("auto", "triton", "torch")
 FAULT_KINDS = ("error", "fatal", "oom", "crash")
@@ -43,6 +44,8 @@ class ModelConfig:
     """(name, text) prompts added to (or replacing) the folder's sentence-transformers prompts."""
     default_prompt_name: str | None = None
     """The prompt applied when a request names none; "" for none, None: the folder's default."""
+    quantize: str = "none"
+    """int8 (CPU): the encoder's linear layers with int8 weights, activations float32 (quantized per call)."""
 
     def __post_init__(self) -> None:
         for name, text in self.prompts:
@@ -52,6 +55,11 @@ class ModelConfig:
             raise ConfigError(f"default_prompt_name must be a prompt's name, got {self.default_prompt_name!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.quantize == "int8" and self.dtype not in ("auto", "float32"):
+            raise ConfigError(f"quantize int8 runs its activations in float32, so dtype {self.dtype} cannot go "
+                              f"with it: leave dtype auto (or float32)")
         if self.attention not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"

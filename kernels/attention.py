@@ -36,7 +36,9 @@ import contextlib
 import functools
 import inspect
 import logging
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
@@ -51,8 +53,9 @@ HALF = (torch.float16, torch.bfloat16)
 # Bucketing: a group's padded area (count * longest^2) may exceed its real area by this factor.
 _BUCKET_WASTE = 1.3
 # CPU: sequences at least this long run as their own SDPA call on a strided view (no gather, no padding);
-# shorter ones are bucketed, where one call for many sequences beats a call each.
-# benchmarks/bench_kernels.py measured the crossover on the development CPU. CUDA buckets every length.
+# shorter ones are bucketed, where one call for many sequences beats a call each. The default, measured on the
+# development CPU by benchmarks/bench_kernels.py; an engine measures its own model's crossover at load
+# (measure_solo_min). CUDA buckets every length.
 SOLO_MIN_LENGTH = 64
 # The flash kernels take head dims up to 256, in multiples of 8 (smaller multiples are zero-padded here).
 FLASH_MAX_HEAD_DIM = 256
@@ -240,6 +243,35 @@ def select_backend(
         ("; not " + "; not ".join(passed)) if passed else "",
     )
     return choice
+
+
+def measure_solo_min(
+    shape: AttentionShape, dtype: torch.dtype, *, tokens: int = 2048, lengths: Sequence[int] = (16, 32, 64, 128, 256),
+    repeats: int = 3,
+) -> tuple[int, str]:
+    """On the CPU: the shortest sequence length from which one SDPA call per sequence is no slower than
+    bucketing equal-length sequences together, timed for this model's heads and dtype on ``tokens``-token
+    passes. Returns the length (past the last tried when bucketing always won) and the timings in words."""
+    words = []
+    for n in lengths:
+        count = max(2, tokens // n)
+        q = torch.randn(count * n, shape.heads, shape.head_dim).to(dtype)
+        k = torch.randn(count * n, shape.kv_heads, shape.head_dim).to(dtype)
+        cu = torch.arange(0, (count + 1) * n, n, dtype=torch.int32)
+        each = [n] * count
+        timed = {}
+        for name, solo_min in (("bucketed", sys.maxsize), ("solo", 0)):
+            batch = prepare("sdpa_bucketed", cu, n, causal=shape.causal, solo_min=solo_min, lengths=each)
+            runs = []
+            for _ in range(repeats + 1):  # the first run is not counted
+                start = time.perf_counter()
+                varlen_attention(q, k, k, batch)
+                runs.append(time.perf_counter() - start)
+            timed[name] = statistics.median(runs[1:])
+        words.append(f"{n}: {timed['bucketed'] * 1e3:.1f}/{timed['solo'] * 1e3:.1f} ms")
+        if timed["solo"] <= timed["bucketed"]:
+            return n, ", ".join(words)
+    return 2 * lengths[-1], ", ".join(words)
 
 
 # -- per forward pass ------------------------------------------------------------------------------------------

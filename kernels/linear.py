@@ -1,11 +1,14 @@
 """Linear layer with a fused activation, behind one function.
 
-Backends, chosen once per (device, dtype) at start-up by :func:`select_linear_backend` and logged:
+Backends, the usable one chosen per (device, dtype) at start-up by :func:`select_linear_backend` and logged:
 
-- ``onednn``: ``torch.ops.mkldnn._linear_pointwise`` on CPU, bias and activation fused into the GEMM. On the
-  2-core AVX-512 development machine it is about 2x faster than ``F.linear`` in fp32 at the shapes of a
-  BERT-base layer (``benchmarks/bench_linear.py`` measures it), with the same fp32 accuracy.
+- ``onednn``: ``torch.ops.mkldnn._linear_pointwise`` on CPU, bias and activation fused into the GEMM, with the
+  same fp32 accuracy. Whether it is faster than ``F.linear`` depends on the CPU, dtype and layer shape (on the
+  2-core AVX-512 development machine 1.0-1.3x in fp32 at MiniLM's shapes; ``benchmarks/bench_kernels.py``), so
+  a :class:`LinearPlan` times both on each layer shape's first full-size call (the warm-up's) and keeps the faster.
 - ``torch``: ``F.linear`` then the activation: the pure-torch twin, used on CUDA and as the test oracle.
+- ``int8`` (``--quantize int8``, CPU): :class:`Int8Linear` replaces a model's ``nn.Linear``: weights int8 per
+  output channel, activations int8 per token, an int8 GEMM with exact int32 sums, output float32.
 """
 
 from __future__ import annotations
@@ -21,8 +24,14 @@ import os
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
 
+import contextlib  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Iterator  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +100,167 @@ def linear(
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post[0], [], post[1])
         return _TORCH_ACTS[act](torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
     return _TORCH_ACTS[act](F.linear(x, weight, bias))
+
+
+# -- per layer: the plan that picks a backend per shape, and int8 layers -------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` with int8 weights (symmetric, one scale per output channel) and int8 activations (one
+    scale per row, that is per token, found at each call), multiplied by ``torch._int_mm`` (oneDNN's s8 x s8 ->
+    s32 GEMM, the op torchao's dynamic int8 quantization runs) and scaled back to float32. The float weights are
+    not kept.
+
+    Per-token scales keep a token's precision from depending on the other tokens of its step: the int32 sums are
+    exact, so a text's vector is the same whatever it is packed with. Outlier *channels* (a few input channels
+    far larger than the rest, as transformer activations have) would still cost every token precision:
+    ``input_absmax``, the largest magnitude each input channel took on calibration text, moves that range into
+    the weights, SmoothQuant's way: the input is divided per channel by
+    ``s = absmax**alpha / weight_absmax**(1 - alpha)`` and the weight's columns multiplied by it.
+
+    ``weight_max``: 127, or 63 where the CPU has no VNNI: there oneDNN sums pairs of 8-bit products in 16 bits,
+    which saturate unless one side has 7 bits (:func:`int8_weight_max` measures it).
+    """
+
+    def __init__(self, layer: nn.Linear, input_absmax: torch.Tensor | None = None, *, alpha: float = 0.5,
+                 weight_max: int = 127) -> None:
+        super().__init__()
+        w = layer.weight.detach().float()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.smooth: torch.Tensor | None = None
+        if input_absmax is not None:
+            s = input_absmax.float().clamp(min=1e-5) ** alpha / w.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)
+            s = s.clamp(min=1e-5)
+            w = w * s
+            self.smooth = 1.0 / s
+        self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / weight_max  # [out]
+        # Stored [out, in] and used transposed: the layout oneDNN's int8 GEMM takes fastest.
+        self.weight_t = torch.round(w / self.scale[:, None]).to(torch.int8).t()
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x * self.smooth
+        # Each row's largest magnitude (two plain reductions run faster than abs-then-max or an inf-norm).
+        row = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_()).clamp_(min=1e-12)
+        row = row.div_(127.0)
+        acc = torch._int_mm((x / row).round_().to(torch.int8), self.weight_t)  # [T, out] int32, exact
+        y = torch.mul(acc, row)
+        return y.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, y, self.scale, out=y)
+
+    def extra_repr(self) -> str:
+        smooth = ", smoothed" if self.smooth is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{smooth}"
+
+
+def int8_weight_max() -> int:
+    """127 where the int8 GEMM sums full 8-bit products exactly (VNNI), else 63; a small worst case decides."""
+    a = torch.full((4, 64), -127, dtype=torch.int8)
+    for bound in (127, 63):
+        b = torch.full((8, 64), bound, dtype=torch.int8)
+        if int(torch._int_mm(a, b.t())[0, 0]) == -127 * bound * 64:
+            return bound
+    return 63
+
+
+def int8_available() -> str | None:
+    """None when torch's int8 GEMM runs here (exactly, at 7-bit weights at least); else why not."""
+    if not hasattr(torch, "_int_mm"):
+        return f"torch {torch.__version__} has no int8 GEMM (torch._int_mm)"
+    try:
+        x = torch.randint(-127, 128, (5, 32), dtype=torch.int8)
+        w = torch.randint(-63, 64, (8, 32), dtype=torch.int8)
+        if not torch.equal(torch._int_mm(x, w.t()), (x.long() @ w.long().t()).int()):
+            return "torch's int8 GEMM gave inexact sums on a trial"
+    except RuntimeError as e:
+        return f"torch's int8 GEMM failed a trial ({e})"
+    return None
+
+
+def quantize_int8(module: nn.Module, input_absmax: dict[nn.Linear, torch.Tensor], *, weight_max: int) -> int:
+    """Replace the ``nn.Linear`` layers inside ``module`` by :class:`Int8Linear`, smoothed by their calibration
+    statistics where ``input_absmax`` has them (:meth:`LinearPlan.calibrate`); returns how many.
+
+    With 7-bit weights (no VNNI) the layers that narrow (more inputs than outputs: an MLP's output projection,
+    whose inputs, after the activation, span the widest range) stay float: int8 there cost MiniLM's vectors the
+    most (worst cosine vs float32 0.988 with them, 0.996 without)."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (weight_max == 127 or child.in_features <= child.out_features):
+                setattr(parent, name, Int8Linear(child, input_absmax.get(child), weight_max=weight_max))
+                count += 1
+    return count
+
+
+# A shape is judged on a call of at least this many rows (the warm-up's full step); smaller first calls use
+# the default backend without deciding.
+_PROBE_MIN_ROWS = 256
+_PROBE_REPEATS = 3
+
+
+class LinearPlan:
+    """Which backend runs each linear layer. ``probe``: on the first call of each (out, in, activation, dtype)
+    with enough rows, time the default backend and ``F.linear`` on that very input and keep the faster."""
+
+    def __init__(self, default: str = "torch", probe: bool = False) -> None:
+        self.default = default
+        self.probe = probe and default != "torch"
+        self.chosen: dict[tuple, tuple[str, float]] = {}  # key -> (backend, its speed-up over the other)
+        self.absmax: dict[nn.Linear, torch.Tensor] | None = None  # while calibrating
+
+    @contextlib.contextmanager
+    def calibrate(self) -> Iterator[dict[nn.Linear, torch.Tensor]]:
+        """Within: every ``nn.Linear`` run records the largest magnitude each of its input channels takes."""
+        self.absmax = {}
+        try:
+            yield self.absmax
+        finally:
+            self.absmax = None
+
+    def _observe(self, x: torch.Tensor, layer: nn.Linear) -> None:
+        m = x.detach().abs().amax(dim=0).float()
+        seen = self.absmax.get(layer)
+        self.absmax[layer] = m if seen is None else torch.maximum(seen, m)
+
+    def backend(self, x: torch.Tensor, layer: nn.Linear, act: str) -> str:
+        if not self.probe:
+            return self.default
+        key = (layer.out_features, layer.in_features, act, x.dtype)
+        hit = self.chosen.get(key)
+        if hit is not None:
+            return hit[0]
+        if x.shape[0] < _PROBE_MIN_ROWS:
+            return self.default
+        times = {self.default: [], "torch": []}
+        for _ in range(_PROBE_REPEATS + 1):  # the first round builds the kernels and is not counted
+            for name, runs in times.items():
+                start = time.perf_counter()
+                linear(x, layer.weight, layer.bias, act, name)
+                runs.append(time.perf_counter() - start)
+        med = {name: statistics.median(runs[1:]) for name, runs in times.items()}
+        fast, slow = sorted(med, key=med.get)
+        self.chosen[key] = (fast, med[slow] / max(med[fast], 1e-12))
+        return fast
+
+    def describe(self) -> str:
+        if not self.probe:
+            return self.default
+        if not self.chosen:
+            return f"{self.default} (no shape measured yet)"
+        parts = []
+        for (n_out, n_in, act, _), (name, gain) in sorted(self.chosen.items(), key=lambda kv: kv[0][:2]):
+            layer = f"{n_in}->{n_out}" + ("" if act in ("none", "identity") else f"+{act}")
+            parts.append(f"{layer} {name} ({gain:.2f}x)")
+        return "measured per shape: " + ", ".join(parts)
+
+
+def project(x: torch.Tensor, layer: nn.Module, act: str = "none", plan: LinearPlan | None = None) -> torch.Tensor:
+    """``act(layer(x))`` for a model's ``nn.Linear`` (through the plan's backend for its shape) or
+    :class:`Int8Linear`."""
+    if isinstance(layer, Int8Linear):
+        return _TORCH_ACTS[act](layer(x))
+    if plan is not None and plan.absmax is not None:
+        plan._observe(x, layer)
+    backend = "torch" if plan is None else plan.backend(x, layer, act)
+    return linear(x, layer.weight, layer.bias, act, backend)

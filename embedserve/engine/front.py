@@ -34,9 +34,11 @@ import torch
 
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine import cpu as cpu_caps
+from embedserve.engine.calibration import CALIBRATION_TEXTS
 from embedserve.engine.device import (
     bind_thread,
     release_cached_memory,
+    keep_blocks_on_the_heap,
     release_host_memory,
     resolve_device,
     resolve_dtype,
@@ -58,8 +60,14 @@ from embedserve.errors import (
     ShuttingDown,
     WrongModelKind,
 )
-from embedserve.kernels.attention import select_backend
-from embedserve.kernels.linear import select_linear_backend
+from embedserve.kernels.attention import measure_solo_min, select_backend
+from embedserve.kernels.linear import (
+    LinearPlan,
+    int8_available,
+    int8_weight_max,
+    quantize_int8,
+    select_linear_backend,
+)
 from embedserve.kernels.pool_encode import select_pool_backend
 from embedserve.models.classifier import ChatTemplate, apply_activation
 from embedserve.models.hub import resolve as resolve_model
@@ -192,16 +200,26 @@ class Engine:
         self._on_fatal = on_fatal
         self.device = resolve_device(config.model.device)
         bind_thread(self.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        int8 = config.model.quantize == "int8"
+        if int8 and self.device.type != "cpu":
+            raise ConfigError(f"--quantize int8 runs on the CPU only (this model is on {self.device}); on a GPU "
+                              f"serve bfloat16 (--dtype auto)")
+        self.dtype = torch.float32 if int8 else resolve_dtype(config.model.dtype, self.device)
         if self.device.type == "cpu":
-            self._check_cpu_dtype(config.model.dtype)
+            self._check_cpu_dtype(config.model.dtype, int8)
+            keep_blocks_on_the_heap()
+        if int8 and (why := int8_available()) is not None:
+            raise ConfigError(f"--quantize int8: {why}")
         started = time.perf_counter()
         self.source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
         self.model: LoadedModel = load_model(self.source.directory, dtype=self.dtype, device=self.device,
                                              kind=config.model.kind)
         self._configure_prompts(config.model)
-        self.linear_backend = select_linear_backend(self.device, self.dtype)
-        self.model.encoder.linear_backend = self.linear_backend
+        backend = select_linear_backend(self.device, self.dtype)
+        # On the CPU whether the fused GEMM beats F.linear depends on the CPU and the shape: measured per shape.
+        self.linear_plan = LinearPlan(backend, probe=self.device.type == "cpu" and not int8)
+        self.linear_backend = backend + (" or torch, measured per shape" if self.linear_plan.probe else "")
+        self.model.encoder.linear_plan = self.linear_plan
         max_length = self.model.max_length
         if config.max_input_tokens is not None:
             max_length = min(max_length, config.max_input_tokens)
@@ -265,6 +283,11 @@ class Engine:
         except ValueError as e:
             raise ConfigError(f"--attention {config.model.attention}: {e}") from e
         self.model.encoder.attention_backend = self.attention_backend
+        if self.device.type == "cpu" and self.attention_backend == "sdpa_bucketed":
+            solo_min, timings = measure_solo_min(shape, self.dtype)
+            self.model.encoder.attention_solo_min = solo_min
+            log.info("attention: sequences of %d tokens or more run one call each, shorter ones bucketed (measured, "
+                     "bucketed/one each per length: %s)", solo_min, timings)
         self.scheduler = Scheduler(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_requests=sc.max_batch_requests,
@@ -274,6 +297,8 @@ class Engine:
         )
         self.pool_backend = select_pool_backend(self.device, config.model.pool_kernel)
         self.runner = Runner(self.model, self.pool_backend)
+        if int8:
+            self._quantize_int8()
         self._depth = pipeline_depth or (2 if self.device.type == "cuda" else 1)
         self._inflight: deque[_InFlight] = deque()  # engine thread only
         self._cond = threading.Condition()
@@ -299,12 +324,14 @@ class Engine:
             self.max_batch_tokens, sc.max_batch_requests, self._depth,
         )
 
-    def _check_cpu_dtype(self, asked: str) -> None:
+    def _check_cpu_dtype(self, asked: str, int8: bool) -> None:
         """Log what this CPU computes natively and the dtype chosen; warn when a half precision asked for is
         emulated here (with what a short probe measured)."""
         info = cpu_caps.read_cpu()
         dtype = str(self.dtype).removeprefix("torch.")
-        if asked != "auto":
+        if int8:
+            why = "quantize int8: int8 GEMMs, float32 between them"
+        elif asked != "auto":
             why = "asked"
         else:
             why = "auto: native bf16" if info.bf16 else "auto: no native bf16"
@@ -312,6 +339,21 @@ class Engine:
         warning = cpu_caps.emulation_warning(self.dtype, info)
         if warning is not None:
             log.warning("%s", warning)
+
+    def _quantize_int8(self) -> None:
+        """Calibrate on :data:`CALIBRATION_TEXTS` in float32, then swap the encoder's linear layers for int8."""
+        started = time.perf_counter()
+        ids = self.tokenizer.encode(list(CALIBRATION_TEXTS), truncate=True)
+        weight_max = int8_weight_max()
+        with self.linear_plan.calibrate() as absmax:
+            for i in range(0, len(ids), 8):
+                batch = ids[i : i + 8]
+                self.runner.run(batch, [self.dimensions] * len(batch), [False] * len(batch))
+        count = quantize_int8(self.model.encoder, absmax, weight_max=weight_max)
+        total = sum(isinstance(m, torch.nn.Linear) for m in self.model.encoder.modules()) + count
+        self.linear_backend = f"int8 ({count} of {total} layers, {'8' if weight_max == 127 else '7'}-bit weights)"
+        log.info("int8: %d linear layers quantized after calibrating on %d texts (%d tokens) in %.2fs", count,
+                 len(ids), sum(map(len, ids)), time.perf_counter() - started)
 
     def _configure_prompts(self, cfg: ModelConfig) -> None:
         """The configured prompts over the folder's; the default must be one of them."""
@@ -375,6 +417,8 @@ class Engine:
                 f"here, lower --max-batch-tokens (now {self.max_batch_tokens})"
             ) from e
         log.info("warm-up: %d inputs, %d tokens in %.2fs", count, count * len(ids), time.perf_counter() - started)
+        if self.linear_plan.probe:
+            log.info("linear layers: %s", self.linear_plan.describe())
         if self.chunk_tokens is not None and self.max_length > self.chunk_tokens:
             self._warm_up_chunks()
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
-from embedserve.kernels.linear import linear
+from embedserve.kernels.linear import LinearPlan, project
 from embedserve.models.layers import Embedding, activation
 
 
@@ -74,14 +74,14 @@ class BertLayer(nn.Module):
         self.act = activation(a.hidden_act)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
-    def forward(self, h: torch.Tensor, attn, lb: str) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, attn, lb: LinearPlan | None) -> torch.Tensor:
         T, H = h.shape
-        qkv = linear(h, self.qkv.weight, self.qkv.bias, backend=lb)  # [T, 3H]
+        qkv = project(h, self.qkv, plan=lb)  # [T, 3H]
         q, k, v = qkv.view(T, 3, self.heads, self.head_dim).unbind(1)  # 3 x [T, nh, d]
         a = varlen_attention(q, k, v, attn, scale=self.scale).reshape(T, H)  # [T, H]
-        h = self.attn_norm(h + linear(a, self.attn_out.weight, self.attn_out.bias, backend=lb))
-        up = linear(h, self.up.weight, self.up.bias, self.act, backend=lb)  # [T, I]
-        return self.mlp_norm(h + linear(up, self.down.weight, self.down.bias, backend=lb))
+        h = self.attn_norm(h + project(a, self.attn_out, plan=lb))
+        up = project(h, self.up, self.act, lb)  # [T, I]
+        return self.mlp_norm(h + project(up, self.down, plan=lb))
 
 
 class BertModel(nn.Module):
@@ -109,7 +109,8 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(BertLayer(args) for _ in range(args.num_layers))
         # Kernel backends, chosen once by the engine at start-up.
         self.attention_backend = "dense"
-        self.linear_backend = "torch"
+        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
+        self.linear_plan: LinearPlan | None = None  # None: F.linear
 
     @property
     def max_length(self) -> int:
@@ -142,7 +143,8 @@ class BertModel(nn.Module):
         return self.word_embeddings(input_ids) + self.position_embeddings(positions + self.args.position_offset) + types
 
     def attention_batch(self, cu_seqlens: torch.Tensor, max_seqlen: int, lengths: list[int] | None):
-        return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths)
+        return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths,
+                       solo_min=self.attention_solo_min)
 
     # Our layer's tensors -> the checkpoint's, per layer (the q/k/v parts are stacked into qkv).
     LAYER_NAMES = {
@@ -181,5 +183,5 @@ class BertModel(nn.Module):
         else:
             h = self.embed_norm(self.embed(input_ids, positions, token_types.long()))
         for layer in self.layers:
-            h = layer(h, attn, self.linear_backend)
+            h = layer(h, attn, self.linear_plan)
         return h

@@ -18,7 +18,7 @@ from torch import nn
 
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
-from embedserve.kernels.linear import linear
+from embedserve.kernels.linear import LinearPlan, project
 from embedserve.models.layers import Embedding, attention_runs, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -113,20 +113,22 @@ class Gemma3Layer(nn.Module):
         self.gate_up = nn.Linear(H, 2 * a.intermediate_size, bias=False)
         self.down = nn.Linear(a.intermediate_size, H, bias=False)
 
-    def forward(self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: str) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: LinearPlan | None
+    ) -> torch.Tensor:
         T = h.shape[0]
         d, eps = self.head_dim, self.eps
         x = rms_norm(h, self.input_norm, eps, plus_one=True)
-        qkv = linear(x, self.qkv.weight, self.qkv.bias, backend=lb)
+        qkv = project(x, self.qkv, plan=lb)
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=1)
         q = rms_norm(q.view(T, self.heads, d), self.q_norm, eps, plus_one=True)
         k = rms_norm(k.view(T, self.kv_heads, d), self.k_norm, eps, plus_one=True)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         a = varlen_attention(q, k, v.view(T, self.kv_heads, d), attn, scale=self.scale).reshape(T, self.heads * d)
-        h = h + rms_norm(linear(a, self.o.weight, self.o.bias, backend=lb), self.post_attn_norm, eps, plus_one=True)
+        h = h + rms_norm(project(a, self.o, plan=lb), self.post_attn_norm, eps, plus_one=True)
         x = rms_norm(h, self.pre_mlp_norm, eps, plus_one=True)
-        gate, up = linear(x, self.gate_up.weight, None, backend=lb).chunk(2, dim=1)
-        y = linear(F.gelu(gate, approximate="tanh") * up, self.down.weight, None, backend=lb)
+        gate, up = project(x, self.gate_up, plan=lb).chunk(2, dim=1)
+        y = project(F.gelu(gate, approximate="tanh") * up, self.down, plan=lb)
         return h + rms_norm(y, self.post_mlp_norm, eps, plus_one=True)
 
 
@@ -142,7 +144,8 @@ class Gemma3Model(nn.Module):
         self.layers = nn.ModuleList(Gemma3Layer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size))
         self.attention_backend = "dense"
-        self.linear_backend = "torch"
+        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
+        self.linear_plan: LinearPlan | None = None  # None: F.linear
 
     @property
     def max_length(self) -> int:
@@ -205,10 +208,10 @@ class Gemma3Model(nn.Module):
         for t in set(a.layer_types):
             window = a.sliding_window if t == SLIDING else None
             batches[t] = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=a.causal, window=window,
-                                 lengths=lengths)
+                                 lengths=lengths, solo_min=self.attention_solo_min)
             rope[t] = cos_sin(positions, a.rope[t].inv_freq_on(a.head_dim, input_ids.device), dtype)
         # The scale is rounded to the weights' dtype first, as transformers does.
         h = self.embed(input_ids) * torch.tensor(a.hidden_size**0.5, dtype=dtype)  # [T, H]
         for layer, t in zip(self.layers, a.layer_types):
-            h = layer(h, batches[t], *rope[t], self.linear_backend)
+            h = layer(h, batches[t], *rope[t], self.linear_plan)
         return rms_norm(h, self.norm, a.rms_norm_eps, plus_one=True)

@@ -20,7 +20,7 @@ from torch import nn
 
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
-from embedserve.kernels.linear import activate, linear
+from embedserve.kernels.linear import LinearPlan, activate, project
 from embedserve.models.layers import Embedding, activation
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -85,15 +85,17 @@ class GteLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(H, eps=a.layer_norm_eps)
         self.act = activation(a.hidden_act)
 
-    def forward(self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: str) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: LinearPlan | None
+    ) -> torch.Tensor:
         T, H = h.shape
-        q, k, v = linear(h, self.qkv.weight, self.qkv.bias, backend=lb).view(T, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = project(h, self.qkv, plan=lb).view(T, 3, self.heads, self.head_dim).unbind(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         a = varlen_attention(q, k, v, attn, scale=self.head_dim**-0.5).reshape(T, H)
-        h = self.attn_norm(h + linear(a, self.o.weight, self.o.bias, backend=lb))
-        up, gate = linear(h, self.up_gate.weight, None, backend=lb).chunk(2, dim=1)  # [T, I] each
+        h = self.attn_norm(h + project(a, self.o, plan=lb))
+        up, gate = project(h, self.up_gate, plan=lb).chunk(2, dim=1)  # [T, I] each
         gated = activate(gate, self.act) * up
-        return self.mlp_norm(h + linear(gated, self.down.weight, self.down.bias, backend=lb))
+        return self.mlp_norm(h + project(gated, self.down, plan=lb))
 
 
 class GteModel(nn.Module):
@@ -116,7 +118,8 @@ class GteModel(nn.Module):
         self.embed_norm = nn.LayerNorm(H, eps=args.layer_norm_eps)
         self.layers = nn.ModuleList(GteLayer(args) for _ in range(args.num_layers))
         self.attention_backend = "dense"
-        self.linear_backend = "torch"
+        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
+        self.linear_plan: LinearPlan | None = None  # None: F.linear
 
     @property
     def max_length(self) -> int:
@@ -199,9 +202,10 @@ class GteModel(nn.Module):
     ) -> torch.Tensor:
         """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
         a = self.args
-        attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths)
+        attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths,
+                       solo_min=self.attention_solo_min)
         cos, sin = cos_sin(positions, a.rope.inv_freq_on(a.head_dim, input_ids.device), self.word_embeddings.weight.dtype)
         h = self.embed(input_ids)  # [T, H]
         for layer in self.layers:
-            h = layer(h, attn, cos, sin, self.linear_backend)
+            h = layer(h, attn, cos, sin, self.linear_plan)
         return h

@@ -17,7 +17,7 @@ from torch import nn
 
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
-from embedserve.kernels.linear import linear
+from embedserve.kernels.linear import LinearPlan, project
 from embedserve.models.layers import Embedding, activation, attention_runs, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -150,13 +150,13 @@ class LlamaLayer(nn.Module):
             raise ModelLoadError(f"hidden_act {a.hidden_act!r} is not supported for this family (silu only)")
 
     def forward(
-        self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: str,
+        self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: LinearPlan | None,
         prefixes: _Prefixes | None = None, index: int = 0,
     ) -> torch.Tensor:
         T = h.shape[0]
         d = self.head_dim
         x = rms_norm(h, self.attn_norm, self.eps)
-        qkv = linear(x, self.qkv.weight, self.qkv.bias, backend=lb)  # [T, (nq + 2 nkv) d]
+        qkv = project(x, self.qkv, plan=lb)  # [T, (nq + 2 nkv) d]
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=1)
         q = q.view(T, self.heads, d)
         k = k.view(T, self.kv_heads, d)
@@ -168,10 +168,10 @@ class LlamaLayer(nn.Module):
         if prefixes is not None:
             k, v = prefixes.keys_and_values(index, k, v)  # [Tk, nkv, d]: cached prefixes + this step's keys
         a = varlen_attention(q, k, v, attn, scale=d**-0.5).reshape(T, self.heads * d)
-        h = h + linear(a, self.o.weight, self.o.bias, backend=lb)
+        h = h + project(a, self.o, plan=lb)
         x = rms_norm(h, self.mlp_norm, self.eps)
-        gate, up = linear(x, self.gate_up.weight, self.gate_up.bias, backend=lb).chunk(2, dim=1)  # [T, I] each
-        return h + linear(F.silu(gate) * up, self.down.weight, self.down.bias, backend=lb)
+        gate, up = project(x, self.gate_up, plan=lb).chunk(2, dim=1)  # [T, I] each
+        return h + project(F.silu(gate) * up, self.down, plan=lb)
 
 
 class LlamaModel(nn.Module):
@@ -187,7 +187,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaLayer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size))
         self.attention_backend = "dense"
-        self.linear_backend = "torch"
+        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
+        self.linear_plan: LinearPlan | None = None  # None: F.linear
 
     @property
     def max_length(self) -> int:
@@ -275,14 +276,14 @@ class LlamaModel(nn.Module):
             cu_seqlens_k = None
         batches = {
             w: prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=True, window=w,
-                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_k, lengths=lengths, k_lengths=k_lengths)
+                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_k, lengths=lengths, k_lengths=k_lengths, solo_min=self.attention_solo_min)
             for w in set(a.windows)
         }
         inv_freq = a.rope.inv_freq_on(a.head_dim, input_ids.device)
         cos, sin = cos_sin(positions, inv_freq, self.embed.weight.dtype)  # [T, 1, d]
         h = self.embed(input_ids)  # [T, H]
         for i, (layer, window) in enumerate(zip(self.layers, a.windows)):
-            h = layer(h, batches[window], cos, sin, self.linear_backend, prefixes, i)
+            h = layer(h, batches[window], cos, sin, self.linear_plan, prefixes, i)
         if prefixes is not None:
             for n, c in zip(prefixes.lengths, caches):
                 if c is not None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from embedserve.errors import ModelLoadError
 from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
-from embedserve.kernels.linear import activate, linear
+from embedserve.kernels.linear import LinearPlan, activate, project
 from embedserve.models.layers import Embedding, activation, attention_runs
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -105,15 +105,17 @@ class ModernBertLayer(nn.Module):
         self.wo = nn.Linear(a.intermediate_size, H, bias=a.mlp_bias)
         self.act = activation(a.hidden_act)
 
-    def forward(self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: str) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor, lb: LinearPlan | None
+    ) -> torch.Tensor:
         T, H = h.shape
         x = h if self.attn_norm is None else self.attn_norm(h)
-        q, k, v = linear(x, self.qkv.weight, self.qkv.bias, backend=lb).view(T, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = project(x, self.qkv, plan=lb).view(T, 3, self.heads, self.head_dim).unbind(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         a = varlen_attention(q, k, v, attn, scale=self.head_dim**-0.5).reshape(T, H)
-        h = h + linear(a, self.o.weight, self.o.bias, backend=lb)
-        up, gate = linear(self.mlp_norm(h), self.wi.weight, self.wi.bias, backend=lb).chunk(2, dim=1)  # [T, I] each
-        return h + linear(activate(up, self.act) * gate, self.wo.weight, self.wo.bias, backend=lb)
+        h = h + project(a, self.o, plan=lb)
+        up, gate = project(self.mlp_norm(h), self.wi, plan=lb).chunk(2, dim=1)  # [T, I] each
+        return h + project(activate(up, self.act) * gate, self.wo, plan=lb)
 
 
 class ModernBertModel(nn.Module):
@@ -130,7 +132,8 @@ class ModernBertModel(nn.Module):
         self.layers = nn.ModuleList(ModernBertLayer(args, i == 0) for i in range(args.num_layers))
         self.final_norm = nn.LayerNorm(H, eps=args.norm_eps, bias=args.norm_bias)
         self.attention_backend = "dense"
-        self.linear_backend = "torch"
+        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
+        self.linear_plan: LinearPlan | None = None  # None: F.linear
 
     @property
     def max_length(self) -> int:
@@ -193,9 +196,10 @@ class ModernBertModel(nn.Module):
         batches, rope = {}, {}
         for t in set(a.layer_types):
             batches[t] = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False,
-                                 window=a.window if t == SLIDING else None, lengths=lengths)
+                                 window=a.window if t == SLIDING else None, lengths=lengths,
+                                 solo_min=self.attention_solo_min)
             rope[t] = cos_sin(positions, a.rope[t].inv_freq_on(a.head_dim, input_ids.device), dtype)
         h = self.embed_norm(self.embed(input_ids))  # [T, H]
         for layer, t in zip(self.layers, a.layer_types):
-            h = layer(h, batches[t], *rope[t], self.linear_backend)
+            h = layer(h, batches[t], *rope[t], self.linear_plan)
         return self.final_norm(h)

@@ -91,7 +91,8 @@ class MPNetModel(BertModel):
     def attention_batch(self, cu_seqlens: torch.Tensor, max_seqlen: int, lengths: list[int] | None):
         rel = torch.arange(1 - max_seqlen, max_seqlen, device=cu_seqlens.device)  # key minus query
         table = self.relative_attention_bias(relative_buckets(rel)).t()  # [H, 2 * max_seqlen - 1]
-        return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths, rel_bias=table)
+        return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths, rel_bias=table,
+                       solo_min=self.attention_solo_min)
 
     LAYER_NAMES = {
         "qkv": ("attention.attn.q", "attention.attn.k", "attention.attn.v"),

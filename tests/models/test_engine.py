@@ -459,3 +459,23 @@ def test_a_warm_up_that_fails_in_other_words_still_names_the_budget_flag(tiny_di
                                           r"primitive\); if memory is short here, lower --max-batch-tokens \(now "):
         e.warmup()
     e.shutdown(timeout=10)
+
+
+def test_the_cpu_engine_measures_its_linear_and_attention_choices_and_logs_them(minilm_dir, caplog):
+    """Whether the fused GEMM beats F.linear, and from which length one attention call per sequence beats
+    bucketing, are measured for this model on this CPU (the warm-up's full step decides the GEMMs)."""
+    from embedserve.config import ModelConfig
+
+    caplog.set_level("INFO", logger="embedserve")
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(minilm_dir), device="cpu", dtype="float32")))
+    if engine.linear_plan.default == "torch":
+        pytest.skip("no fused GEMM on this CPU: nothing to choose between")
+    engine.warmup()
+    words = caplog.text.split("linear layers: measured per shape: ")[1].splitlines()[0]
+    for shape in ("384->1152", "384->384", "384->1536+gelu", "1536->384"):  # MiniLM's four layer shapes
+        assert shape + " " in words, words
+    assert len(engine.linear_plan.chosen) == 4
+    assert engine.model.encoder.attention_solo_min in (16, 32, 64, 128, 256, 512)
+    assert f"attention: sequences of {engine.model.encoder.attention_solo_min} tokens or more run one call" \
+        in caplog.text
+    engine.shutdown()

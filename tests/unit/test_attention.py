@@ -349,3 +349,23 @@ def test_sdpa_on_cuda_never_needs_the_math_kernel():
                 out = varlen_attention(q, k, v, batch)
                 want = reference(q, k, v, lengths, causal, window, k_lengths if chunked else None)
                 assert_close(out, want, dtype)
+
+
+def test_the_solo_threshold_is_measured_for_the_model_and_each_tried_length_is_reported():
+    shape = AttentionShape(heads=4, kv_heads=2, head_dim=16, causal=True)
+    tried = (8, 16, 32)
+    solo_min, words = attention.measure_solo_min(shape, torch.float32, tokens=256, lengths=tried, repeats=1)
+    assert solo_min in (8, 16, 32, 64)
+    reported = [int(part.split(":")[0]) for part in words.split(", ")]
+    assert reported == [n for n in tried if n <= solo_min]  # stops at the first length where one call each wins
+    assert all(" ms" in part and "/" in part for part in words.split(", "))
+
+
+@pytest.mark.parametrize("solo_min", [1, 10**9])
+def test_either_side_of_the_threshold_gives_the_same_attention(solo_min):
+    """Whatever the measurement decides, solo and bucketed runs of the same pass agree."""
+    torch.manual_seed(0)
+    lengths = [3, 17, 40, 1, 64]
+    q, k, v = (torch.randn(sum(lengths), 4, 16, device=DEVICE) for _ in range(3))
+    batch = prepare("sdpa_bucketed", cu(lengths), max(lengths), solo_min=solo_min, lengths=lengths)
+    assert_close(varlen_attention(q, k, v, batch), reference(q, k, v, lengths, False), torch.float32)

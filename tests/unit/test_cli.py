@@ -51,3 +51,30 @@ def test_help_groups_the_flags_with_their_variables():
         assert f"  {flag}" in text[start:end], (flag, group)
     flat = " ".join(text.split())  # argparse wraps lines anywhere
     assert "[env: EMBEDSERVE_TRUNCATE]" in flat and "the same as --truncate false" in flat
+
+
+def test_quantize_from_the_flag_the_variable_and_the_config_file(tmp_path):
+    assert config().engine.model.quantize == "none"
+    assert config("--quantize", "int8").engine.model.quantize == "int8"
+    assert config(env={"EMBEDSERVE_QUANTIZE": "int8"}).engine.model.quantize == "int8"
+    path = tmp_path / "models.toml"
+    path.write_text('[[model]]\nmodel = "/m/a"\nquantize = "int8"\n\n[[model]]\nmodel = "/m/b"\n')
+    c = config("--config", str(path))
+    assert [c.engine.model.quantize] + [m.engine.model.quantize for m in c.more_models] == ["int8", "none"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--quantize", "int4"), "invalid choice: 'int4'"),
+])
+def test_a_bad_quantize_is_a_usage_error(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        config(*flags)
+    assert message in capsys.readouterr().err
+
+
+def test_int8_with_a_half_precision_is_refused_naming_both():
+    from embedserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantize int8 runs its activations in float32, so dtype bfloat16"):
+        config("--quantize", "int8", "--dtype", "bfloat16")
+    assert config("--quantize", "int8", "--dtype", "float32").engine.model.dtype == "float32"

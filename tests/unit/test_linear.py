@@ -79,3 +79,105 @@ def test_a_server_of_ever_changing_row_counts_keeps_bounded_onednn_caches():
     first, second = (int(x) for x in out.stdout.split())
     assert first < 150, f"the fused linear's caches grew the process by {first} MB"
     assert second - first < 20
+
+
+# -- int8 layers ----------------------------------------------------------------------------------------------
+
+
+def _layer_and_inputs(n_in=384, n_out=256, rows=300, seed=0):
+    """A layer and inputs with a few outlier channels and rows of very different sizes, as transformers have."""
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n_out, n_in, generator=g) / n_in**0.5)
+    x = torch.randn(rows, n_in, generator=g)
+    x[:, [3, 77, 200]] *= 25.0  # outlier channels
+    x[::7] *= 10.0  # some tokens far larger than others
+    return layer, x
+
+
+@pytest.mark.parametrize("weight_max", [127, 63])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_int8_layer_against_float(weight_max, smoothed):
+    from embedserve.kernels.linear import Int8Linear, int8_weight_max
+
+    if weight_max == 127 and int8_weight_max() != 127:
+        pytest.skip("this CPU's int8 GEMM saturates full 8-bit products (no VNNI)")
+    layer, x = _layer_and_inputs()
+    q = Int8Linear(layer, x.abs().amax(dim=0) if smoothed else None, weight_max=weight_max)
+    got, want = q(x), layer(x).detach()
+    cos = F.cosine_similarity(got, want)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert cos.min() >= (0.999 if smoothed else 0.995), float(cos.min())
+
+
+def test_int8_rows_do_not_depend_on_their_neighbours():
+    """Per-row activation scales and exact int32 sums: a row's output is bit-identical alone or in a batch."""
+    from embedserve.kernels.linear import Int8Linear
+
+    layer, x = _layer_and_inputs()
+    q = Int8Linear(layer, x.abs().amax(dim=0))
+    batch = q(x)
+    for i in (0, 7, 150, 299):
+        assert torch.equal(q(x[i : i + 1])[0], batch[i]), i
+
+
+def test_int8_weight_max_is_what_the_gemm_sums_exactly():
+    from embedserve.kernels.linear import int8_available, int8_weight_max
+
+    assert int8_available() is None
+    bound = int8_weight_max()
+    assert bound in (127, 63)
+    a = torch.full((3, 256), -127, dtype=torch.int8)
+    b = torch.full((5, 256), bound, dtype=torch.int8)
+    assert torch.equal(torch._int_mm(a, b.t()), torch.full((3, 5), -127 * bound * 256, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("weight_max, kept_float", [(127, []), (63, ["down"])])
+def test_quantize_int8_swaps_the_layers(weight_max, kept_float):
+    from embedserve.kernels.linear import Int8Linear, quantize_int8
+
+    block = torch.nn.Module()
+    block.up, block.down, block.norm = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.LayerNorm(8)
+    absmax = {block.up: torch.ones(8)}
+    assert quantize_int8(block, absmax, weight_max=weight_max) == 2 - len(kept_float)
+    assert isinstance(block.up, Int8Linear) and block.up.smooth is not None
+    assert isinstance(block.down, torch.nn.Linear) == ("down" in kept_float)
+    assert isinstance(block.norm, torch.nn.LayerNorm)
+
+
+# -- the plan: per-shape choice, calibration ------------------------------------------------------------------
+
+
+def test_the_plan_measures_each_shape_once_on_a_full_sized_call_and_keeps_the_faster():
+    from embedserve.kernels.linear import LinearPlan, project
+
+    backend = select_linear_backend(CPU, torch.float32)
+    if backend == "torch":
+        pytest.skip("no fused backend on this CPU: nothing to choose between")
+    plan = LinearPlan(backend, probe=True)
+    up, down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+    small = torch.randn(8, 64)
+    torch.testing.assert_close(project(small, up, "gelu", plan), F.gelu(up(small)), atol=1e-5, rtol=1e-5)
+    assert plan.chosen == {}  # too few rows to judge by
+    x = torch.randn(512, 64)
+    h = project(x, up, "gelu", plan)
+    project(h, down, plan=plan)
+    assert set(plan.chosen) == {(256, 64, "gelu", torch.float32), (64, 256, "none", torch.float32)}
+    assert all(name in (backend, "torch") and gain >= 1.0 for name, gain in plan.chosen.values())
+    words = plan.describe()
+    assert "64->256+gelu" in words and "256->64" in words
+    torch.testing.assert_close(project(x, up, "gelu", plan), F.gelu(up(x)), atol=1e-5, rtol=1e-5)
+    assert LinearPlan("torch", probe=True).probe is False  # one backend: nothing to measure
+
+
+def test_calibration_records_each_layers_largest_input_per_channel():
+    from embedserve.kernels.linear import LinearPlan, project
+
+    plan, layer = LinearPlan(), torch.nn.Linear(16, 4)
+    a, b = torch.randn(10, 16), torch.randn(3, 16) * 5
+    with plan.calibrate() as absmax:
+        project(a, layer, plan=plan)
+        project(b, layer, plan=plan)
+    torch.testing.assert_close(absmax[layer], torch.cat([a, b]).abs().amax(dim=0))
+    assert plan.absmax is None  # recording stops on leaving

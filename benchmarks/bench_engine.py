@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--st-batch-size", type=int, default=32)
-    ap.add_argument("--bf16", action="store_true", help="run the bf16 row on a CPU that emulates bf16 too")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="the bf16 row: auto = where the CPU computes bf16 natively")
     args = ap.parse_args()
     print(cpu_line())
     path = args.model or default_model()
@@ -83,9 +84,9 @@ def main() -> None:
     )
 
     runs = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("auto", "int8")}
-    if not (args.bf16 or read_cpu().bf16):
+    if args.bf16 == "off" or (args.bf16 == "auto" and not read_cpu().bf16):
         del runs["bf16"]
-        print("bf16 row skipped: this CPU emulates bf16 (--bf16 runs it anyway)")
+        print("bf16 row skipped" + (": this CPU emulates bf16 (--bf16 on runs it anyway)" if args.bf16 == "auto" else ""))
     results = {name: run_engine(path, dtype, texts, args.repeats, args.attention, args.max_batch_tokens, quantize)
                for name, (dtype, quantize) in runs.items()}
     tokens = results["fp32"][2]

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from timing import cpu_line  # noqa: E402
+sys.path.insert(0, str(ROOT.parent / "tests"))  # serving.py's own imports (on_device)
 sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
 from corpus import mixed_corpus  # noqa: E402
 
@@ -127,7 +128,8 @@ def engine_tokens_per_s(serve_flags: list[str], env: dict[str, str], batches: li
         async def worker() -> None:
             nonlocal tokens
             while time.perf_counter() < deadline:
-                tokens += (await engine.embed(batches[next(counter) % len(batches)])).total_tokens
+                result = await engine.embed(batches[next(counter) % len(batches)])
+                tokens += result.total_tokens  # after the await: `x += await ...` reads x before it
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from timing import cpu_line  # noqa: E402
+sys.path.insert(0, str(ROOT.parent / "tests"))  # serving.py's own imports (on_device)
 sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
 from bench_http import Conn  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402

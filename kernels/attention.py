@@ -247,31 +247,38 @@ def select_backend(
 
 def measure_solo_min(
     shape: AttentionShape, dtype: torch.dtype, *, tokens: int = 2048, lengths: Sequence[int] = (16, 32, 64, 128, 256),
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> tuple[int, str]:
-    """On the CPU: the shortest sequence length from which one SDPA call per sequence is no slower than
-    bucketing equal-length sequences together, timed for this model's heads and dtype on ``tokens``-token
-    passes. Returns the length (past the last tried when bucketing always won) and the timings in words."""
-    words = []
+    """On the CPU: from which sequence length one SDPA call per sequence is no slower than bucketing
+    equal-length sequences together, timed for this model's heads and dtype on ``tokens``-token passes (the
+    best of ``repeats`` runs each way). The answer is the shortest tried length from which one call each wins
+    at *every* longer tried length too, so one noisy sample cannot send short sequences one call each (that
+    costs several times the attention time); past the last tried length when bucketing wins there.
+    Returns the length and the timings in words."""
+    timed = []
     for n in lengths:
         count = max(2, tokens // n)
         q = torch.randn(count * n, shape.heads, shape.head_dim).to(dtype)
         k = torch.randn(count * n, shape.kv_heads, shape.head_dim).to(dtype)
         cu = torch.arange(0, (count + 1) * n, n, dtype=torch.int32)
         each = [n] * count
-        timed = {}
+        best = {}
         for name, solo_min in (("bucketed", sys.maxsize), ("solo", 0)):
             batch = prepare("sdpa_bucketed", cu, n, causal=shape.causal, solo_min=solo_min, lengths=each)
+            varlen_attention(q, k, k, batch)  # the first run builds the kernels and is not counted
             runs = []
-            for _ in range(repeats + 1):  # the first run is not counted
+            for _ in range(repeats):
                 start = time.perf_counter()
                 varlen_attention(q, k, k, batch)
                 runs.append(time.perf_counter() - start)
-            timed[name] = statistics.median(runs[1:])
-        words.append(f"{n}: {timed['bucketed'] * 1e3:.1f}/{timed['solo'] * 1e3:.1f} ms")
-        if timed["solo"] <= timed["bucketed"]:
-            return n, ", ".join(words)
-    return 2 * lengths[-1], ", ".join(words)
+            best[name] = min(runs)
+        timed.append((n, best["bucketed"], best["solo"]))
+    answer = 2 * lengths[-1]
+    for n, bucketed, solo in reversed(timed):
+        if solo > bucketed:
+            break
+        answer = n
+    return answer, ", ".join(f"{n}: {b * 1e3:.1f}/{s * 1e3:.1f} ms" for n, b, s in timed)
 
 
 # -- per forward pass ------------------------------------------------------------------------------------------

@@ -154,11 +154,12 @@ class Int8Linear(nn.Module):
 
 
 def int8_weight_max() -> int:
-    """127 where the int8 GEMM sums full 8-bit products exactly (VNNI), else 63; a small worst case decides."""
-    a = torch.full((4, 64), -127, dtype=torch.int8)
+    """127 where the int8 GEMM sums full 8-bit products exactly (VNNI), else 63; a small worst case decides.
+    (Without VNNI oneDNN shifts the signed activations to unsigned, +128: the largest pair is 255 x weight x 2.)"""
+    a = torch.full((4, 64), 127, dtype=torch.int8)
     for bound in (127, 63):
         b = torch.full((8, 64), bound, dtype=torch.int8)
-        if int(torch._int_mm(a, b.t())[0, 0]) == -127 * bound * 64:
+        if int(torch._int_mm(a, b.t())[0, 0]) == 127 * bound * 64:
             return bound
     return 63
 

@@ -141,7 +141,7 @@ def _libc(name: str):
         return None
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _HEAP_BLOCKS = 1 << 30
 
 
@@ -153,11 +153,14 @@ def keep_blocks_on_the_heap() -> bool:
     make several step-sized temporaries each: this took int8 MiniLM from ~8,100 to ~12,400 tokens/s on the
     2-core development host (float32, one fused GEMM per layer, moved little). Blocks up to 1 GiB come from the
     heap instead and stay there between steps; :func:`release_host_memory` hands the free ones back when idle.
-    False where the C library has no mallopt."""
+    Threads started from now on share the main heap (one arena): a thread's own arena is made of 64 MB
+    mappings that glibc unmaps whenever one empties, the same churn again; the engine thread's int8 steps ran
+    ~25% slower there than on the main thread. False where the C library has no mallopt."""
     mallopt = _libc("mallopt")
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS)) and bool(mallopt(_M_TRIM_THRESHOLD, _HEAP_BLOCKS))
+    return all(mallopt(option, value) for option, value in (
+        (_M_MMAP_THRESHOLD, _HEAP_BLOCKS), (_M_TRIM_THRESHOLD, _HEAP_BLOCKS), (_M_ARENA_MAX, 1)))
 
 
 def release_host_memory() -> bool:

@@ -356,9 +356,16 @@ def test_the_solo_threshold_is_measured_for_the_model_and_each_tried_length_is_r
     tried = (8, 16, 32)
     solo_min, words = attention.measure_solo_min(shape, torch.float32, tokens=256, lengths=tried, repeats=1)
     assert solo_min in (8, 16, 32, 64)
-    reported = [int(part.split(":")[0]) for part in words.split(", ")]
-    assert reported == [n for n in tried if n <= solo_min]  # stops at the first length where one call each wins
-    assert all(" ms" in part and "/" in part for part in words.split(", "))
+    parts = words.split(", ")
+    assert [int(part.split(":")[0]) for part in parts] == list(tried)  # every tried length is reported
+    timings = [tuple(float(t) for t in part.split(": ")[1].removesuffix(" ms").split("/")) for part in parts]
+    # The threshold: one call each wins there and at every longer length; bucketing won just below it.
+    for n, (bucketed, solo) in zip(tried, timings):
+        if n >= solo_min:
+            assert solo <= bucketed, words
+    if solo_min in tried and solo_min != tried[0]:
+        bucketed, solo = timings[tried.index(solo_min) - 1]
+        assert solo > bucketed, words
 
 
 @pytest.mark.parametrize("solo_min", [1, 10**9])

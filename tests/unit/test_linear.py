@@ -128,9 +128,13 @@ def test_int8_weight_max_is_what_the_gemm_sums_exactly():
     assert int8_available() is None
     bound = int8_weight_max()
     assert bound in (127, 63)
-    a = torch.full((3, 256), -127, dtype=torch.int8)
-    b = torch.full((5, 256), bound, dtype=torch.int8)
-    assert torch.equal(torch._int_mm(a, b.t()), torch.full((3, 5), -127 * bound * 256, dtype=torch.int32))
+    for sign in (1, -1):
+        a = torch.full((3, 256), 127 * sign, dtype=torch.int8)
+        b = torch.full((5, 256), bound, dtype=torch.int8)
+        assert torch.equal(torch._int_mm(a, b.t()), torch.full((3, 5), 127 * sign * bound * 256, dtype=torch.int32))
+    x = torch.randint(-127, 128, (64, 512), dtype=torch.int8)
+    w = torch.randint(-bound, bound + 1, (32, 512), dtype=torch.int8)
+    assert torch.equal(torch._int_mm(x, w.t()), (x.long() @ w.long().t()).int())
 
 
 @pytest.mark.parametrize("weight_max, kept_float", [(127, []), (63, ["down"])])

@@ -37,8 +37,8 @@ from embedserve.engine import cpu as cpu_caps
 from embedserve.engine.calibration import CALIBRATION_TEXTS
 from embedserve.engine.device import (
     bind_thread,
-    release_cached_memory,
     keep_blocks_on_the_heap,
+    release_cached_memory,
     release_host_memory,
     resolve_device,
     resolve_dtype,
@@ -343,7 +343,8 @@ class Engine:
     def _quantize_int8(self) -> None:
         """Calibrate on :data:`CALIBRATION_TEXTS` in float32, then swap the encoder's linear layers for int8."""
         started = time.perf_counter()
-        ids = self.tokenizer.encode(list(CALIBRATION_TEXTS), truncate=True)
+        # Texts whose ids the model's embedding table cannot hold are refused in serving; here they are skipped.
+        ids = [x for x in self.tokenizer.encode(list(CALIBRATION_TEXTS), truncate=True) if x and max(x) < self.id_limit]
         weight_max = int8_weight_max()
         with self.linear_plan.calibrate() as absmax:
             for i in range(0, len(ids), 8):

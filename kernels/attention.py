@@ -253,7 +253,7 @@ def measure_solo_min(
     equal-length sequences together, timed for this model's heads and dtype on ``tokens``-token passes (the
     best of ``repeats`` runs each way). The answer is the shortest tried length from which one call each wins
     at *every* longer tried length too, so one noisy sample cannot send short sequences one call each (that
-    costs several times the attention time); past the last tried length when bucketing wins there.
+    costs several times the attention time); near-ties keep :data:`SOLO_MIN_LENGTH` (:func:`solo_min_from`).
     Returns the length and the timings in words."""
     timed = []
     for n in lengths:
@@ -273,12 +273,26 @@ def measure_solo_min(
                 runs.append(time.perf_counter() - start)
             best[name] = min(runs)
         timed.append((n, best["bucketed"], best["solo"]))
-    answer = 2 * lengths[-1]
+    return solo_min_from(timed), ", ".join(f"{n}: {b * 1e3:.1f}/{s * 1e3:.1f} ms" for n, b, s in timed)
+
+
+def solo_min_from(timed: Sequence[tuple[int, float, float]], default: int = SOLO_MIN_LENGTH) -> int:
+    """The split :func:`measure_solo_min` answers from its (length, bucketed time, solo time) rows, shortest
+    first: the shortest length from which one call each wins at every longer one (twice the last when bucketing
+    wins there), moved away from ``default`` only where the side it moves to is clearly (10%) faster at every
+    tried length in between. Near-ties keep the default, so restarts on a noisy host mostly keep the same split
+    (and give bit-identical vectors)."""
+    answer = 2 * timed[-1][0]
     for n, bucketed, solo in reversed(timed):
         if solo > bucketed:
             break
         answer = n
-    return answer, ", ".join(f"{n}: {b * 1e3:.1f}/{s * 1e3:.1f} ms" for n, b, s in timed)
+    between = [(bucketed, solo) for n, bucketed, solo in timed if min(answer, default) <= n < max(answer, default)]
+    if answer < default and not all(solo * 1.1 <= bucketed for bucketed, solo in between):
+        return default
+    if answer > default and not all(bucketed * 1.1 <= solo for bucketed, solo in between):
+        return default
+    return answer
 
 
 # -- per forward pass ------------------------------------------------------------------------------------------

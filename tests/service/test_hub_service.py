@@ -35,7 +35,9 @@ def test_a_server_from_a_hub_id_downloads_serves_and_restarts_offline_from_its_c
     np.testing.assert_allclose(first, st_embed([text])[0], atol=1e-5)
     requests = minilm_hub.count()
     with run_server(tmp_path, "--model", MINILM_REPO, env={**env, "HF_HUB_OFFLINE": "1"}) as s:
-        np.testing.assert_allclose(embed(s, text), first, atol=0)
+        # The same weights from the cache. Not bit-for-bit: each start measures which GEMM and attention split
+        # run fastest here, and a near-tie can go the other way on a noisy host (both are exact in fp32).
+        np.testing.assert_allclose(embed(s, text), first, atol=1e-6)
     assert minilm_hub.count() == requests  # not one request to the Hub
     assert "from the cache at" in s.output() and "(offline)" in s.output()
 

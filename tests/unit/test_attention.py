@@ -355,17 +355,23 @@ def test_the_solo_threshold_is_measured_for_the_model_and_each_tried_length_is_r
     shape = AttentionShape(heads=4, kv_heads=2, head_dim=16, causal=True)
     tried = (8, 16, 32)
     solo_min, words = attention.measure_solo_min(shape, torch.float32, tokens=256, lengths=tried, repeats=1)
-    assert solo_min in (8, 16, 32, 64)
     parts = words.split(", ")
     assert [int(part.split(":")[0]) for part in parts] == list(tried)  # every tried length is reported
     timings = [tuple(float(t) for t in part.split(": ")[1].removesuffix(" ms").split("/")) for part in parts]
-    # The threshold: one call each wins there and at every longer length; bucketing won just below it.
-    for n, (bucketed, solo) in zip(tried, timings):
-        if n >= solo_min:
-            assert solo <= bucketed, words
-    if solo_min in tried and solo_min != tried[0]:
-        bucketed, solo = timings[tried.index(solo_min) - 1]
-        assert solo > bucketed, words
+    assert solo_min == attention.solo_min_from([(n, b, s) for n, (b, s) in zip(tried, timings)])
+
+
+@pytest.mark.parametrize("rows, want", [
+    ([(16, 1.0, 2.0), (32, 1.0, 1.5), (64, 1.0, 0.8), (128, 1.0, 0.5), (256, 1.0, 0.4)], 64),  # crossover at 64
+    ([(16, 1.0, 2.0), (32, 1.0, 0.5), (64, 1.0, 0.8), (128, 1.0, 0.5), (256, 1.0, 0.4)], 32),  # clearly from 32
+    ([(16, 1.0, 2.0), (32, 1.0, 0.95), (64, 1.0, 0.8), (128, 1.0, 0.5), (256, 1.0, 0.4)], 64),  # 32: a near-tie
+    ([(16, 0.5, 0.4), (32, 1.0, 2.0), (64, 1.0, 0.8), (128, 1.0, 0.5), (256, 1.0, 0.4)], 64),  # one noisy win
+    ([(16, 1.0, 2.0), (32, 1.0, 2.0), (64, 1.0, 1.5), (128, 1.0, 1.3), (256, 1.0, 0.9)], 256),  # clearly later
+    ([(16, 1.0, 2.0), (32, 1.0, 2.0), (64, 1.0, 1.05), (128, 1.0, 1.3), (256, 1.0, 0.9)], 64),  # 64: a near-tie
+    ([(16, 1.0, 2.0), (32, 1.0, 2.0), (64, 1.0, 1.5), (128, 1.0, 1.3), (256, 1.0, 1.2)], 512),  # bucket them all
+])
+def test_the_threshold_rule_moves_from_the_default_only_when_clearly_faster(rows, want):
+    assert attention.solo_min_from(rows, default=64) == want
 
 
 @pytest.mark.parametrize("solo_min", [1, 10**9])

@@ -168,7 +168,8 @@ def test_the_plan_measures_each_shape_once_on_a_full_sized_call_and_keeps_the_fa
     h = project(x, up, "gelu", plan)
     project(h, down, plan=plan)
     assert set(plan.chosen) == {(256, 64, "gelu", torch.float32), (64, 256, "none", torch.float32)}
-    assert all(name in (backend, "torch") and gain >= 1.0 for name, gain in plan.chosen.values())
+    for name, gain in plan.chosen.values():  # F.linear only when clearly faster; else the default, kept
+        assert (name == "torch" and gain >= 1.1) or (name == backend and gain >= 1 / 1.1), plan.chosen
     words = plan.describe()
     assert "64->256+gelu" in words and "256->64" in words
     torch.testing.assert_close(project(x, up, "gelu", plan), F.gelu(up(x)), atol=1e-5, rtol=1e-5)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import mixed_corpus  # noqa: E402
-from timing import cpu_line  # noqa: E402
+from timing import cpu_line, median_ms  # noqa: E402
 
 # op name (torch profiler's) -> kind; first matching prefix wins, anything else is "other".
 KINDS = (
@@ -46,13 +45,7 @@ def kind_of(name: str) -> str:
 
 
 def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(fn, repeats) / 1000
 
 
 def main() -> None:

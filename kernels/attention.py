@@ -36,7 +36,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field

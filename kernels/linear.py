@@ -8,7 +8,8 @@ Backends, the usable one chosen per (device, dtype) at start-up by :func:`select
   a :class:`LinearPlan` times both on each layer shape's first full-size call (the warm-up's) and keeps the faster.
 - ``torch``: ``F.linear`` then the activation: the pure-torch twin, used on CUDA and as the test oracle.
 - ``int8`` (``--quantize int8``, CPU): :class:`Int8Linear` replaces a model's ``nn.Linear``: weights int8 per
-  output channel, activations int8 per token, an int8 GEMM with exact int32 sums, output float32.
+  output channel, activations int8 per token, an int8 GEMM with exact int32 sums (oneDNN's int8 linear, else
+  ``torch._int_mm``: :func:`int8_gemm`), output float32.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import Iterator  # noqa: E402
@@ -107,9 +109,8 @@ def linear(
 
 class Int8Linear(nn.Module):
     """An ``nn.Linear`` with int8 weights (symmetric, one scale per output channel) and int8 activations (one
-    scale per row, that is per token, found at each call), multiplied by ``torch._int_mm`` (oneDNN's s8 x s8 ->
-    s32 GEMM, the op torchao's dynamic int8 quantization runs) and scaled back to float32. The float weights are
-    not kept.
+    scale per row, that is per token, found at each call), multiplied by an int8 GEMM with exact int32 sums
+    (:func:`int8_gemm`) and scaled back to float32. The float weights are not kept.
 
     Per-token scales keep a token's precision from depending on the other tokens of its step: the int32 sums are
     exact, so a text's vector is the same whatever it is packed with. Outlier *channels* (a few input channels
@@ -123,7 +124,7 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, layer: nn.Linear, input_absmax: torch.Tensor | None = None, *, alpha: float = 0.5,
-                 weight_max: int = 127) -> None:
+                 weight_max: int = 127, gemm: str | None = None) -> None:
         super().__init__()
         w = layer.weight.detach().float()
         self.in_features, self.out_features = layer.in_features, layer.out_features
@@ -134,44 +135,97 @@ class Int8Linear(nn.Module):
             w = w * s
             self.smooth = 1.0 / s
         self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / weight_max  # [out]
-        # Stored [out, in] and used transposed: the layout oneDNN's int8 GEMM takes fastest.
-        self.weight_t = torch.round(w / self.scale[:, None]).to(torch.int8).t()
+        self.gemm = gemm or int8_gemm()
+        self.int8 = _Int8Weight(torch.round(w / self.scale[:, None]).to(torch.int8), self.gemm)
         self.bias = None if layer.bias is None else layer.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each row's largest magnitude (two plain reductions run faster than abs-then-max, aminmax or a norm);
+        # the smoothed copy is ours to scale in place.
         if self.smooth is not None:
             x = x * self.smooth
-        # Each row's largest magnitude (two plain reductions run faster than abs-then-max or an inf-norm).
-        row = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_()).clamp_(min=1e-12)
-        row = row.div_(127.0)
-        acc = torch._int_mm((x / row).round_().to(torch.int8), self.weight_t)  # [T, out] int32, exact
-        y = torch.mul(acc, row)
-        return y.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, y, self.scale, out=y)
+            row = _row_scale(x)
+            q = x.div_(row).round_().to(torch.int8)
+        else:
+            row = _row_scale(x)
+            q = (x / row).round_().to(torch.int8)
+        # The GEMM multiplies by the weights' channel scales; the row scales (and the bias) take one more pass.
+        y = self.int8.matmul(q, self.scale)
+        return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
 
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.smooth is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8{smooth}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.gemm}){smooth}"
+
+
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    row = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+    return row.clamp_(min=1e-12).div_(127.0)
+
+
+class _Int8Weight:
+    """An int8 weight ``[out, in]`` laid out for one GEMM. ``matmul(q, scale)``: ``(q @ weight.T) * scale`` in
+    float32 for int8 ``q [T, in]``, the sums exact.
+
+    - ``onednn``: ``torch.ops.onednn.qlinear_pointwise``, the int8 linear torch's x86 inductor path runs. It
+      takes unsigned activations with a zero point, so ``q + 128`` (a byte-wide pass) with zero point 128, and
+      multiplies by the channel scales in the GEMM's own epilogue. (Signed activations fall to a reference
+      loop hundreds of times slower.)
+    - ``int_mm``: ``torch._int_mm`` (int32 out), then a separate pass for the channel scales.
+    """
+
+    def __init__(self, weight: torch.Tensor, gemm: str) -> None:
+        self.gemm = gemm
+        if gemm == "onednn":
+            self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
+            self.zero = torch.zeros(weight.shape[0], dtype=torch.int64)
+        else:
+            self.packed = weight.t()  # the layout _int_mm takes fastest
+
+    def matmul(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.gemm == "onednn":
+            u = q.view(torch.uint8).add_(128)  # wraps: -127..127 -> 1..255
+            return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, self.packed, scale, self.zero, None, 1.0, 0,
+                                                       torch.float32, "none", [], "")
+        return torch.mul(torch._int_mm(q, self.packed), scale)
+
+
+def _int8_sums_exact(gemm: str, q: torch.Tensor, weight: torch.Tensor) -> bool:
+    got = _Int8Weight(weight, gemm).matmul(q.clone(), torch.ones(weight.shape[0]))
+    return torch.equal(got, (q.long() @ weight.long().t()).float())
+
+
+@functools.cache
+def int8_gemm() -> str:
+    """``onednn`` where torch has oneDNN's int8 linear and it sums a trial exactly, else ``int_mm``."""
+    if getattr(torch.ops.onednn, "qlinear_pointwise", None) is None or not torch.backends.mkldnn.is_available():
+        return "int_mm"
+    try:
+        q = torch.randint(-127, 128, (5, 32), dtype=torch.int8)
+        w = torch.randint(-63, 64, (8, 32), dtype=torch.int8)
+        return "onednn" if _int8_sums_exact("onednn", q, w) else "int_mm"
+    except (RuntimeError, AttributeError):
+        return "int_mm"
 
 
 def int8_weight_max() -> int:
     """127 where the int8 GEMM sums full 8-bit products exactly (VNNI), else 63; a small worst case decides.
-    (Without VNNI oneDNN shifts the signed activations to unsigned, +128: the largest pair is 255 x weight x 2.)"""
-    a = torch.full((4, 64), 127, dtype=torch.int8)
+    (Without VNNI oneDNN sums pairs of unsigned activations, signed ones shifted by 128, times the weights in 16
+    bits: the largest pair is 255 x weight x 2.)"""
     for bound in (127, 63):
-        b = torch.full((8, 64), bound, dtype=torch.int8)
-        if int(torch._int_mm(a, b.t())[0, 0]) == 127 * bound * 64:
+        if _int8_sums_exact(int8_gemm(), torch.full((4, 64), 127, dtype=torch.int8),
+                            torch.full((8, 64), bound, dtype=torch.int8)):
             return bound
     return 63
 
 
 def int8_available() -> str | None:
     """None when torch's int8 GEMM runs here (exactly, at 7-bit weights at least); else why not."""
-    if not hasattr(torch, "_int_mm"):
+    if not hasattr(torch, "_int_mm") and int8_gemm() == "int_mm":
         return f"torch {torch.__version__} has no int8 GEMM (torch._int_mm)"
     try:
-        x = torch.randint(-127, 128, (5, 32), dtype=torch.int8)
-        w = torch.randint(-63, 64, (8, 32), dtype=torch.int8)
-        if not torch.equal(torch._int_mm(x, w.t()), (x.long() @ w.long().t()).int()):
+        q = torch.randint(-127, 128, (5, 32), dtype=torch.int8)
+        if not _int8_sums_exact(int8_gemm(), q, torch.randint(-63, 64, (8, 32), dtype=torch.int8)):
             return "torch's int8 GEMM gave inexact sums on a trial"
     except RuntimeError as e:
         return f"torch's int8 GEMM failed a trial ({e})"

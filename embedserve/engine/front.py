@@ -64,6 +64,7 @@ from embedserve.kernels.attention import measure_solo_min, select_backend
 from embedserve.kernels.linear import (
     LinearPlan,
     int8_available,
+    int8_gemm,
     int8_weight_max,
     quantize_int8,
     select_linear_backend,
@@ -352,9 +353,11 @@ class Engine:
                 self.runner.run(batch, [self.dimensions] * len(batch), [False] * len(batch))
         count = quantize_int8(self.model.encoder, absmax, weight_max=weight_max)
         total = sum(isinstance(m, torch.nn.Linear) for m in self.model.encoder.modules()) + count
-        self.linear_backend = f"int8 ({count} of {total} layers, {'8' if weight_max == 127 else '7'}-bit weights)"
-        log.info("int8: %d linear layers quantized after calibrating on %d texts (%d tokens) in %.2fs", count,
-                 len(ids), sum(map(len, ids)), time.perf_counter() - started)
+        bits = "8" if weight_max == 127 else "7"
+        self.linear_backend = f"int8 ({count} of {total} layers, {bits}-bit weights, {int8_gemm()} GEMM)"
+        log.info("int8: %d linear layers quantized (%s-bit weights, %s GEMM) after calibrating on %d texts (%d "
+                 "tokens) in %.2fs", count, bits, int8_gemm(), len(ids), sum(map(len, ids)),
+                 time.perf_counter() - started)
 
     def _configure_prompts(self, cfg: ModelConfig) -> None:
         """The configured prompts over the folder's; the default must be one of them."""

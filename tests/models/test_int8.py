@@ -17,7 +17,7 @@ import embedserve.engine.front as front
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine.front import Engine
 from embedserve.errors import ConfigError
-from embedserve.kernels.linear import Int8Linear, int8_weight_max
+from embedserve.kernels.linear import Int8Linear, int8_gemm, int8_weight_max
 from test_minilm_parity import varied_texts
 from tiny import build_tiny_decoder, hf_embed_each, mixed_texts
 
@@ -59,7 +59,8 @@ def test_minilm_int8_within_099_of_sentence_transformers(minilm_dir, minilm_refe
     layers = [m for m in engine.model.encoder.modules() if isinstance(m, Int8Linear)]
     assert len(layers) == (24 if weight_max == 127 else 18)  # 6 layers x (qkv, out, up, down); 7-bit: not down
     assert all(m.smooth is not None for m in layers)  # every one calibrated
-    assert "int8: %d linear layers quantized after calibrating on" % len(layers) in caplog.text
+    bits = "8" if weight_max == 127 else "7"
+    assert f"int8: {len(layers)} linear layers quantized ({bits}-bit weights, {int8_gemm()} GEMM) after" in caplog.text
     assert engine.dtype == torch.float32
 
 

@@ -96,6 +96,12 @@ def _layer_and_inputs(n_in=384, n_out=256, rows=300, seed=0):
     return layer, x
 
 
+def _gemms():
+    from embedserve.kernels.linear import int8_gemm
+
+    return ["int_mm"] + (["onednn"] if int8_gemm() == "onednn" else [])
+
+
 @pytest.mark.parametrize("weight_max", [127, 63])
 @pytest.mark.parametrize("smoothed", [False, True])
 def test_int8_layer_against_float(weight_max, smoothed):
@@ -111,30 +117,49 @@ def test_int8_layer_against_float(weight_max, smoothed):
     assert cos.min() >= (0.999 if smoothed else 0.995), float(cos.min())
 
 
-def test_int8_rows_do_not_depend_on_their_neighbours():
+@pytest.mark.parametrize("gemm", _gemms())
+def test_int8_rows_do_not_depend_on_their_neighbours(gemm):
     """Per-row activation scales and exact int32 sums: a row's output is bit-identical alone or in a batch."""
     from embedserve.kernels.linear import Int8Linear
 
     layer, x = _layer_and_inputs()
-    q = Int8Linear(layer, x.abs().amax(dim=0))
+    q = Int8Linear(layer, x.abs().amax(dim=0), gemm=gemm)
     batch = q(x)
     for i in (0, 7, 150, 299):
         assert torch.equal(q(x[i : i + 1])[0], batch[i]), i
 
 
-def test_int8_weight_max_is_what_the_gemm_sums_exactly():
-    from embedserve.kernels.linear import int8_available, int8_weight_max
+@pytest.mark.parametrize("gemm", _gemms())
+def test_int8_weight_max_is_what_the_gemm_sums_exactly(gemm):
+    from embedserve.kernels.linear import _Int8Weight, int8_available, int8_weight_max
 
     assert int8_available() is None
     bound = int8_weight_max()
     assert bound in (127, 63)
-    for sign in (1, -1):
+
+    def exact(q, w):
+        got = _Int8Weight(w, gemm).matmul(q.clone(), torch.ones(w.shape[0]))
+        return torch.equal(got, (q.long() @ w.long().t()).float())
+
+    for sign in (1, -1):  # the worst cases: every product at its largest
         a = torch.full((3, 256), 127 * sign, dtype=torch.int8)
-        b = torch.full((5, 256), bound, dtype=torch.int8)
-        assert torch.equal(torch._int_mm(a, b.t()), torch.full((3, 5), 127 * sign * bound * 256, dtype=torch.int32))
+        assert exact(a, torch.full((5, 256), bound, dtype=torch.int8))
+        assert exact(a, torch.full((5, 256), -bound, dtype=torch.int8))
     x = torch.randint(-127, 128, (64, 512), dtype=torch.int8)
-    w = torch.randint(-bound, bound + 1, (32, 512), dtype=torch.int8)
-    assert torch.equal(torch._int_mm(x, w.t()), (x.long() @ w.long().t()).int())
+    assert exact(x, torch.randint(-bound, bound + 1, (32, 512), dtype=torch.int8))
+
+
+def test_both_int8_gemms_give_the_same_layer():
+    """oneDNN's int8 linear (channel scales in its epilogue) and ``_int_mm`` + a scaling pass agree."""
+    from embedserve.kernels.linear import Int8Linear, int8_gemm
+
+    if int8_gemm() != "onednn":
+        pytest.skip("this torch has no oneDNN int8 linear")
+    layer, x = _layer_and_inputs()
+    absmax = x.abs().amax(dim=0)
+    got = Int8Linear(layer, absmax, gemm="onednn")(x)
+    want = Int8Linear(layer, absmax, gemm="int_mm")(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("weight_max, kept_float", [(127, []), (63, ["down"])])

@@ -24,7 +24,8 @@ from timing import cpu_line, median_ms  # noqa: E402
 
 # op name (torch profiler's) -> kind; first matching prefix wins, anything else is "other".
 KINDS = (
-    ("GEMM", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::_int_mm")),
+    ("GEMM", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::_int_mm",
+             "onednn::qlinear_pointwise")),
     ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::bmm", "aten::baddbmm",
                    "aten::_softmax", "aten::softmax")),
     ("norms, activations, adds, int8 scaling", (

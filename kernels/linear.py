@@ -121,11 +121,21 @@ class Int8Linear(nn.Module):
 
     ``weight_max``: 127, or 63 where the CPU has no VNNI: there oneDNN sums pairs of 8-bit products in 16 bits,
     which saturate unless one side has 7 bits (:func:`int8_weight_max` measures it).
+
+    ``unsigned`` (oneDNN's GEMM only): each row's activations take the unsigned levels 0..127 from its own
+    minimum to its maximum (a zero point per row), and the GEMM's sums are corrected for the zero points (one
+    rank-1 term). Unsigned 7-bit activations never saturate the 16-bit pair sums of a CPU without VNNI, so the
+    weights keep 8 bits there; and for an input that is mostly positive (after a GELU) 128 levels from its
+    minimum are as fine as a signed scale's 255, which spends half of them below zero.
     """
 
     def __init__(self, layer: nn.Linear, input_absmax: torch.Tensor | None = None, *, alpha: float = 0.5,
-                 weight_max: int = 127, gemm: str | None = None) -> None:
+                 weight_max: int = 127, gemm: str | None = None, unsigned: bool = False) -> None:
         super().__init__()
+        self.gemm = gemm or int8_gemm()
+        if unsigned and self.gemm != "onednn":
+            raise ValueError("unsigned int8 activations need oneDNN's int8 GEMM")
+        self.unsigned = unsigned
         w = layer.weight.detach().float()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.smooth: torch.Tensor | None = None
@@ -135,8 +145,10 @@ class Int8Linear(nn.Module):
             w = w * s
             self.smooth = 1.0 / s
         self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / weight_max  # [out]
-        self.gemm = gemm or int8_gemm()
-        self.int8 = _Int8Weight(torch.round(w / self.scale[:, None]).to(torch.int8), self.gemm)
+        w8 = torch.round(w / self.scale[:, None]).to(torch.int8)
+        self.int8 = _Int8Weight(w8, self.gemm)
+        # The zero points' share of the sums, per output channel and unit of zero point, scaled like them.
+        self.zero_sums = (w8.sum(dim=1, dtype=torch.int32).float() * self.scale)[None, :] if unsigned else None
         self.bias = None if layer.bias is None else layer.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,34 +156,45 @@ class Int8Linear(nn.Module):
         # the smoothed copy is ours to scale in place.
         if self.smooth is not None:
             x = x * self.smooth
-            row = _row_scale(x)
-            q = x.div_(row).round_().to(torch.int8)
+        hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+        if self.unsigned:
+            # The levels span the row's range and zero (so the zero point is a level, 0..127); the minimum sits
+            # at level 0 exactly (x / row >= lo / row, and round is odd).
+            lo.clamp_(max=0.0)
+            row = hi.clamp_(min=0.0).sub_(lo).clamp_(min=1e-12).div_(127.0)
+            zero = lo.div_(row).neg_().round_()
         else:
-            row = _row_scale(x)
-            q = (x / row).round_().to(torch.int8)
-        # The GEMM multiplies by the weights' channel scales; the row scales (and the bias) take one more pass.
-        y = self.int8.matmul(q, self.scale)
-        return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
+            row = torch.maximum(hi, lo.neg_()).clamp_(min=1e-12).div_(127.0)
+        q = (x.div_(row) if self.smooth is not None else x / row).round_().to(torch.int8)
+        if not self.unsigned:
+            # The GEMM multiplies by the weights' channel scales; the row scales (and the bias) take one more pass.
+            y = self.int8.matmul(q, self.scale)
+            return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
+        # Levels 0..128 (128 only by rounding at the top; 2 x 128 x 127 still fits 16 bits).
+        q.view(torch.uint8).add_(zero.to(torch.uint8))
+        y = self.int8.matmul(q, self.scale, zero_point=0)
+        # y = row * (sums - zero * weight sums) * scale + bias: a rank-1 term, then the row scales.
+        base = torch.mm(zero.mul_(row).neg_(), self.zero_sums)
+        if self.bias is not None:
+            base.add_(self.bias)
+        return base.addcmul_(y, row)
 
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.smooth is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.gemm}){smooth}"
-
-
-def _row_scale(x: torch.Tensor) -> torch.Tensor:
-    row = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
-    return row.clamp_(min=1e-12).div_(127.0)
+        levels = ", activations unsigned per row" if self.unsigned else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.gemm}){levels}"
+                f"{smooth}")
 
 
 class _Int8Weight:
     """An int8 weight ``[out, in]`` laid out for one GEMM. ``matmul(q, scale)``: ``(q @ weight.T) * scale`` in
-    float32 for int8 ``q [T, in]``, the sums exact.
+    float32 for int8 ``q [T, in]`` (consumed), the sums exact.
 
     - ``onednn``: ``torch.ops.onednn.qlinear_pointwise``, the int8 linear torch's x86 inductor path runs. It
       takes unsigned activations with a zero point, so ``q + 128`` (a byte-wide pass) with zero point 128, and
       multiplies by the channel scales in the GEMM's own epilogue. (Signed activations fall to a reference
-      loop hundreds of times slower.)
-    - ``int_mm``: ``torch._int_mm`` (int32 out), then a separate pass for the channel scales.
+      loop hundreds of times slower.) ``zero_point=0``: ``q`` holds unsigned levels already.
+    - ``int_mm``: ``torch._int_mm`` (int32 out; signed levels only), then a separate pass for the channel scales.
     """
 
     def __init__(self, weight: torch.Tensor, gemm: str) -> None:
@@ -182,11 +205,13 @@ class _Int8Weight:
         else:
             self.packed = weight.t()  # the layout _int_mm takes fastest
 
-    def matmul(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def matmul(self, q: torch.Tensor, scale: torch.Tensor, zero_point: int = 128) -> torch.Tensor:
         if self.gemm == "onednn":
-            u = q.view(torch.uint8).add_(128)  # wraps: -127..127 -> 1..255
-            return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, self.packed, scale, self.zero, None, 1.0, 0,
-                                                       torch.float32, "none", [], "")
+            u = q.view(torch.uint8)
+            if zero_point:
+                u.add_(zero_point)  # wraps: -127..127 -> 1..255
+            return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero_point, self.packed, scale, self.zero, None, 1.0,
+                                                       0, torch.float32, "none", [], "")
         return torch.mul(torch._int_mm(q, self.packed), scale)
 
 
@@ -232,19 +257,30 @@ def int8_available() -> str | None:
     return None
 
 
-def quantize_int8(module: nn.Module, input_absmax: dict[nn.Linear, torch.Tensor], *, weight_max: int) -> int:
+def quantize_int8(module: nn.Module, input_absmax: dict[nn.Linear, torch.Tensor], *, weight_max: int,
+                  gemm: str | None = None) -> int:
     """Replace the ``nn.Linear`` layers inside ``module`` by :class:`Int8Linear`, smoothed by their calibration
     statistics where ``input_absmax`` has them (:meth:`LinearPlan.calibrate`); returns how many.
 
-    With 7-bit weights (no VNNI) the layers that narrow (more inputs than outputs: an MLP's output projection,
-    whose inputs, after the activation, span the widest range) stay float: int8 there cost MiniLM's vectors the
-    most (worst cosine vs float32 0.988 with them, 0.996 without)."""
+    With 7-bit weights (no VNNI), the layers that narrow (more inputs than outputs: an MLP's output projection,
+    whose inputs after the activation span the widest range) lose the most by them (MiniLM worst cosine vs
+    float32 0.988 with them so, 0.996 float). With oneDNN's GEMM they keep 8-bit weights and take unsigned
+    7-bit activations instead; with ``_int_mm`` they stay float."""
+    gemm = gemm or int8_gemm()
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and (weight_max == 127 or child.in_features <= child.out_features):
-                setattr(parent, name, Int8Linear(child, input_absmax.get(child), weight_max=weight_max))
-                count += 1
+            if not isinstance(child, nn.Linear):
+                continue
+            absmax = input_absmax.get(child)
+            if weight_max == 127 or child.in_features <= child.out_features:
+                q = Int8Linear(child, absmax, weight_max=weight_max, gemm=gemm)
+            elif gemm == "onednn":
+                q = Int8Linear(child, absmax, weight_max=127, gemm=gemm, unsigned=True)
+            else:
+                continue
+            setattr(parent, name, q)
+            count += 1
     return count
 
 

@@ -62,6 +62,7 @@ from embedserve.errors import (
 )
 from embedserve.kernels.attention import measure_solo_min, select_backend
 from embedserve.kernels.linear import (
+    Int8Linear,
     LinearPlan,
     int8_available,
     int8_gemm,
@@ -353,11 +354,12 @@ class Engine:
                 self.runner.run(batch, [self.dimensions] * len(batch), [False] * len(batch))
         count = quantize_int8(self.model.encoder, absmax, weight_max=weight_max)
         total = sum(isinstance(m, torch.nn.Linear) for m in self.model.encoder.modules()) + count
-        bits = "8" if weight_max == 127 else "7"
-        self.linear_backend = f"int8 ({count} of {total} layers, {bits}-bit weights, {int8_gemm()} GEMM)"
-        log.info("int8: %d linear layers quantized (%s-bit weights, %s GEMM) after calibrating on %d texts (%d "
-                 "tokens) in %.2fs", count, bits, int8_gemm(), len(ids), sum(map(len, ids)),
-                 time.perf_counter() - started)
+        unsigned = sum(1 for m in self.model.encoder.modules() if isinstance(m, Int8Linear) and m.unsigned)
+        widths = "8-bit weights" if weight_max == 127 else "7-bit weights" + (
+            f"; {unsigned} narrowing layers 8-bit weights, 7-bit unsigned activations" if unsigned else "")
+        self.linear_backend = f"int8 ({count} of {total} layers, {widths}, {int8_gemm()} GEMM)"
+        log.info("int8: %d linear layers quantized (%s, %s GEMM) after calibrating on %d texts (%d tokens) in "
+                 "%.2fs", count, widths, int8_gemm(), len(ids), sum(map(len, ids)), time.perf_counter() - started)
 
     def _configure_prompts(self, cfg: ModelConfig) -> None:
         """The configured prompts over the folder's; the default must be one of them."""

@@ -102,6 +102,15 @@ def _gemms():
     return ["int_mm"] + (["onednn"] if int8_gemm() == "onednn" else [])
 
 
+def _activation_kinds():
+    """(gemm, unsigned): signed activations on each GEMM, unsigned ones on oneDNN's."""
+    return [(g, False) for g in _gemms()] + ([("onednn", True)] if "onednn" in _gemms() else [])
+
+
+def _after_gelu(x):
+    return F.gelu(x / 4.0) * 4.0  # mostly positive, a little below zero, as an MLP's output projection sees
+
+
 @pytest.mark.parametrize("weight_max", [127, 63])
 @pytest.mark.parametrize("smoothed", [False, True])
 def test_int8_layer_against_float(weight_max, smoothed):
@@ -117,13 +126,34 @@ def test_int8_layer_against_float(weight_max, smoothed):
     assert cos.min() >= (0.999 if smoothed else 0.995), float(cos.min())
 
 
-@pytest.mark.parametrize("gemm", _gemms())
-def test_int8_rows_do_not_depend_on_their_neighbours(gemm):
+@pytest.mark.parametrize("smoothed", [False, True])
+@pytest.mark.parametrize("positive", [False, True])
+def test_unsigned_int8_activations_against_float(smoothed, positive):
+    """Per-row zero points, 8-bit weights (what CPUs without VNNI run for the narrowing layers): as close to
+    float as signed activations are, on inputs of either sign and on mostly positive ones; and the rows whose
+    range does not straddle zero (all positive, all negative, all zero) still quantize exactly enough."""
+    from embedserve.kernels.linear import Int8Linear
+
+    if "onednn" not in _gemms():
+        pytest.skip("this torch has no oneDNN int8 linear")
+    layer, x = _layer_and_inputs()
+    if positive:
+        x = _after_gelu(x)
+    x[5], x[6], x[8] = x[5].abs() + 1.0, -x[6].abs() - 1.0, 0.0
+    q = Int8Linear(layer, x.abs().amax(dim=0) if smoothed else None, gemm="onednn", unsigned=True)
+    got, want = q(x), layer(x).detach()
+    cos = F.cosine_similarity(got[:8], want[:8]).tolist() + F.cosine_similarity(got[9:], want[9:]).tolist()
+    assert min(cos) >= (0.999 if smoothed else 0.995), min(cos)
+    torch.testing.assert_close(got[8], layer.bias.detach())  # a zero row gives the bias
+
+
+@pytest.mark.parametrize("gemm, unsigned", _activation_kinds())
+def test_int8_rows_do_not_depend_on_their_neighbours(gemm, unsigned):
     """Per-row activation scales and exact int32 sums: a row's output is bit-identical alone or in a batch."""
     from embedserve.kernels.linear import Int8Linear
 
     layer, x = _layer_and_inputs()
-    q = Int8Linear(layer, x.abs().amax(dim=0), gemm=gemm)
+    q = Int8Linear(layer, x.abs().amax(dim=0), gemm=gemm, unsigned=unsigned)
     batch = q(x)
     for i in (0, 7, 150, 299):
         assert torch.equal(q(x[i : i + 1])[0], batch[i]), i
@@ -149,6 +179,25 @@ def test_int8_weight_max_is_what_the_gemm_sums_exactly(gemm):
     assert exact(x, torch.randint(-bound, bound + 1, (32, 512), dtype=torch.int8))
 
 
+def test_unsigned_activations_sum_exactly_with_8_bit_weights_on_any_cpu():
+    """Unsigned levels reach 128 at most (rounding at the top of a row); 2 x 128 x 127 fits the 16-bit pair
+    sums of a CPU without VNNI, so 8-bit weights stay exact (run this under ONEDNN_MAX_CPU_ISA=AVX2 to see)."""
+    from embedserve.kernels.linear import _Int8Weight
+
+    if "onednn" not in _gemms():
+        pytest.skip("this torch has no oneDNN int8 linear")
+    for level in (128, 127, 0):
+        u = torch.full((3, 256), level, dtype=torch.uint8).view(torch.int8)
+        for w_value in (127, -127):
+            w = torch.full((5, 256), w_value, dtype=torch.int8)
+            got = _Int8Weight(w, "onednn").matmul(u.clone(), torch.ones(5), zero_point=0)
+            assert torch.equal(got, torch.full((3, 5), float(level * w_value * 256))), (level, w_value)
+    u = torch.randint(0, 129, (64, 512), dtype=torch.uint8)
+    w = torch.randint(-127, 128, (32, 512), dtype=torch.int8)
+    got = _Int8Weight(w, "onednn").matmul(u.view(torch.int8).clone(), torch.ones(32), zero_point=0)
+    assert torch.equal(got, (u.long() @ w.long().t()).float())
+
+
 def test_both_int8_gemms_give_the_same_layer():
     """oneDNN's int8 linear (channel scales in its epilogue) and ``_int_mm`` + a scaling pass agree."""
     from embedserve.kernels.linear import Int8Linear, int8_gemm
@@ -162,16 +211,25 @@ def test_both_int8_gemms_give_the_same_layer():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("weight_max, kept_float", [(127, []), (63, ["down"])])
-def test_quantize_int8_swaps_the_layers(weight_max, kept_float):
+@pytest.mark.parametrize("weight_max, gemm, down", [(127, "int_mm", "signed"), (127, "onednn", "signed"),
+                                                     (63, "int_mm", "float"), (63, "onednn", "unsigned")])
+def test_quantize_int8_swaps_the_layers(weight_max, gemm, down):
+    """With 7-bit weights the narrowing layer stays float on _int_mm and takes 8-bit weights with unsigned
+    activations on oneDNN's GEMM."""
     from embedserve.kernels.linear import Int8Linear, quantize_int8
 
+    if gemm not in _gemms():
+        pytest.skip("this torch has no oneDNN int8 linear")
     block = torch.nn.Module()
     block.up, block.down, block.norm = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.LayerNorm(8)
     absmax = {block.up: torch.ones(8)}
-    assert quantize_int8(block, absmax, weight_max=weight_max) == 2 - len(kept_float)
-    assert isinstance(block.up, Int8Linear) and block.up.smooth is not None
-    assert isinstance(block.down, torch.nn.Linear) == ("down" in kept_float)
+    assert quantize_int8(block, absmax, weight_max=weight_max, gemm=gemm) == (1 if down == "float" else 2)
+    assert isinstance(block.up, Int8Linear) and block.up.smooth is not None and not block.up.unsigned
+    assert block.up.gemm == gemm
+    if down == "float":
+        assert isinstance(block.down, torch.nn.Linear)
+    else:
+        assert isinstance(block.down, Int8Linear) and block.down.unsigned == (down == "unsigned")
     assert isinstance(block.norm, torch.nn.LayerNorm)
 
 

@@ -223,6 +223,8 @@ class TeiInfo(msgspec.Struct, kw_only=True):
     tokenization_workers: int
     version: str
     device: str
+    quantize: Annotated[str, msgspec.Meta(
+        description='"none", or "int8" where the linear layers run int8 (--quantize; model_dtype is the rest\'s)')]
 
 
 class Status(msgspec.Struct, kw_only=True):

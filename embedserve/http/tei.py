@@ -162,4 +162,5 @@ async def info(request: Request) -> Response:
         tokenization_workers=engine.config.tokenizer_workers,
         version=embedserve.__version__,
         device=str(engine.device),
+        quantize=engine.config.model.quantize,
     ))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving import cross_encoder_server
+from serving import DEVICE, cross_encoder_server, run_server
 from tiny import mixed_texts
 
 TEXTS = ["The cat sits on the mat.", "A feline rests.", "Stock markets fell sharply today."]
@@ -89,9 +89,23 @@ def test_info_describes_each_kind(server, reranker, classifier):
     info = httpx.get(server.url + "/info").json()
     assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["max_input_length"] == 256
     assert info["kind"] == "embedding" and info["model_dtype"] == "float32" and info["dimensions"] == 384
+    assert info["quantize"] == "none"
     assert httpx.get(reranker[0].url + "/info").json()["model_type"]["reranker"]["id2label"] == {"0": "LABEL_0"}
     nli = httpx.get(classifier[0].url + "/info").json()["model_type"]["classifier"]
     assert nli["label2id"] == {"contradiction": 0, "entailment": 1, "neutral": 2}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="--quantize int8 runs on the CPU")
+def test_an_int8_server_says_so_and_serves_close_vectors(tmp_path, st_embed):
+    """--quantize int8 end to end: the flag reaches the engine, /info reports it, the vectors stay within 0.99."""
+    with run_server(tmp_path, "--quantize", "int8") as int8:
+        info = httpx.get(int8.url + "/info").json()
+        assert info["quantize"] == "int8" and info["model_dtype"] == "float32"
+        got = np.asarray(post(int8, "/embed", {"inputs": TEXTS + DOCS}).json())
+        assert "linear layers quantized" in int8.output()
+    want = st_embed(TEXTS + DOCS)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.99, cos
 
 
 def test_predict_and_classify_on_pairs_and_texts(classifier):

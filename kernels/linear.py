@@ -263,9 +263,10 @@ def quantize_int8(module: nn.Module, input_absmax: dict[nn.Linear, torch.Tensor]
     statistics where ``input_absmax`` has them (:meth:`LinearPlan.calibrate`); returns how many.
 
     With 7-bit weights (no VNNI), the layers that narrow (more inputs than outputs: an MLP's output projection,
-    whose inputs after the activation span the widest range) lose the most by them (MiniLM worst cosine vs
-    float32 0.988 with them so, 0.996 float). With oneDNN's GEMM they keep 8-bit weights and take unsigned
-    7-bit activations instead; with ``_int_mm`` they stay float."""
+    whose inputs after the activation span the widest range) lose the most by them. With oneDNN's GEMM they
+    keep 8-bit weights and take unsigned 7-bit activations instead; with ``_int_mm`` they stay float. (MiniLM's
+    worst cosine vs float32 with 7-bit weights elsewhere: 0.988 with 7-bit weights there too, 0.992 unsigned,
+    0.996 float.)"""
     gemm = gemm or int8_gemm()
     count = 0
     for parent in list(module.modules()):

@@ -86,7 +86,8 @@ def main() -> None:
     runs = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("auto", "int8")}
     if args.bf16 == "off" or (args.bf16 == "auto" and not read_cpu().bf16):
         del runs["bf16"]
-        print("bf16 row skipped" + (": this CPU emulates bf16 (--bf16 on runs it anyway)" if args.bf16 == "auto" else ""))
+        why = ": this CPU emulates bf16 (--bf16 on runs it anyway)" if args.bf16 == "auto" else ""
+        print("bf16 row skipped" + why)
     results = {name: run_engine(path, dtype, texts, args.repeats, args.attention, args.max_batch_tokens, quantize)
                for name, (dtype, quantize) in runs.items()}
     tokens = results["fp32"][2]
@@ -96,8 +97,8 @@ def main() -> None:
     print(f"{'sentence-transformers fp32':30s} {tokens / st_s:10.0f} tok/s  ({st_s:.3f} s median)")
     for name, (seconds, vecs, _) in results.items():
         cos = torch.nn.functional.cosine_similarity(vecs.float(), fp32_vecs).min().item()
-        print(f"{'embedserve ' + name:30s} {tokens / seconds:10.0f} tok/s  ({seconds:.3f} s)  ratio {st_s / seconds:.2f}x"
-              f"  vs embedserve fp32 {fp32_s / seconds:.2f}x  min cosine vs fp32 {cos:.6f}")
+        print(f"{'embedserve ' + name:30s} {tokens / seconds:10.0f} tok/s  ({seconds:.3f} s)  "
+              f"ratio {st_s / seconds:.2f}x  vs embedserve fp32 {fp32_s / seconds:.2f}x  min cosine vs fp32 {cos:.6f}")
     print(f"min cosine: embedserve fp32 vs sentence-transformers {cos_st:.6f}")
 
 

@@ -125,7 +125,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--revision", help="Hub ids: the branch, tag or commit to serve; default: main")
     f.add("--config", help="a TOML file of [[model]] tables (name, model, and per model: revision, dtype, quantize, "
           "kind, device, attention, max_batch_tokens, max_batch_requests, chunk_tokens, max_kv_tokens, truncate, "
-          "prompts = {NAME = TEXT}, default_prompt_name); its models are served after any --model ones, each with these flags for what it does not set",
+          "prompts = {NAME = TEXT}, default_prompt_name); its models are served after any --model ones, each "
+          "with these flags for what it does not set",
           metavar="FILE")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
@@ -284,8 +285,7 @@ def _engine_config(args: argparse.Namespace, model: str, *, revision: str | None
     return EngineConfig(
         model=ModelConfig(
             path=model, revision=revision, dtype=args.dtype, quantize=args.quantize, device=args.device,
-            attention=args.attention,
-            pool_kernel=args.pool_kernel, kind=args.kind,
+            attention=args.attention, pool_kernel=args.pool_kernel, kind=args.kind,
         ),
         scheduler=SchedulerConfig(
             max_batch_tokens=args.max_batch_tokens,

@@ -276,7 +276,8 @@ class LlamaModel(nn.Module):
             cu_seqlens_k = None
         batches = {
             w: prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=True, window=w,
-                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_k, lengths=lengths, k_lengths=k_lengths, solo_min=self.attention_solo_min)
+                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_k, lengths=lengths, k_lengths=k_lengths,
+                       solo_min=self.attention_solo_min)
             for w in set(a.windows)
         }
         inv_freq = a.rope.inv_freq_on(a.head_dim, input_ids.device)

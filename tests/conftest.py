@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from on_device import DEVICE, ON_CUDA
+import embedserve
+
+# `python -m pytest` from the root puts the checkout first on sys.path, where its kernels/ would stand in for the
+# `kernels` distribution transformers imports; the suite imports embedserve as installed.
+embedserve.keep_checkout_off_path()
+
+from on_device import DEVICE, ON_CUDA  # noqa: E402
 
 # Triton kernels run on CPU tensors in Triton's interpreter, and compiled on CUDA tensors. The choice is made
 # when a kernel is decorated, so this must happen before anything imports one.

@@ -251,6 +251,28 @@ def build_tiny_decoder(directory: Path, kind: str, *, pooling: str = "last", nor
     return save_folder(model, directory, pooling=pooling, normalize=normalize)
 
 
+def use_llama_tokenizer(directory: Path) -> None:
+    """Replace a folder's tokenizer by a small one in Llama's format: a BPE ``tokenizer.json`` (single characters)
+    under ``tokenizer_class: LlamaTokenizer``. Loading it goes through transformers' Llama tokenizer
+    module, which (transformers >= 5) imports the hub-kernels integration and with it the `kernels` distribution."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    for name in TOKENIZER_FILES:
+        (directory / name).unlink(missing_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3}
+    for c in letters + letters.upper() + "0123456789.,!?'":
+        vocab[c] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+        "add_bos_token": True, "model_max_length": 512,
+    }))
+
+
 def hf_embed_each(model, tokenizer_dir: Path, texts: list[str], *, pooling: str, max_length: int = 512) -> torch.Tensor:
     """transformers' forward on each text alone (no padding anywhere), then the pooling."""
     from transformers import AutoTokenizer

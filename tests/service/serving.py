@@ -38,8 +38,9 @@ class Server:
 
 @contextlib.contextmanager
 def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True,
-               address_space: int | None = None):
-    """``address_space``: the server's RLIMIT_AS in bytes (``ulimit -v``), for memory-limit tests."""
+               address_space: int | None = None, cwd: Path | None = None):
+    """``address_space``: the server's RLIMIT_AS in bytes (``ulimit -v``), for memory-limit tests; ``cwd``: the
+    working directory ``python -m embedserve`` starts in (default: the test's own)."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSERVE_")}
@@ -55,7 +56,7 @@ def run_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None, w
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedserve", "serve", "--port", str(port), *flags],
-            stdout=out, stderr=subprocess.STDOUT, env=full_env,
+            stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
             preexec_fn=None if address_space is None else lambda: resource.setrlimit(
                 resource.RLIMIT_AS, (address_space, resource.RLIM_INFINITY)),
         )

@@ -26,15 +26,20 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --no-cache-dir torch==2.13.0
+# Every install goes through the lock of tested versions (constraints.txt; README, "Develop").
+COPY constraints.txt /tmp/src/
+RUN pip install --no-cache-dir -c /tmp/src/constraints.txt torch==2.13.0
 # No visible GPU is a start-up error that names the cause (driver, --gpus), never a silent CPU fallback.
 ENV EMBEDSERVE_DEVICE=cuda
 
 FROM python:3.12-slim-bookworm AS cpu-base
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# The CPU-only build keeps the image small; torch on plain PyPI would bring the CUDA libraries.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# The CPU-only build keeps the image small; torch on plain PyPI would bring the CUDA libraries. Only torch comes
+# from that index: its dependencies come with the project below, at the lock's versions.
+COPY constraints.txt /tmp/src/
+RUN pip install --no-cache-dir --no-deps -c /tmp/src/constraints.txt torch==2.13.0 \
+    --index-url https://download.pytorch.org/whl/cpu
 ENV EMBEDSERVE_DEVICE=cpu
 
 # hadolint ignore=DL3006
@@ -42,11 +47,14 @@ FROM ${VARIANT}-base AS runtime
 # A Hub model to bake into the image (downloaded now, served offline); empty: chosen at run time.
 ARG MODEL=""
 ARG REVISION=""
+# Built from /tmp/src, which is removed: no source tree stays in the working directory, where `python -m
+# embedserve` would import it instead of the installed package (and find its kernels/ as a top-level `kernels`).
+COPY pyproject.toml README.md constraints.txt /tmp/src/
+COPY embedserve /tmp/src/embedserve
+COPY kernels /tmp/src/kernels
 WORKDIR /opt/embedserve
-COPY pyproject.toml README.md ./
-COPY embedserve ./embedserve
-COPY kernels ./kernels
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c /tmp/src/constraints.txt /tmp/src \
+    && rm -rf /tmp/src \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedserve \
     && mkdir -p /var/cache/huggingface \
     && chown 10001 /var/cache/huggingface

@@ -92,7 +92,7 @@ def test_the_cuda_image_can_compile_triton_and_pins_a_torch_with_what_flash_varl
     installed = re.search(r"apt-get install (.*)", cuda).group(1).split()
     assert {"gcc", "libc6-dev", "python3-dev"} <= set(installed)
     # A torch whose varlen_attn takes scale, windows and GQA (>= 2.12), on the CUDA base its wheels are built for.
-    torch_pin = re.search(r"pip install --no-cache-dir torch==(\d+)\.(\d+)\.\d+\s*$", cuda, re.M)
+    torch_pin = re.search(r"pip install --no-cache-dir -c \S+ torch==(\d+)\.(\d+)\.\d+\s*$", cuda, re.M)
     assert torch_pin and (int(torch_pin.group(1)), int(torch_pin.group(2))) >= (2, 12)
     base = re.match(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-(\w+)-ubuntu", cuda)
     assert base and (base.group(1), base.group(2)) == ("13", "0")  # PyPI's torch 2.13.0 is the CUDA 13.0 build

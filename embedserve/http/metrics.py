@@ -1,34 +1,57 @@
 """Prometheus metrics, one registry per app (so tests can build many apps in one process).
 
 Counters and histograms are updated where things happen (requests in the middleware, forward passes by the
-engine thread through :class:`EngineMetrics`); queue depth is read from the engine when scraped.
+engine thread through :class:`EngineMetrics`); queue depth comes from a :class:`Snapshot` the service makes
+when scraped (this module knows nothing of the service or the engine).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-if TYPE_CHECKING:
-    from embedserve.http.state import Service
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKENS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
-class _QueueCollector:
-    """Queue depth and dropped inputs, read from the engine at scrape time."""
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One served model's queue at scrape time."""
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    name: str
+    kind: str
+    waiting: int  # inputs
+    tokens: int  # of the inputs waiting
+    running: int  # inputs in a forward pass
+    dropped: int  # inputs dropped by cancellation so far
+    max_queue: int
+    failed: bool  # its engine stopped by a fault of its own
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the scrape-time gauges read; the service makes one per scrape."""
+
+    models: list[ModelSnapshot]
+    in_flight: int
+    ready: bool
+
+
+class _QueueCollector:
+    """Queue depth and dropped inputs, read at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self):
-        engines = self.service.serving()
-        stats = [e.queue_stats() for e in engines.values()]
-        waiting, tokens, running, dropped = (sum(x) for x in zip(*stats)) if stats else (0, 0, 0, 0)
+        snap = self.snapshot()
+        models = snap.models
+        waiting, tokens, running, dropped = (sum(getattr(m, k) for m in models)
+                                             for k in ("waiting", "tokens", "running", "dropped"))
         yield GaugeMetricFamily("embedserve_queue_inputs", "Inputs waiting for a forward pass", value=waiting)
         yield GaugeMetricFamily("embedserve_queue_tokens", "Tokens of the inputs waiting", value=tokens)
         yield GaugeMetricFamily("embedserve_running_inputs", "Inputs in the forward pass now", value=running)
@@ -37,10 +60,10 @@ class _QueueCollector:
         )
         yield GaugeMetricFamily("embedserve_in_flight_requests",
                                 "Requests with engine work (embed, rerank, classify) accepted and not yet answered",
-                                value=self.service.in_flight)
+                                value=snap.in_flight)
         yield GaugeMetricFamily("embedserve_ready", "1 when the model is loaded and not draining",
-                                value=float(bool(engines) and not self.service.shutting_down))
-        if engines:
+                                value=float(snap.ready))
+        if models:
             info = GaugeMetricFamily("embedserve_model_info", "Each served model and its kind (embedding, rerank, "
                                      "classify); always 1", labels=["model", "kind"])
             per_model = {
@@ -50,23 +73,22 @@ class _QueueCollector:
                                             labels=["model"]),
                 "running": GaugeMetricFamily("embedserve_model_running_inputs", "Inputs in a forward pass, per model",
                                              labels=["model"]),
-                "limit": GaugeMetricFamily("embedserve_model_max_queue", "Inputs a model queues before 429",
-                                           labels=["model"]),
+                "max_queue": GaugeMetricFamily("embedserve_model_max_queue", "Inputs a model queues before 429",
+                                               labels=["model"]),
                 "failed": GaugeMetricFamily("embedserve_model_failed", "1 once a model's engine stopped by a fault "
                                             "of its own (the other models still serve)", labels=["model"]),
             }
-            for (name, e), (w, t, r, _) in zip(engines.items(), stats):
-                info.add_metric([name, e.kind], 1.0)
-                for key, value in (("waiting", w), ("tokens", t), ("running", r),
-                                   ("limit", e.scheduler.max_queue),
-                                   ("failed", float(name in self.service.failed_models))):
-                    per_model[key].add_metric([name], value)
+            for m in models:
+                info.add_metric([m.name, m.kind], 1.0)
+                for key, family in per_model.items():
+                    family.add_metric([m.name], float(getattr(m, key)))
             yield info
             yield from per_model.values()
 
 
 class Metrics:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        """``snapshot``: called at each scrape for the queue gauges."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("embedserve_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
@@ -92,7 +114,7 @@ class Metrics:
         self.engine_errors = Counter("embedserve_engine_errors", "Forward passes that failed", registry=r)
         self.oom_splits = Counter("embedserve_oom_splits", "Steps that ran out of device memory and were retried "
                                   "in parts", registry=r)
-        r.register(_QueueCollector(service))
+        r.register(_QueueCollector(snapshot))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from embedserve.config import ServerConfig
 from embedserve.errors import EngineFailed, NotFound, ServiceUnavailable, ShuttingDown
-from embedserve.http.metrics import Metrics
+from embedserve.http.metrics import Metrics, ModelSnapshot, Snapshot
 
 if TYPE_CHECKING:
     from embedserve.engine.front import Engine
@@ -25,7 +25,7 @@ class Service:
         self.failed_models: dict[str, BaseException] = {}  # engines stopped by a fault of their own
         self.shutting_down = False
         self.failure: BaseException | None = None  # the engine stopped for good; the process is on its way out
-        self.metrics: Metrics = Metrics(self)
+        self.metrics: Metrics = Metrics(self.snapshot)
         self.in_flight = 0
         self._drained: asyncio.Event | None = None
 
@@ -38,6 +38,13 @@ class Service:
         """Served name -> engine of every model ready to serve (empty while loading); an engine handed over as
         ``engine`` alone (the tests' fakes) counts as the one model."""
         return self.engines or ({self.served_name: self.engine} if self.engine is not None else {})
+
+    def snapshot(self) -> Snapshot:
+        """Every serving model's queue, for the metrics scrape."""
+        engines = self.serving()
+        models = [ModelSnapshot(name, e.kind, *e.queue_stats(), max_queue=e.scheduler.max_queue,
+                                failed=name in self.failed_models) for name, e in engines.items()]
+        return Snapshot(models, self.in_flight, bool(engines) and not self.shutting_down)
 
     def model_failed(self, name: str, exc: BaseException) -> None:
         """One model's engine stopped by a fault of its own (the device is fine): only its requests fail."""

@@ -45,7 +45,7 @@ from embedserve.engine.device import (
 )
 from embedserve.engine.faults import classify, injected
 from embedserve.engine.runner import Chunk, Runner, StepHandle
-from embedserve.engine.scheduler import Entry, Scheduler, Step, Work
+from embedserve.engine.scheduler import Entry, Scheduler, Step, Work, resolve_budgets
 from embedserve.engine.token_ids import cl100k
 from embedserve.engine.tokenizer import Tokenizer
 from embedserve.engine.turns import DeviceTurns
@@ -255,27 +255,12 @@ class Engine:
             self.tokenizer.encode([config.fault_marker], truncate=True)[0] if config.fault_marker else None
         )
         sc = config.scheduler
-        self.max_batch_tokens = sc.max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
-        chunking = bool(getattr(self.model.encoder, "supports_chunking", False)) and sc.chunk_tokens != 0
-        self.chunk_tokens: int | None = None
-        self.max_kv_tokens: int | None = None
-        if chunking:
-            # Causal models run long inputs as chunks over a key cache: any length up to the model's.
-            self.chunk_tokens = sc.chunk_tokens or max(1, self.max_batch_tokens // 8)
-            self.max_kv_tokens = sc.max_kv_tokens or max(4 * self.max_batch_tokens, self.max_length)
-            if self.max_kv_tokens < self.max_length:
-                raise ConfigError(
-                    f"max_kv_tokens={self.max_kv_tokens} is below the model's maximum input length "
-                    f"{self.max_length}: the longest input could never hold its key cache. Raise --max-kv-tokens "
-                    f"to at least {self.max_length}."
-                )
-        elif self.max_batch_tokens < self.max_length:
-            raise ConfigError(
-                f"max_batch_tokens={self.max_batch_tokens} is below the model's maximum input length "
-                f"{self.max_length}; this model attends both ways, so an input runs in one pass and one that "
-                f"long could never be scheduled. Raise --max-batch-tokens to at least {self.max_length}, or "
-                f"lower --max-input-tokens."
-            )
+        budgets = resolve_budgets(sc, device_type=self.device.type, max_length=self.max_length,
+                                  can_chunk=bool(getattr(self.model.encoder, "supports_chunking", False)))
+        self.max_batch_tokens = budgets.max_batch_tokens
+        self.chunk_tokens: int | None = budgets.chunk_tokens
+        self.max_kv_tokens: int | None = budgets.max_kv_tokens
+        chunking = self.chunk_tokens is not None
         # The attention backend is chosen for this model: its heads, windows and chunks, on this torch.
         shape = self.model.encoder.attention_shape
         if not chunking:

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from embedserve.config import SchedulerConfig
 from embedserve.errors import ConfigError, Overloaded
 
 # How far past the head schedule() looks for entries that still fit. Bounds the cost of a step when
@@ -86,6 +87,43 @@ class SchedulerStats:
     kv_tokens: int = 0  # key-cache tokens reserved by long inputs in progress
     steps: int = 0
     dropped_inputs: int = 0
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """A model's token budgets, resolved from the flags (:func:`resolve_budgets`)."""
+
+    max_batch_tokens: int
+    chunk_tokens: int | None  # None: every input runs in one pass
+    max_kv_tokens: int | None  # with chunk_tokens only
+
+
+def resolve_budgets(config: SchedulerConfig, *, device_type: str, max_length: int, can_chunk: bool) -> Budgets:
+    """The budgets a model runs under: the flags, or defaults sized from the device and the model.
+
+    ``max_length``: the longest input the model takes; ``can_chunk``: whether it runs long inputs as chunks over
+    a key cache (causal models). A budget that could never schedule the longest input is a :class:`ConfigError`
+    naming the flag to raise."""
+    max_batch_tokens = config.max_batch_tokens or (16384 if device_type == "cuda" else 4096)
+    if can_chunk and config.chunk_tokens != 0:
+        # Causal models run long inputs as chunks over a key cache: any length up to the model's.
+        chunk_tokens = config.chunk_tokens or max(1, max_batch_tokens // 8)
+        max_kv_tokens = config.max_kv_tokens or max(4 * max_batch_tokens, max_length)
+        if max_kv_tokens < max_length:
+            raise ConfigError(
+                f"max_kv_tokens={max_kv_tokens} is below the model's maximum input length "
+                f"{max_length}: the longest input could never hold its key cache. Raise --max-kv-tokens "
+                f"to at least {max_length}."
+            )
+        return Budgets(max_batch_tokens, chunk_tokens, max_kv_tokens)
+    if max_batch_tokens < max_length:
+        raise ConfigError(
+            f"max_batch_tokens={max_batch_tokens} is below the model's maximum input length "
+            f"{max_length}; this model attends both ways, so an input runs in one pass and one that "
+            f"long could never be scheduled. Raise --max-batch-tokens to at least {max_length}, or "
+            f"lower --max-input-tokens."
+        )
+    return Budgets(max_batch_tokens, None, None)
 
 
 class Scheduler:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from embedserve.engine.scheduler import Entry, Scheduler
-from embedserve.errors import Overloaded
+from embedserve.config import SchedulerConfig
+from embedserve.engine.scheduler import Budgets, Entry, Scheduler, resolve_budgets
+from embedserve.errors import ConfigError, Overloaded
 
 
 def entries(rid: int, *lengths: int) -> list[Entry]:
@@ -222,3 +223,38 @@ def test_finished_long_input_reports_its_request():
         finished += s.complete(step)
     assert finished == [1]
     assert s.stats.kv_tokens == 0 and s.stats.running_inputs == 0
+
+
+# -- token budgets from the flags ----------------------------------------------------------------------------
+
+
+def budgets(device: str = "cpu", max_length: int = 512, can_chunk: bool = False, **flags) -> Budgets:
+    return resolve_budgets(SchedulerConfig(**flags), device_type=device, max_length=max_length, can_chunk=can_chunk)
+
+
+def test_default_step_budget_is_sized_for_the_device():
+    assert budgets("cpu") == Budgets(4096, None, None)
+    assert budgets("cuda") == Budgets(16384, None, None)
+    assert budgets("cuda", max_batch_tokens=1000) == Budgets(1000, None, None)
+
+
+def test_a_causal_model_chunks_by_default_with_a_key_cache_that_holds_the_longest_input():
+    assert budgets("cpu", can_chunk=True) == Budgets(4096, 512, 16384)  # 1/8 of a step; 4 steps of keys
+    assert budgets("cuda", max_length=131072, can_chunk=True) == Budgets(16384, 2048, 131072)
+    assert budgets(can_chunk=True, chunk_tokens=100, max_kv_tokens=600) == Budgets(4096, 100, 600)
+    assert budgets(can_chunk=True, max_batch_tokens=4) == Budgets(4, 1, 512)  # never a zero chunk
+
+
+def test_chunk_tokens_zero_runs_a_causal_model_in_one_pass():
+    assert budgets(can_chunk=True, chunk_tokens=0) == Budgets(4096, None, None)
+    # and then the step must hold the longest input, as for a bidirectional model
+    with pytest.raises(ConfigError, match="--max-batch-tokens to at least 8192"):
+        budgets(max_length=8192, can_chunk=True, chunk_tokens=0)
+
+
+def test_budgets_that_could_never_run_the_longest_input_name_the_flag():
+    with pytest.raises(ConfigError, match=r"attends both ways.*--max-batch-tokens to at least 512"):
+        budgets(max_batch_tokens=256)
+    with pytest.raises(ConfigError, match="--max-kv-tokens to at least 32768"):
+        budgets(max_length=32768, can_chunk=True, max_kv_tokens=16384)
+    assert budgets(max_batch_tokens=256, can_chunk=True).max_batch_tokens == 256  # chunks need no such step

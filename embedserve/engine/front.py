@@ -44,6 +44,7 @@ from embedserve.engine.device import (
     resolve_dtype,
 )
 from embedserve.engine.faults import classify, injected
+from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
 from embedserve.engine.runner import Chunk, Runner, StepHandle
 from embedserve.engine.scheduler import Entry, Scheduler, Step, Work, resolve_budgets
 from embedserve.engine.token_ids import cl100k
@@ -81,39 +82,6 @@ log = logging.getLogger(__name__)
 TRIM_INTERVAL_S = 2.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class EmbedOptions:
-    dimensions: int | None = None
-    """Keep the first k values, then L2-renormalise."""
-    normalize: bool | None = None
-    """None: as the model's modules say."""
-    truncate: bool | None = None
-    """None: the server's setting."""
-    prompt_name: str | None = None
-    """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
-    base64: bool = False
-    """Also produce each vector's little-endian float32 base64 (on the device, with the pooling)."""
-
-
-@dataclass(frozen=True)
-class Timings:
-    tokenize_s: float = 0.0
-    queue_s: float = 0.0  # queued until its first input entered a forward pass
-    inference_s: float = 0.0  # from then until its last input came out
-
-
-@dataclass(frozen=True)
-class EmbedResult:
-    vectors: torch.Tensor  # [n, k] float32, CPU
-    token_counts: list[int]
-    base64: list[bytes] | None = None  # per input, when asked for
-    timings: Timings = Timings()
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.token_counts)
-
-
 @dataclass
 class _Pending:
     loop: asyncio.AbstractEventLoop
@@ -127,18 +95,6 @@ class _Pending:
     queued_at: float
     started_at: float | None = None
     type_starts: list[int] | None = None  # pairs: where each input's second text starts
-
-
-class StepObserver:
-    """What the engine reports about its work; the HTTP layer's metrics implement it. Called from the
-    engine thread, so implementations must be thread-safe (prometheus-client's are)."""
-
-    def step(self, inputs: int, tokens: int, seconds: float) -> None: ...
-
-    def step_failed(self, inputs: int) -> None: ...
-
-    def step_split(self, inputs: int) -> None:
-        """A step ran out of device memory and is retried in parts."""
 
 
 @dataclass
@@ -846,4 +802,4 @@ def _engine_error(exc: BaseException) -> EngineError:
     return EngineError(f"The forward pass failed ({type(exc).__name__}); the request can be retried.")
 
 
-__all__ = ["Engine", "EmbedOptions", "EmbedResult", "StepObserver", "Timings"]
+__all__ = ["Engine"]

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from embedserve.engine.front import EmbedOptions
+from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import PayloadTooLarge, Unauthorized, WrongModelKind
 from embedserve.http.state import Service
 from embedserve.protocol import (

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import embedserve
-from embedserve.engine.front import EmbedOptions
+from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import InvalidRequest, WrongModelKind
 from embedserve.http.routes import (
     ENCODE_INLINE_FLOATS,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from embedserve.config import EngineConfig
-from embedserve.engine.front import EmbedOptions, Engine
+from embedserve.engine.front import Engine
+from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import WrongModelKind
 from embedserve.models.classifier import apply_activation
 from on_device import BATCH_INVARIANCE, model_config

@@ -12,7 +12,8 @@ import torch
 from on_device import model_config
 from tiny import build_tiny_encoder
 from embedserve.config import EngineConfig, SchedulerConfig
-from embedserve.engine.front import EmbedOptions, Engine
+from embedserve.engine.front import Engine
+from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import (
     ConfigError,
     ContextLengthExceeded,

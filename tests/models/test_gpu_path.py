@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from embedserve.config import EngineConfig, SchedulerConfig
-from embedserve.engine.front import EmbedOptions, Engine
+from embedserve.engine.front import Engine
+from embedserve.engine.interface import EmbedOptions
 from embedserve.engine.runner import Chunk
 from on_device import cos_min, model_config, needs_cuda
 from tiny import build_tiny_decoder, build_tiny_encoder, long_text, mixed_texts

@@ -171,7 +171,7 @@ def test_dense_head_and_sentence_configs_are_read(copy):
 
     texts = ["a dense head", "word " * 300, ""]
     ref = SentenceTransformer(str(copy), device="cpu").encode(texts, convert_to_tensor=True)
-    from embedserve.engine.front import EmbedOptions
+    from embedserve.engine.interface import EmbedOptions
 
     for kernel in ("torch", "triton"):  # the fused kernel splits around the Dense layer
         engine = Engine(EngineConfig(model=model_config(copy, pool_kernel=kernel)))

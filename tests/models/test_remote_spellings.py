@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from embedserve.config import EngineConfig
-from embedserve.engine.front import EmbedOptions, Engine
+from embedserve.engine.front import Engine
+from embedserve.engine.interface import EmbedOptions
 from on_device import cos_min, model_config
 from tiny import TOKENIZER_FILES, build_tiny_encoder, embed_with, hf_embed, mixed_texts, write_sentence_modules
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from embedserve.config import EngineConfig
-from embedserve.engine.front import EmbedOptions, Engine
+from embedserve.engine.front import Engine
+from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import InvalidRequest
 from on_device import model_config
 from tiny import build_tiny_decoder, mixed_texts

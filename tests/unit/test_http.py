@@ -25,7 +25,7 @@ class FakeEngine:
         self.calls.append((inputs, options))
         if self.behaviour is not None:
             raise self.behaviour
-        from embedserve.engine.front import EmbedResult
+        from embedserve.engine.interface import EmbedResult
 
         vectors = torch.arange(len(inputs) * 4, dtype=torch.float32).view(len(inputs), 4)
         return EmbedResult(vectors, [3] * len(inputs))

@@ -1,0 +1,55 @@
+"""What the HTTP layer sees of an engine, besides the engine itself: the options a request sends, the result it
+gets back, and the observer the engine reports its steps to. A leaf: nothing here imports the engine's parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedOptions:
+    dimensions: int | None = None
+    """Keep the first k values, then L2-renormalise."""
+    normalize: bool | None = None
+    """None: as the model's modules say."""
+    truncate: bool | None = None
+    """None: the server's setting."""
+    prompt_name: str | None = None
+    """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
+    base64: bool = False
+    """Also produce each vector's little-endian float32 base64 (on the device, with the pooling)."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0  # queued until its first input entered a forward pass
+    inference_s: float = 0.0  # from then until its last input came out
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: torch.Tensor  # [n, k] float32, CPU
+    token_counts: list[int]
+    base64: list[bytes] | None = None  # per input, when asked for
+    timings: Timings = Timings()
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+class StepObserver:
+    """What the engine reports about its work; the HTTP layer's metrics implement it. Called from the
+    engine thread, so implementations must be thread-safe (prometheus-client's are)."""
+
+    def step(self, inputs: int, tokens: int, seconds: float) -> None: ...
+
+    def step_failed(self, inputs: int) -> None: ...
+
+    def step_split(self, inputs: int) -> None:
+        """A step ran out of device memory and is retried in parts."""

@@ -15,7 +15,12 @@ would, so that each path can be tested on a CPU with a real server.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence, TypeVar
+
 import torch
+
+R = TypeVar("R")
 
 # Words of the CUDA runtime, cuBLAS and cuDNN in the messages torch raises for device errors.
 _FATAL_WORDS = (
@@ -48,6 +53,53 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, RuntimeError) and any(w in message for w in _FATAL_WORDS):
         return "fatal"
     return "error"
+
+
+@dataclass(frozen=True)
+class PartFailure:
+    """A part of a split step that failed: one input that does not fit in memory alone, or a part that failed
+    otherwise (every input in it)."""
+
+    indices: list[int]
+    error: BaseException
+    alone_oom: bool
+
+
+def run_in_parts(count: int, run: Callable[[list[int]], Sequence[R]], *, group: Callable[[int], Hashable],
+                 kind: Callable[[BaseException], str], after_oom: Callable[[], None]
+                 ) -> tuple[dict[int, R], list[PartFailure]]:
+    """Run a step's items ``0 .. count-1`` again after the step ran out of memory: all at once, then halves (and
+    their halves) while a part runs out of memory, so that only an item that does not fit on its own fails.
+
+    ``run(indices)`` returns one result per index or raises; ``kind(exc)`` says what a raised fault is
+    (:func:`classify`: it may itself raise, for a fatal one); ``after_oom()`` runs before each retry (cached memory
+    handed back). ``group(i)``: the request item i belongs to: once a request failed, its items still to run are
+    skipped. Returns the results by index and the failures, in the order they happened."""
+    results: dict[int, R] = {}
+    failures: list[PartFailure] = []
+    failed_groups: set[Hashable] = set()
+
+    def part(indices: list[int]) -> None:
+        indices = [i for i in indices if group(i) not in failed_groups]
+        if not indices:
+            return
+        try:
+            out = run(indices)
+        except Exception as exc:
+            oom = kind(exc) == "oom"
+            if oom and len(indices) > 1:
+                after_oom()
+                half = len(indices) // 2
+                part(indices[:half])
+                part(indices[half:])
+                return
+            failures.append(PartFailure(indices, exc, alone_oom=oom))
+            failed_groups.update(group(i) for i in indices)
+            return
+        results.update(zip(indices, out))
+
+    part(list(range(count)))
+    return results, failures
 
 
 class EngineCrash(BaseException):

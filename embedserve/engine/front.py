@@ -43,8 +43,8 @@ from embedserve.engine.device import (
     resolve_device,
     resolve_dtype,
 )
-from embedserve.engine.faults import classify, injected
-from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
+from embedserve.engine.faults import classify, injected, run_in_parts
+from embedserve.engine.interface import EmbedOptions, EmbedResult, EngineInfo, StepObserver, Timings
 from embedserve.engine.runner import Chunk, Runner, StepHandle
 from embedserve.engine.scheduler import Entry, Scheduler, Step, Work, resolve_budgets
 from embedserve.engine.token_ids import cl100k
@@ -253,6 +253,15 @@ class Engine:
         self._steps_since_trim = 0  # CPU heap trimming when idle (engine thread only)
         self._trimmed_at = 0.0
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
+        classifier = self.model.classifier
+        self.info = EngineInfo(
+            name=self.name, kind=self.model.kind, dimensions=self.model.dimensions, max_input_length=self.max_length,
+            max_batch_tokens=self.max_batch_tokens, max_batch_requests=sc.max_batch_requests, max_queue=sc.max_queue,
+            id_limit=self.id_limit, pooling=self.model.spec.pooling if classifier is None else None,
+            labels=tuple(classifier.labels) if classifier is not None else None,
+            dtype=str(self.dtype).removeprefix("torch."), quantize=config.model.quantize, device=str(self.device),
+            commit=self.source.commit, tokenizer_workers=config.tokenizer_workers,
+        )
         hf = self.model.hf_config
         log.info("architecture: %s -> %s", (hf.get("architectures") or [hf.get("model_type")])[0],
                  self.model.encoder.describe())
@@ -533,6 +542,16 @@ class Engine:
             log.info("request %d cancelled: %d of its %d inputs dropped from the queue", rid, dropped, len(ids))
             raise
 
+    async def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]:
+        """Each text's tokens as (id, text, special, start, stop), on the tokenisation pool."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tok_pool, lambda: self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens))
+
+    async def decode(self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        """Token ids (each below ``info.id_limit``) back to text, on the tokenisation pool."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tok_pool, lambda: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
     def prompt(self, name: str | None) -> str:
         """The text of one of the model's prompts (None: its default prompt, if any); unknown is a 400."""
         spec = self.model.spec
@@ -708,39 +727,29 @@ class Engine:
         while self._inflight:  # their memory comes back first
             self._deliver(self._inflight.popleft())
         release_cached_memory(self.device)
-        rows: dict[int, tuple[torch.Tensor, bytes]] = {}
-        failures: dict[int, EmbedServeError] = {}
-        self._run_parts(list(range(len(step.items))), step, plan, rows, failures)
-        self._finish(step, plan, rows, failures, started)
 
-    def _run_parts(self, idx: list[int], step: Step, plan, rows: dict, failures: dict) -> None:
-        idx = [i for i in idx if step.items[i].entry.request_id not in failures]  # their request failed already
-        if not idx:
-            return
-        items = [step.items[i] for i in idx]
-        try:
-            out = self.runner.collect(self._forward(*self._step_args(items, [plan[i] for i in idx], self.dimensions)))
-        except Exception as exc:
-            kind = self._raise_if_fatal(exc, step)
-            if kind == "oom" and len(idx) > 1:
-                release_cached_memory(self.device)
-                half = len(idx) // 2
-                self._run_parts(idx[:half], step, plan, rows, failures)
-                self._run_parts(idx[half:], step, plan, rows, failures)
-                return
-            if kind == "oom":  # one input, alone
-                (w,) = items
+        def run(indices: list[int]) -> list[tuple[torch.Tensor, bytes]]:
+            items = [step.items[i] for i in indices]
+            out = self.runner.collect(self._forward(*self._step_args(items, [plan[i] for i in indices],
+                                                                     self.dimensions)))
+            return [(out.vectors[j], out.base64_row(j)) for j in range(len(indices))]
+
+        rows, failed = run_in_parts(len(step.items), run, group=lambda i: step.items[i].entry.request_id,
+                                    kind=lambda exc: self._raise_if_fatal(exc, step),
+                                    after_oom=lambda: release_cached_memory(self.device))
+        failures: dict[int, EmbedServeError] = {}
+        for f in failed:
+            if f.alone_oom:
+                w = step.items[f.indices[0]]
                 log.warning("input %d of request %d (%d tokens) does not fit in device memory alone: refused",
                             w.entry.index, w.entry.request_id, w.entry.num_tokens)
                 failures[w.entry.request_id] = InputTooLarge(w.entry.index, w.entry.num_tokens, self.max_batch_tokens)
-                return
-            log.error("forward pass of %d inputs (part of a split step) failed", len(items), exc_info=exc)
-            self.observer.step_failed(len(items))
-            for w in items:
-                failures[w.entry.request_id] = _engine_error(exc)
-            return
-        for j, i in enumerate(idx):
-            rows[i] = (out.vectors[j], out.base64_row(j))
+                continue
+            log.error("forward pass of %d inputs (part of a split step) failed", len(f.indices), exc_info=f.error)
+            self.observer.step_failed(len(f.indices))
+            for i in f.indices:
+                failures[step.items[i].entry.request_id] = _engine_error(f.error)
+        self._finish(step, plan, rows, failures, started)
 
     def _fail_step(self, step: Step, plan: list[_Pending | None], exc: BaseException, started: float) -> None:
         log.error("forward pass of %d inputs (%d tokens) failed", len(step.items), step.num_tokens, exc_info=exc)

@@ -53,3 +53,25 @@ class StepObserver:
 
     def step_split(self, inputs: int) -> None:
         """A step ran out of device memory and is retried in parts."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineInfo:
+    """What a loaded engine serves and under which limits: fixed once it has loaded (``Engine.info``). The HTTP
+    layer describes the model from this (``/info``, ``/v1/models``, metrics), never from the engine's parts."""
+
+    name: str
+    kind: str  # embedding, rerank or classify
+    dimensions: int
+    max_input_length: int  # tokens
+    max_batch_tokens: int
+    max_batch_requests: int
+    max_queue: int  # inputs waiting or running before 429
+    id_limit: int  # token ids the model takes: 0 .. id_limit - 1
+    pooling: str | None  # embedding models
+    labels: tuple[str, ...] | None  # rerankers and classifiers
+    dtype: str  # the float parts' (model_dtype)
+    quantize: str  # none or int8
+    device: str
+    commit: str | None  # the Hub commit served, None for a local folder
+    tokenizer_workers: int

@@ -42,7 +42,7 @@ class Service:
     def snapshot(self) -> Snapshot:
         """Every serving model's queue, for the metrics scrape."""
         engines = self.serving()
-        models = [ModelSnapshot(name, e.kind, *e.queue_stats(), max_queue=e.scheduler.max_queue,
+        models = [ModelSnapshot(name, e.kind, *e.queue_stats(), max_queue=e.info.max_queue,
                                 failed=name in self.failed_models) for name, e in engines.items()]
         return Snapshot(models, self.in_flight, bool(engines) and not self.shutting_down)
 

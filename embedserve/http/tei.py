@@ -82,7 +82,7 @@ async def predict(request: Request) -> Response:
     scores (sigmoid for one label, softmax for several) unless ``raw_scores``."""
     svc, engine = _default_model(request)
     req = decode_tei(TeiPredictRequest, await read_body(request, svc.config.max_body_bytes))
-    if engine.model.classifier is None:
+    if engine.info.labels is None:
         raise WrongModelKind("classify", engine.kind, "classify")
     inputs, batch = tei_predict_inputs(req.inputs, max_items=svc.config.max_inputs_per_request)
     if req.top_k is not None and req.top_k < 1:
@@ -93,7 +93,7 @@ async def predict(request: Request) -> Response:
     except ClientGone:
         return Response(status_code=499)
     headers = record_result(svc, request, len(inputs), result, engine)
-    labels = engine.model.classifier.labels
+    labels = engine.info.labels
     scores = result.vectors
     if not req.raw_scores:
         scores = engine.scores(scores, activation="sigmoid" if len(labels) == 1 else "softmax")
@@ -117,50 +117,48 @@ async def tokenize(request: Request) -> Response:
     if req.prompt_name is not None:
         prompt = engine.prompt(req.prompt_name)
         texts = [prompt + t for t in texts]
-    rows = await run_in_threadpool(engine.tokenizer.tokens, texts, add_special_tokens=req.add_special_tokens)
+    rows = await engine.tokenize(texts, add_special_tokens=req.add_special_tokens)
     return _json([[TeiToken(id=i, text=t, special=sp, start=a, stop=b) for i, t, sp, a, b in row] for row in rows])
 
 
 async def decode(request: Request) -> Response:
     svc, engine = _default_model(request)
     req = decode_tei(TeiDecodeRequest, await read_body(request, svc.config.max_body_bytes))
-    ids = req.ids
+    ids, limit = req.ids, engine.info.id_limit
     if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
         ids = [ids]
     if (not isinstance(ids, list) or not ids
-            or not all(isinstance(x, list) and all(type(t) is int and 0 <= t < engine.id_limit for t in x)
-                       for x in ids)):
-        raise InvalidRequest(f"ids must be an array of token ids (0..{engine.id_limit - 1}), or an array of such "
-                             "arrays", param="ids")
-    texts = await run_in_threadpool(engine.tokenizer.decode, ids, skip_special_tokens=req.skip_special_tokens)
+            or not all(isinstance(x, list) and all(type(t) is int and 0 <= t < limit for t in x) for x in ids)):
+        raise InvalidRequest(f"ids must be an array of token ids (0..{limit - 1}), or an array of such arrays",
+                             param="ids")
+    texts = await engine.decode(ids, skip_special_tokens=req.skip_special_tokens)
     return _json(texts)
 
 
 async def info(request: Request) -> Response:
     svc, engine = _default_model(request)
-    m = engine.model
-    if m.classifier is None:
-        model_type = {"embedding": {"pooling": m.spec.pooling}}
+    info = engine.info
+    if info.labels is None:
+        model_type = {"embedding": {"pooling": info.pooling}}
     else:
-        id2label = dict(enumerate(m.classifier.labels))
-        body = {"id2label": {str(i): v for i, v in id2label.items()},
-                "label2id": {v: i for i, v in id2label.items()}}
-        model_type = {"reranker" if m.kind == "rerank" else "classifier": body}
+        body = {"id2label": {str(i): v for i, v in enumerate(info.labels)},
+                "label2id": {v: i for i, v in enumerate(info.labels)}}
+        model_type = {"reranker" if info.kind == "rerank" else "classifier": body}
     cfg = svc.config
     return _json(TeiInfo(
         model_id=svc.served_name,
-        model_sha=engine.source.commit,
-        model_dtype=str(engine.dtype).removeprefix("torch."),
+        model_sha=info.commit,
+        model_dtype=info.dtype,
         model_type=model_type,
-        kind=m.kind,
-        dimensions=m.dimensions,
-        max_concurrent_requests=engine.scheduler.max_queue,
-        max_input_length=engine.max_length,
-        max_batch_tokens=engine.max_batch_tokens,
-        max_batch_requests=engine.scheduler.max_batch_requests,
+        kind=info.kind,
+        dimensions=info.dimensions,
+        max_concurrent_requests=info.max_queue,
+        max_input_length=info.max_input_length,
+        max_batch_tokens=info.max_batch_tokens,
+        max_batch_requests=info.max_batch_requests,
         max_client_batch_size=cfg.max_inputs_per_request,
-        tokenization_workers=engine.config.tokenizer_workers,
+        tokenization_workers=info.tokenizer_workers,
         version=embedserve.__version__,
-        device=str(engine.device),
-        quantize=engine.config.model.quantize,
+        device=info.device,
+        quantize=info.quantize,
     ))

@@ -20,57 +20,14 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from embedserve.config import Config
+from embedserve.config import Config, ServedModel
 from embedserve.http.access import AccessMiddleware
 from embedserve.http.errors import EXCEPTION_HANDLERS
+from embedserve.http.metrics import EngineMetrics
 from embedserve.http.openapi import OPERATIONS, swagger_ui_assets
 from embedserve.http.state import Service
 
 log = logging.getLogger(__name__)
-
-
-def _load_engines(config: Config, svc: Service, on_fatal: Callable[[str, BaseException], None]) -> dict:
-    """Every model loaded, then each warmed up with all the weights resident, then all started: {served name:
-    engine}. With several models their engines share the device in turns, so what must fit is every model's
-    weights plus the largest step of any one; each warm-up runs its largest step beside all the weights, so a
-    set that cannot fit fails here, naming the models and the flag to lower. A model that fails to load stops
-    the start-up, named."""
-    from embedserve.config import ServedModel
-    from embedserve.engine.device import memory_words
-    from embedserve.engine.front import Engine
-    from embedserve.engine.turns import DeviceTurns
-    from embedserve.errors import ConfigError, EmbedServeError
-    from embedserve.http.metrics import EngineMetrics
-
-    models = [ServedModel(name=svc.served_name, engine=config.engine), *config.more_models]
-    turns = DeviceTurns() if len(models) > 1 else None
-    engines: dict = {}
-    names = ", ".join(m.name for m in models)
-    try:
-        for stage in ("load", "warm up"):
-            for m in models:
-                try:
-                    if stage == "load":
-                        engines[m.name] = Engine(
-                            m.engine, observer=EngineMetrics(svc.metrics), turns=turns, name=m.name,
-                            on_fatal=lambda exc, name=m.name: on_fatal(name, exc))
-                    else:
-                        engines[m.name].warmup()
-                except EmbedServeError as e:
-                    if len(models) == 1:
-                        raise
-                    beside = f", beside the weights of {names}" if stage == "warm up" else ""
-                    raise ConfigError(f"model {m.name!r} ({m.engine.model.path}) failed to {stage}{beside}: "
-                                      f"{e.message}") from e
-        devices = {e.device: None for e in engines.values()}
-        log.info("memory after every warm-up: %s", "; ".join(memory_words(d) for d in devices))
-        for engine in engines.values():
-            engine.start()
-    except BaseException:
-        for engine in engines.values():
-            engine.shutdown()
-        raise
-    return engines
 
 
 def create_app(
@@ -96,10 +53,8 @@ def create_app(
                 if on_engine_failure is not None:
                     on_engine_failure(exc)
 
-            def model_failed(name: str, exc: BaseException) -> None:  # on the event loop
-                from embedserve.engine.faults import classify
-
-                if len(svc.engines) > 1 and classify(exc) != "fatal":
+            def model_stopped(name: str, exc: BaseException, lost: str) -> None:  # on the event loop
+                if len(svc.engines) > 1 and lost == "model":
                     # The model's own engine stopped; the device is fine: the other models go on.
                     log.error("model %r stopped (%s: %s); the other models still serve", name, type(exc).__name__, exc)
                     svc.model_failed(name, exc)
@@ -107,9 +62,13 @@ def create_app(
                     engine_failed(exc)
 
             def load() -> None:
+                from embedserve.engine.fleet import start_engines  # torch and the models: not for a fake engine
+
+                models = [ServedModel(name=svc.served_name, engine=config.engine), *config.more_models]
                 try:
-                    loaded = _load_engines(config, svc,
-                                           lambda name, exc: loop.call_soon_threadsafe(model_failed, name, exc))
+                    loaded = start_engines(
+                        models, observer=EngineMetrics(svc.metrics),
+                        on_stopped=lambda name, exc, lost: loop.call_soon_threadsafe(model_stopped, name, exc, lost))
                 except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
                     log.error("start-up failed: %s", exc)
                     if on_load_failure is not None:

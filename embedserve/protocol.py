@@ -250,14 +250,25 @@ def decode_tei(kind: type, body: bytes):
     return _decode(decoder, body, "`inputs`")
 
 
+def check_count(field: str, count: int, max_items: int) -> None:
+    """An array of more items than the server takes per request is a 400 that says both numbers."""
+    if count > max_items:
+        raise InvalidRequest(f"{field} has {count} items; this server accepts at most {max_items} per request",
+                             param=field)
+
+
+def check_dimensions(dimensions: int | None) -> None:
+    """``dimensions`` is a positive integer when given (the model's width is checked by the engine)."""
+    if dimensions is not None and dimensions < 1:
+        raise InvalidRequest(f"dimensions must be a positive integer, got {dimensions}", param="dimensions")
+
+
 def tei_texts(value: Any, *, field: str, max_items: int) -> list[str]:
     """TEI's ``inputs``: a string or a non-empty array of strings."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
         raise InvalidRequest(f"{field} must be a string or a non-empty array of strings", param=field)
-    if len(items) > max_items:
-        raise InvalidRequest(f"{field} has {len(items)} items; this server accepts at most {max_items} per request",
-                             param=field)
+    check_count(field, len(items), max_items)
     return items
 
 
@@ -277,9 +288,7 @@ def tei_predict_inputs(value: Any, *, max_items: int) -> tuple[list[tuple[str, s
     if not isinstance(value, list) or not value:
         raise InvalidRequest("inputs must be a string, a pair of strings, or a non-empty array of either",
                              param="inputs")
-    if len(value) > max_items:
-        raise InvalidRequest(f"inputs has {len(value)} items; this server accepts at most {max_items} per request",
-                             param="inputs")
+    check_count("inputs", len(value), max_items)
     return [one(x, i) for i, x in enumerate(value)], True
 
 
@@ -304,8 +313,7 @@ def decode_request(body: bytes) -> EmbeddingRequest:
             f"encoding_format must be one of {', '.join(ENCODING_FORMATS)}, got {req.encoding_format!r}",
             param="encoding_format",
         )
-    if req.dimensions is not None and req.dimensions < 1:
-        raise InvalidRequest(f"dimensions must be a positive integer, got {req.dimensions}", param="dimensions")
+    check_dimensions(req.dimensions)
     return req
 
 
@@ -327,10 +335,7 @@ def parse_input(value: Any, *, max_items: int) -> list[str] | list[list[int]]:
         )
     if not value:
         raise InvalidRequest("input must not be an empty array", param="input")
-    if len(value) > max_items:
-        raise InvalidRequest(
-            f"input has {len(value)} items; this server accepts at most {max_items} per request", param="input"
-        )
+    check_count("input", len(value), max_items)
     first = value[0]
     if isinstance(first, str):
         if not all(isinstance(x, str) for x in value):
@@ -362,9 +367,7 @@ def decode_rerank(body: bytes, *, max_items: int) -> tuple[RerankRequest, str, l
     docs = req.texts if tei else req.documents
     if not isinstance(docs, list) or not docs:
         raise InvalidRequest(f"{field} must be a non-empty array", param=field)
-    if len(docs) > max_items:
-        raise InvalidRequest(f"{field} has {len(docs)} items; this server accepts at most {max_items} per request",
-                             param=field)
+    check_count(field, len(docs), max_items)
     texts = []
     for i, d in enumerate(docs):
         if isinstance(d, dict) and not tei and isinstance(d.get("text"), str):

@@ -29,6 +29,14 @@ def error_response(
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its queued work is cancelled)."""
+
+
+async def handle_client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody reads it; uvicorn discards it, the access log and metrics count it
+
+
 async def handle_embedserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EmbedServeError)
     headers = None
@@ -56,6 +64,7 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 
 
 EXCEPTION_HANDLERS = {
+    ClientGone: handle_client_gone,
     EmbedServeError: handle_embedserve_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hmac
 import uuid
+from typing import Awaitable
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -15,6 +16,7 @@ from starlette.responses import Response
 
 from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import PayloadTooLarge, Unauthorized, WrongModelKind
+from embedserve.http.errors import ClientGone
 from embedserve.http.state import Service
 from embedserve.protocol import (
     EmbeddingItem,
@@ -39,10 +41,6 @@ from embedserve.protocol import (
 
 # Answers with more floats than this are JSON-encoded on a worker thread (about a millisecond of work).
 ENCODE_INLINE_FLOATS = 32_768
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 def service(request: Request) -> Service:
@@ -79,8 +77,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def until_disconnect(request: Request, work: asyncio.Future):
-    """Await ``work``; if the client goes away first, cancel it (the engine drops its queued inputs)."""
+async def until_disconnect(request: Request, work: Awaitable):
+    """Await ``work``; if the client goes away first, cancel it (the engine drops its queued inputs) and raise
+    :class:`ClientGone` (answered 499)."""
+    work = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -136,10 +136,7 @@ async def embeddings(request: Request) -> Response:
         base64=fmt == "base64",
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
-    try:
-        result = await until_disconnect(request, asyncio.ensure_future(engine.embed(inputs, options)))
-    except ClientGone:
-        return Response(status_code=499)  # nobody reads it; uvicorn discards it
+    result = await until_disconnect(request, engine.embed(inputs, options))
     headers = record_result(svc, request, len(inputs), result, engine)
     args = (result.vectors, result.token_counts, fmt, name, result.base64)
     if result.vectors.numel() > ENCODE_INLINE_FLOATS:
@@ -180,10 +177,7 @@ async def rerank(request: Request) -> Response:
     if engine.kind != "rerank":
         raise WrongModelKind("rerank", engine.kind, "rerank")
     work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc)
-    try:
-        result = await until_disconnect(request, asyncio.ensure_future(work))
-    except ClientGone:
-        return Response(status_code=499)
+    result = await until_disconnect(request, work)
     headers = record_result(svc, request, len(docs), result, engine)
     logits = result.vectors[:, 0:1]
     raw = shape == "tei" and req.raw_scores

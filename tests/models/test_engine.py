@@ -432,7 +432,7 @@ def test_start_up_names_the_cpu_and_warns_for_an_emulated_half_precision(tiny_di
 
     monkeypatch.setattr(cpu, "read_cpu", lambda: cpu.CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma"})))
     monkeypatch.setattr(cpu, "matmul_gflops", lambda dtype: 1.0 if dtype != torch.float32 else 100.0)
-    caplog.set_level(logging.INFO, logger="embedserve.engine.loading")
+    caplog.set_level(logging.INFO, logger="embedserve.engine.front")
     auto = Engine(EngineConfig(model=model_config(tiny_dir, dtype="auto")))
     assert auto.dtype == torch.float32
     assert "cpu: AMD EPYC 7B13" in caplog.text and "dtype float32 (auto: no native bf16)" in caplog.text

@@ -90,7 +90,7 @@ def test_bert_pairs_carry_token_types_and_they_matter(tmp_path):
         pairs = pairs_for(5, 8)
         with_types = scores(engine, pairs)[:, 0]
         assert (with_types - torch.tensor(ce.predict(pairs))).abs().max() <= 1e-5
-        engine._token_types = False  # every token type 0: what a server ignoring the pair boundary computes
+        engine.worker.token_types = False  # every token type 0: what a server ignoring the pair boundary computes
         assert (scores(engine, pairs)[:, 0] - with_types).abs().max() > 1e-3
     finally:
         engine.shutdown()

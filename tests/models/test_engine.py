@@ -286,7 +286,7 @@ def test_out_of_memory_splits_the_step_and_refuses_only_the_input_that_does_not_
 @pytest.mark.parametrize("depth", [1, 2])
 def test_a_fatal_device_error_stops_the_engine_and_answers_every_request_held(tiny_dir, depth):
     e, rec, fatal = faulty_engine(tiny_dir, "fatal", scheduler=SchedulerConfig(max_batch_requests=2))
-    e._depth = depth
+    e.worker._depth = depth
     gate = Gate(e)
     try:
         async def run():
@@ -307,8 +307,8 @@ def test_a_fatal_device_error_stops_the_engine_and_answers_every_request_held(ti
         assert len(fatal) == 1 and "illegal memory access" in str(fatal[0])
         with pytest.raises(EngineFailed):
             asyncio.run(e.embed(["after"]))
-        e._thread.join(10)
-        assert not e._thread.is_alive()
+        e.worker._thread.join(10)
+        assert not e.worker._thread.is_alive()
     finally:
         e.shutdown(timeout=10)
 
@@ -317,7 +317,7 @@ def test_a_fatal_device_error_stops_the_engine_and_answers_every_request_held(ti
 def test_an_ordinary_failure_is_not_fatal(engine):
     with pytest.raises(EngineError):
         asyncio.run(engine.embed(["boom"]))
-    assert engine._dead is None
+    assert engine.worker._dead is None
     assert asyncio.run(engine.embed(["fine"])).vectors.shape == (1, 36)
 
 
@@ -337,7 +337,7 @@ def test_two_steps_in_flight_give_the_vectors_of_one_at_a_time(tiny_dir):
         real = e.runner.collect
 
         def spy(handle, real=real, e=e, seen=in_flight):
-            seen.append(len(e._inflight) + 1)  # this one plus those launched behind it
+            seen.append(len(e.worker._inflight) + 1)  # this one plus those launched behind it
             return real(handle)
 
         e.runner.collect = spy
@@ -380,11 +380,11 @@ def test_an_idle_cpu_engine_hands_its_free_heap_back_once_per_burst(tiny_dir, mo
     idle wake-up, and never without work since the last trim; never on CUDA (its allocator is torch's)."""
     import time
 
-    import embedserve.engine.front as front
+    import embedserve.engine.worker as worker
 
     calls = []
-    monkeypatch.setattr(front, "release_host_memory", lambda: calls.append(time.monotonic()) or True)
-    monkeypatch.setattr(front, "TRIM_INTERVAL_S", 0.0)
+    monkeypatch.setattr(worker, "release_host_memory", lambda: calls.append(time.monotonic()) or True)
+    monkeypatch.setattr(worker, "TRIM_INTERVAL_S", 0.0)
     e = Engine(EngineConfig(model=model_config(tiny_dir)))
     e.start()
     try:
@@ -432,7 +432,7 @@ def test_start_up_names_the_cpu_and_warns_for_an_emulated_half_precision(tiny_di
 
     monkeypatch.setattr(cpu, "read_cpu", lambda: cpu.CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma"})))
     monkeypatch.setattr(cpu, "matmul_gflops", lambda dtype: 1.0 if dtype != torch.float32 else 100.0)
-    caplog.set_level(logging.INFO, logger="embedserve.engine.front")
+    caplog.set_level(logging.INFO, logger="embedserve.engine.loading")
     auto = Engine(EngineConfig(model=model_config(tiny_dir, dtype="auto")))
     assert auto.dtype == torch.float32
     assert "cpu: AMD EPYC 7B13" in caplog.text and "dtype float32 (auto: no native bf16)" in caplog.text

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import embedserve.engine.front as front
+import embedserve.engine.loading as loading
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine.front import Engine
 from embedserve.errors import ConfigError
@@ -29,7 +29,7 @@ COS_MIN = 0.99
 def weight_max(request, monkeypatch):
     if request.param == 127 and int8_weight_max() != 127:
         pytest.skip("this CPU's int8 GEMM saturates full 8-bit products (no VNNI)")
-    monkeypatch.setattr(front, "int8_weight_max", lambda: request.param)
+    monkeypatch.setattr(loading, "int8_weight_max", lambda: request.param)
     return request.param
 
 
@@ -100,7 +100,7 @@ def test_a_text_gets_the_same_int8_vector_alone_or_packed(minilm_dir):
 def test_int8_is_refused_on_cuda_and_with_a_half_precision(minilm_dir, monkeypatch):
     with pytest.raises(ConfigError, match="dtype float16 cannot go with it"):
         ModelConfig(path=str(minilm_dir), dtype="float16", quantize="int8")
-    monkeypatch.setattr(front, "resolve_device", lambda name: torch.device("cuda", 0))
-    monkeypatch.setattr(front, "bind_thread", lambda device: None)
+    monkeypatch.setattr(loading, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(loading, "bind_thread", lambda device: None)
     with pytest.raises(ConfigError, match="--quantize int8 runs on the CPU only"):
         Engine(EngineConfig(model=ModelConfig(path=str(minilm_dir), quantize="int8")))

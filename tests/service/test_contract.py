@@ -320,7 +320,7 @@ def test_served_offline_and_logs_the_choices(server):
         assert words in log, words
     from embedserve.engine.cpu import read_cpu
 
-    cpu_line = next(line for line in log.splitlines() if "embedserve.engine.front: cpu: " in line)
+    cpu_line = next(line for line in log.splitlines() if "embedserve.engine.loading: cpu: " in line)
     assert read_cpu().model in cpu_line and "AVX2 " in cpu_line and "AVX512-BF16 " in cpu_line
     assert cpu_line.endswith("dtype float32 (asked)")  # the tests' servers ask for float32
     assert json.loads(httpx.get(server.url + "/health").text) == {"status": "ok"}

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from embedserve.kernels.attention import select_backend
-from embedserve.kernels.linear import select_linear_backend
+from embedserve.kernels.linear import LinearPlan, select_linear_backend
 from embedserve.kernels.pool_encode import b64_lengths, pool_encode_torch, pool_encode_triton, triton_available
 from embedserve.models.bert import BertArgs, BertModel
+from embedserve.models.encoder import Kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import cpu_line, median_ms  # noqa: E402
@@ -65,12 +66,12 @@ def measure(T: int, H: int, B: int, dtype: torch.dtype, device: torch.device) ->
     bert = BertArgs(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                     max_position_embeddings=max(512, T // B * 4), type_vocab_size=2, layer_norm_eps=1e-12,
                     hidden_act="gelu", position_offset=0)
-    model = BertModel(bert).to(device=device, dtype=dtype).eval()
+    kernels = Kernels(attention=select_backend(device, "auto", dtype, bert.attention_shape),
+                      linear=LinearPlan(select_linear_backend(device, dtype)))
+    model = BertModel(bert, kernels).to(device=device, dtype=dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)  # the meta-free init leaves garbage: keep activations finite
-    model.attention_backend = select_backend(device, "auto", dtype, model.attention_shape)
-    model.linear_backend = select_linear_backend(device, dtype)
     ids = torch.randint(0, 30522, (T,), device=device)
     lengths = (cu[1:] - cu[:-1]).long()
     positions = torch.arange(T, device=device) - torch.repeat_interleave(cu[:-1].long(), lengths)
@@ -80,7 +81,7 @@ def measure(T: int, H: int, B: int, dtype: torch.dtype, device: torch.device) ->
         return out
     with torch.inference_mode():
         out["forward_ms"] = timed_ms(lambda: model(ids, positions, cu, max_len, lengths=host_lengths), device, repeats=3)
-    out["attention"] = model.attention_backend
+    out["attention"] = kernels.attention
     spent = out.get("kernel_ms", out["twin_ms"])
     out["share_of_forward"] = spent / out["forward_ms"]
     return out

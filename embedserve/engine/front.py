@@ -56,8 +56,8 @@ class Engine:
         self.device, self.dtype, self.source, self.model = loaded.device, loaded.dtype, loaded.source, loaded.model
         self.tokenizer, self.scheduler, self.runner, self.info = (loaded.tokenizer, loaded.scheduler, loaded.runner,
                                                                   loaded.info)
-        self.linear_plan, self.linear_backend = loaded.linear_plan, loaded.linear_backend
-        self.attention_backend, self.pool_backend = loaded.attention_backend, loaded.pool_backend
+        self.linear_plan, self.linear_backend = loaded.kernels.linear, loaded.linear_backend
+        self.attention_backend, self.pool_backend = loaded.kernels.attention, loaded.pool_backend
         self.max_length, self.id_limit = loaded.max_length, loaded.id_limit
         self.max_batch_tokens = loaded.budgets.max_batch_tokens
         self.chunk_tokens, self.max_kv_tokens = loaded.budgets.chunk_tokens, loaded.budgets.max_kv_tokens

@@ -26,7 +26,7 @@ from embedserve.engine.scheduler import Budgets, Scheduler, resolve_budgets
 from embedserve.engine.token_ids import cl100k
 from embedserve.engine.tokenizer import Tokenizer
 from embedserve.errors import ConfigError
-from embedserve.kernels.attention import measure_solo_min, select_backend
+from embedserve.kernels.attention import AttentionShape, measure_solo_min, select_backend
 from embedserve.kernels.linear import (
     Int8Linear,
     LinearPlan,
@@ -40,7 +40,8 @@ from embedserve.kernels.pool_encode import select_pool_backend
 from embedserve.models.classifier import ChatTemplate
 from embedserve.models.hub import Source
 from embedserve.models.hub import resolve as resolve_model
-from embedserve.models.sentence import LoadedModel, load_model
+from embedserve.models.encoder import Kernels
+from embedserve.models.sentence import LoadedModel, ModelRecipe, build_model, read_model
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,8 @@ class Loaded:
     token_types: bool  # pairs carry BERT token types (a cross-encoder with a type table)
     fault_ids: list[int] | None  # test hook: the --fault-marker text's tokens
     budgets: Budgets
-    linear_plan: LinearPlan
-    linear_backend: str
-    attention_backend: str
+    kernels: Kernels  # what the encoder was built with: attention backend, linear plan
+    linear_backend: str  # the linear layers in words, for the log and /info
     pool_backend: str
     scheduler: Scheduler
     runner: Runner
@@ -87,27 +87,26 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
         raise ConfigError(f"--quantize int8: {why}")
     started = time.perf_counter()
     source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
-    model = load_model(source.directory, dtype=dtype, device=device, kind=config.model.kind)
-    _configure_prompts(model, config.model)
-    backend = select_linear_backend(device, dtype)
-    # On the CPU whether the fused GEMM beats F.linear depends on the CPU and the shape: measured per shape.
-    linear_plan = LinearPlan(backend, probe=device.type == "cpu" and not int8)
-    linear_backend = backend + (" or torch, measured per shape" if linear_plan.probe else "")
-    model.encoder.linear_plan = linear_plan
-    max_length = model.max_length
+    recipe = _configure_prompts(read_model(source.directory, kind=config.model.kind), config.model)
+    max_length = recipe.max_length
     if config.max_input_tokens is not None:
         max_length = min(max_length, config.max_input_tokens)
-    tokenizer = Tokenizer(model.directory, max_length=max_length, do_lower_case=model.spec.do_lower_case,
-                          cap_to_tokenizer=model.spec.max_seq_length is None)
-    template = model.classifier.template if model.classifier is not None else None
+    tokenizer = Tokenizer(recipe.directory, max_length=max_length, do_lower_case=recipe.spec.do_lower_case,
+                          cap_to_tokenizer=recipe.spec.max_seq_length is None)
+    template = recipe.classifier.template if recipe.classifier is not None else None
     if isinstance(template, ChatTemplate):
         tokenizer.use_chat_template(dict(template.kwargs), template.system, template.restore_suffix)
     elif template is not None:
         tokenizer.use_template(template.prefix, template.suffix)
     max_length = tokenizer.max_length
+    sc = config.scheduler
+    budgets = resolve_budgets(sc, device_type=device.type, max_length=max_length, can_chunk=recipe.supports_chunking)
+    kernels = _choose_kernels(recipe.attention_shape, budgets, config.model.attention, device, dtype, int8)
+    model = build_model(recipe, dtype=dtype, device=device, kernels=kernels)
+    linear_plan = kernels.linear
+    linear_backend = linear_plan.default + (" or torch, measured per shape" if linear_plan.probe else "")
     # Cross-encoders whose tokenizer marks a pair's second text (BERT's token type 1) get the types packed.
-    types = getattr(model.encoder, "token_type_embeddings", None)
-    token_types = model.head is not None and types is not None and types.weight.shape[0] > 1
+    token_types = model.head is not None and model.encoder.token_type_rows > 1
     # Ids must fit the embedding table, not only the tokenizer: on CUDA an id past the table is a
     # device-side assert that takes the whole process down.
     rows = model.encoder.embedding_rows
@@ -122,23 +121,6 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
         cl100k()  # build the id table now, on the loading thread, not inside the first request
     # Test hook: a step holding an input equal to this text's tokens fails as --fault-kind says.
     fault_ids = tokenizer.encode([config.fault_marker], truncate=True)[0] if config.fault_marker else None
-    sc = config.scheduler
-    budgets = resolve_budgets(sc, device_type=device.type, max_length=max_length,
-                              can_chunk=bool(getattr(model.encoder, "supports_chunking", False)))
-    # The attention backend is chosen for this model: its heads, windows and chunks, on this torch.
-    shape = model.encoder.attention_shape
-    if budgets.chunk_tokens is None:
-        shape = dataclasses.replace(shape, chunked=False)
-    try:
-        attention_backend = select_backend(device, config.model.attention, dtype, shape)
-    except ValueError as e:
-        raise ConfigError(f"--attention {config.model.attention}: {e}") from e
-    model.encoder.attention_backend = attention_backend
-    if device.type == "cpu" and attention_backend == "sdpa_bucketed":
-        solo_min, timings = measure_solo_min(shape, dtype)
-        model.encoder.attention_solo_min = solo_min
-        log.info("attention: sequences of %d tokens or more run one call each, shorter ones bucketed (measured, "
-                 "bucketed/one each per length: %s)", solo_min, timings)
     scheduler = Scheduler(max_batch_tokens=budgets.max_batch_tokens, max_batch_requests=sc.max_batch_requests,
                           max_queue=sc.max_queue, chunk_tokens=budgets.chunk_tokens, max_kv_tokens=budgets.max_kv_tokens)
     pool_backend = select_pool_backend(device, config.model.pool_kernel)
@@ -163,16 +145,36 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
         "dimensions %d, max input %d tokens, max batch %d tokens / %d inputs, %d step(s) in flight",
         f"{source.repo_id} (revision {source.revision or 'main'}, commit {source.commit})" if source.repo_id
         else model.directory, time.perf_counter() - started, type(model.encoder).__name__,
-        model.kind, device, str(dtype).removeprefix("torch."), attention_backend,
+        model.kind, device, str(dtype).removeprefix("torch."), kernels.attention,
         linear_backend, pool_backend, _head_words(model, token_types), model.dimensions, max_length,
         budgets.max_batch_tokens, sc.max_batch_requests, depth,
     )
     return Loaded(
         device=device, dtype=dtype, source=source, model=model, tokenizer=tokenizer, max_length=max_length,
         id_limit=id_limit, text_ids_may_overflow=text_ids_may_overflow, token_types=token_types, fault_ids=fault_ids,
-        budgets=budgets, linear_plan=linear_plan, linear_backend=linear_backend, attention_backend=attention_backend,
-        pool_backend=pool_backend, scheduler=scheduler, runner=runner, depth=depth, info=info,
+        budgets=budgets, kernels=kernels, linear_backend=linear_backend, pool_backend=pool_backend,
+        scheduler=scheduler, runner=runner, depth=depth, info=info,
     )
+
+
+def _choose_kernels(shape: AttentionShape, budgets: Budgets, attention: str, device: torch.device,
+                    dtype: torch.dtype, int8: bool) -> Kernels:
+    """The kernels the encoder is built with: its attention backend, chosen for its heads, windows and chunks on
+    this torch (``--attention``), and the linear layers' (on the CPU, whether the fused GEMM beats ``F.linear``
+    depends on the CPU and the shape: measured per shape as serving meets them)."""
+    if budgets.chunk_tokens is None:
+        shape = dataclasses.replace(shape, chunked=False)
+    try:
+        backend = select_backend(device, attention, dtype, shape)
+    except ValueError as e:
+        raise ConfigError(f"--attention {attention}: {e}") from e
+    solo_min = None
+    if device.type == "cpu" and backend == "sdpa_bucketed":
+        solo_min, timings = measure_solo_min(shape, dtype)
+        log.info("attention: sequences of %d tokens or more run one call each, shorter ones bucketed (measured, "
+                 "bucketed/one each per length: %s)", solo_min, timings)
+    linear = LinearPlan(select_linear_backend(device, dtype), probe=device.type == "cpu" and not int8)
+    return Kernels(attention=backend, solo_min=solo_min, linear=linear)
 
 
 def _check_cpu_dtype(dtype: torch.dtype, asked: str, int8: bool) -> None:
@@ -213,19 +215,19 @@ def _quantize_int8(model: LoadedModel, tokenizer: Tokenizer, runner: Runner, lin
     return f"int8 ({count} of {total} layers, {widths}, {int8_gemm()} GEMM)"
 
 
-def _configure_prompts(model: LoadedModel, cfg: ModelConfig) -> None:
+def _configure_prompts(recipe: ModelRecipe, cfg: ModelConfig) -> ModelRecipe:
     """The configured prompts over the folder's; the default must be one of them."""
-    spec = model.spec
+    spec = recipe.spec
     if not cfg.prompts and cfg.default_prompt_name is None:
-        return
+        return recipe
     prompts = {**spec.prompts, **dict(cfg.prompts)}
     default = spec.default_prompt_name if cfg.default_prompt_name is None else (cfg.default_prompt_name or None)
     if default is not None and default not in prompts:
         raise ConfigError(f"default_prompt_name {default!r} is not one of this model's prompts: "
                           f"{', '.join(sorted(prompts)) or 'none'}")
-    model.spec = dataclasses.replace(spec, prompts=prompts, default_prompt_name=default)
     log.info("prompts: %s; default: %s", ", ".join(f"{k}={v!r}" for k, v in prompts.items()) or "none",
              default or "none")
+    return dataclasses.replace(recipe, spec=dataclasses.replace(spec, prompts=prompts, default_prompt_name=default))
 
 
 def _head_words(m: LoadedModel, token_types: bool) -> str:

@@ -41,8 +41,8 @@ def warm_up(loaded: Loaded) -> None:
             f"here, lower --max-batch-tokens (now {step})"
         ) from e
     log.info("warm-up: %d inputs, %d tokens in %.2fs", count, count * len(ids), time.perf_counter() - started)
-    if loaded.linear_plan.probe:
-        log.info("linear layers: %s", loaded.linear_plan.describe())
+    if loaded.kernels.linear.probe:
+        log.info("linear layers: %s", loaded.kernels.linear.describe())
     if loaded.budgets.chunk_tokens is not None and loaded.max_length > loaded.budgets.chunk_tokens:
         _warm_up_chunks(loaded)
 

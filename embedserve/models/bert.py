@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, varlen_attention
 from embedserve.kernels.linear import LinearPlan, project
+from embedserve.models.encoder import EncoderBase, Kernels
 from embedserve.models.layers import Embedding, activation
 
 
@@ -30,6 +31,7 @@ class BertArgs:
     layer_norm_eps: float
     hidden_act: str
     position_offset: int  # 0 for BERT; padding_idx + 1 for RoBERTa / XLM-RoBERTa
+    relative_bias: bool = False  # MPNet: a per-head bias by relative position
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> BertArgs:
@@ -59,6 +61,11 @@ class BertArgs:
         """Longest sequence the position table can hold."""
         return self.max_position_embeddings - self.position_offset
 
+    @property
+    def attention_shape(self) -> AttentionShape:
+        h = self.num_heads
+        return AttentionShape(heads=h, kv_heads=h, head_dim=self.hidden_size // h, relative_bias=self.relative_bias)
+
 
 class BertLayer(nn.Module):
     def __init__(self, a: BertArgs) -> None:
@@ -84,8 +91,7 @@ class BertLayer(nn.Module):
         return self.mlp_norm(h + project(up, self.down, plan=lb))
 
 
-class BertModel(nn.Module):
-    causal = False
+class BertModel(EncoderBase):
     # Checkpoints saved from *ForMaskedLM etc. nest the encoder under a prefix.
     weight_prefixes = ("", "bert.", "roberta.", "model.")
     # Tensors a checkpoint may carry that an embedding forward does not use.
@@ -98,37 +104,19 @@ class BertModel(nn.Module):
         r"(bert|roberta)\.pooler\..*",
     )
 
-    def __init__(self, args: BertArgs) -> None:
-        super().__init__()
-        self.args = args
+    def __init__(self, args: BertArgs, kernels: Kernels = Kernels()) -> None:
+        super().__init__(args, kernels)
         H = args.hidden_size
         self.word_embeddings = Embedding(args.vocab_size, H)
         self.position_embeddings = Embedding(args.max_position_embeddings, H)
         self.token_type_embeddings = Embedding(args.type_vocab_size, H)
         self.embed_norm = nn.LayerNorm(H, eps=args.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(args) for _ in range(args.num_layers))
-        # Kernel backends, chosen once by the engine at start-up.
-        self.attention_backend = "dense"
-        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
-        self.linear_plan: LinearPlan | None = None  # None: F.linear
-
-    @property
-    def max_length(self) -> int:
-        return self.args.max_length
-
-    @property
-    def hidden_size(self) -> int:
-        return self.args.hidden_size
 
     @property
     def embedding_rows(self) -> int:
         """Token ids must be below this: an id past the table is a device-side assert on CUDA."""
         return self.word_embeddings.weight.shape[0]
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        a = self.args
-        return AttentionShape(heads=a.num_heads, kv_heads=a.num_heads, head_dim=a.hidden_size // a.num_heads)
 
     def describe(self) -> str:
         """The architecture in a line, for the start-up log."""
@@ -143,8 +131,7 @@ class BertModel(nn.Module):
         return self.word_embeddings(input_ids) + self.position_embeddings(positions + self.args.position_offset) + types
 
     def attention_batch(self, cu_seqlens: torch.Tensor, max_seqlen: int, lengths: list[int] | None):
-        return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths,
-                       solo_min=self.attention_solo_min)
+        return self.kernels.attention_batch(cu_seqlens, max_seqlen, lengths=lengths)
 
     # Our layer's tensors -> the checkpoint's, per layer (the q/k/v parts are stacked into qkv).
     LAYER_NAMES = {
@@ -183,5 +170,5 @@ class BertModel(nn.Module):
         else:
             h = self.embed_norm(self.embed(input_ids, positions, token_types.long()))
         for layer in self.layers:
-            h = layer(h, attn, self.linear_plan)
+            h = layer(h, attn, self.kernels.linear)
         return h

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from embedserve.errors import ModelLoadError
+from embedserve.kernels.attention import AttentionShape
 from embedserve.models.bert import BertArgs, BertModel
+from embedserve.models.encoder import Kernels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +49,14 @@ class DistilBertArgs:
             type_vocab_size=1, layer_norm_eps=1e-12, hidden_act=self.activation, position_offset=0,
         )
 
+    @property
+    def max_length(self) -> int:
+        return self.bert().max_length
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return self.bert().attention_shape
+
 
 class DistilBertModel(BertModel):
     weight_prefixes = ("", "distilbert.")
@@ -60,8 +70,8 @@ class DistilBertModel(BertModel):
         r"qa_outputs\..*",
     )
 
-    def __init__(self, args: DistilBertArgs) -> None:
-        super().__init__(args.bert())
+    def __init__(self, args: DistilBertArgs, kernels: Kernels = Kernels()) -> None:
+        super().__init__(args.bert(), kernels)
         del self.token_type_embeddings  # DistilBERT has none
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

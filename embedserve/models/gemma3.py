@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, varlen_attention
 from embedserve.kernels.linear import LinearPlan, project
+from embedserve.models.encoder import EncoderBase, Kernels
 from embedserve.models.layers import Embedding, attention_runs, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -95,6 +96,15 @@ class Gemma3Args:
             rope={t: _rope_for(cfg, t) for t in set(types)},
         )
 
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return AttentionShape(heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                              causal=self.causal, window=SLIDING in self.layer_types)
+
 
 class Gemma3Layer(nn.Module):
     def __init__(self, a: Gemma3Args) -> None:
@@ -132,28 +142,16 @@ class Gemma3Layer(nn.Module):
         return h + rms_norm(y, self.post_mlp_norm, eps, plus_one=True)
 
 
-class Gemma3Model(nn.Module):
+class Gemma3Model(EncoderBase):
     weight_prefixes = ("", "model.", "model.language_model.")
     ignored_weights = (r"lm_head\..*", r".*rotary_emb.*\.inv_freq")
 
-    def __init__(self, args: Gemma3Args) -> None:
-        super().__init__()
-        self.args = args
+    def __init__(self, args: Gemma3Args, kernels: Kernels = Kernels()) -> None:
+        super().__init__(args, kernels)
         self.causal = args.causal
         self.embed = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Gemma3Layer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size))
-        self.attention_backend = "dense"
-        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
-        self.linear_plan: LinearPlan | None = None  # None: F.linear
-
-    @property
-    def max_length(self) -> int:
-        return self.args.max_position_embeddings
-
-    @property
-    def hidden_size(self) -> int:
-        return self.args.hidden_size
 
     @property
     def embedding_rows(self) -> int:
@@ -169,12 +167,6 @@ class Gemma3Model(nn.Module):
         return (f"{type(self).__name__}: {a.num_layers} layers, {attention_runs(per_layer, kind)}; "
                 f"{a.num_heads} query / "
                 f"{a.num_kv_heads} key-value heads of {a.head_dim}; {ropes}")
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        a = self.args
-        return AttentionShape(heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim, causal=a.causal,
-                              window=SLIDING in a.layer_types)
 
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         a = self.args
@@ -207,11 +199,11 @@ class Gemma3Model(nn.Module):
         batches, rope = {}, {}
         for t in set(a.layer_types):
             window = a.sliding_window if t == SLIDING else None
-            batches[t] = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=a.causal, window=window,
-                                 lengths=lengths, solo_min=self.attention_solo_min)
+            batches[t] = self.kernels.attention_batch(cu_seqlens, max_seqlen, causal=a.causal, window=window,
+                                                      lengths=lengths)
             rope[t] = cos_sin(positions, a.rope[t].inv_freq_on(a.head_dim, input_ids.device), dtype)
         # The scale is rounded to the weights' dtype first, as transformers does.
         h = self.embed(input_ids) * torch.tensor(a.hidden_size**0.5, dtype=dtype)  # [T, H]
         for layer, t in zip(self.layers, a.layer_types):
-            h = layer(h, batches[t], *rope[t], self.linear_plan)
+            h = layer(h, batches[t], *rope[t], self.kernels.linear)
         return rms_norm(h, self.norm, a.rms_norm_eps, plus_one=True)

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, varlen_attention
 from embedserve.kernels.linear import LinearPlan, activate, project
+from embedserve.models.encoder import EncoderBase, Kernels
 from embedserve.models.layers import Embedding, activation
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -71,6 +72,14 @@ class GteArgs:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return AttentionShape(heads=self.num_heads, kv_heads=self.num_heads, head_dim=self.head_dim)
+
 
 class GteLayer(nn.Module):
     def __init__(self, a: GteArgs) -> None:
@@ -98,8 +107,7 @@ class GteLayer(nn.Module):
         return self.mlp_norm(h + project(gated, self.down, plan=lb))
 
 
-class GteModel(nn.Module):
-    causal = False
+class GteModel(EncoderBase):
     weight_prefixes = ("", "gte.", "new.", "model.")
     ignored_weights = (
         r"pooler\..*",
@@ -109,34 +117,17 @@ class GteModel(nn.Module):
         r".*rotary_emb\..*",  # RoPE tables some remote-code versions saved: recomputed here
     )
 
-    def __init__(self, args: GteArgs) -> None:
-        super().__init__()
-        self.args = args
+    def __init__(self, args: GteArgs, kernels: Kernels = Kernels()) -> None:
+        super().__init__(args, kernels)
         H = args.hidden_size
         self.word_embeddings = Embedding(args.vocab_size, H)
         self.token_type_embeddings = Embedding(args.type_vocab_size, H) if args.type_vocab_size else None
         self.embed_norm = nn.LayerNorm(H, eps=args.layer_norm_eps)
         self.layers = nn.ModuleList(GteLayer(args) for _ in range(args.num_layers))
-        self.attention_backend = "dense"
-        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
-        self.linear_plan: LinearPlan | None = None  # None: F.linear
-
-    @property
-    def max_length(self) -> int:
-        return self.args.max_position_embeddings
-
-    @property
-    def hidden_size(self) -> int:
-        return self.args.hidden_size
 
     @property
     def embedding_rows(self) -> int:
         return self.word_embeddings.weight.shape[0]
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        a = self.args
-        return AttentionShape(heads=a.num_heads, kv_heads=a.num_heads, head_dim=a.head_dim)
 
     def describe(self) -> str:
         a = self.args
@@ -202,10 +193,9 @@ class GteModel(nn.Module):
     ) -> torch.Tensor:
         """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
         a = self.args
-        attn = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths,
-                       solo_min=self.attention_solo_min)
+        attn = self.kernels.attention_batch(cu_seqlens, max_seqlen, lengths=lengths)
         cos, sin = cos_sin(positions, a.rope.inv_freq_on(a.head_dim, input_ids.device), self.word_embeddings.weight.dtype)
         h = self.embed(input_ids)  # [T, H]
         for layer in self.layers:
-            h = layer(h, attn, cos, sin, self.linear_plan)
+            h = layer(h, attn, cos, sin, self.kernels.linear)
         return h

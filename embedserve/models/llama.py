@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, varlen_attention
 from embedserve.kernels.linear import LinearPlan, project
+from embedserve.models.encoder import EncoderBase, Kernels
 from embedserve.models.layers import Embedding, activation, attention_runs, rms_norm
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -86,6 +87,15 @@ class LlamaArgs:
             windows=_layer_windows(cfg, layers),
             rope=RopeSpec.from_hf_config(cfg),
         )
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return AttentionShape(heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim, causal=True,
+                              window=any(w is not None for w in self.windows), chunked=True)
 
 
 @dataclass
@@ -174,29 +184,17 @@ class LlamaLayer(nn.Module):
         return h + project(F.silu(gate) * up, self.down, plan=lb)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(EncoderBase):
     causal = True
     supports_chunking = True
     weight_prefixes = ("", "model.")
     ignored_weights = (r"lm_head\..*", r".*rotary_emb\.inv_freq", r"score\..*")
 
-    def __init__(self, args: LlamaArgs) -> None:
-        super().__init__()
-        self.args = args
+    def __init__(self, args: LlamaArgs, kernels: Kernels = Kernels()) -> None:
+        super().__init__(args, kernels)
         self.embed = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size))
-        self.attention_backend = "dense"
-        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
-        self.linear_plan: LinearPlan | None = None  # None: F.linear
-
-    @property
-    def max_length(self) -> int:
-        return self.args.max_position_embeddings
-
-    @property
-    def hidden_size(self) -> int:
-        return self.args.hidden_size
 
     @property
     def embedding_rows(self) -> int:
@@ -208,12 +206,6 @@ class LlamaModel(nn.Module):
         return (f"{type(self).__name__}: {a.num_layers} layers, {attention_runs(a.windows, 'causal')}; "
                 f"{a.num_heads} query / "
                 f"{a.num_kv_heads} key-value heads of {a.head_dim}; {a.rope.describe()}")
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        a = self.args
-        return AttentionShape(heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim, causal=True,
-                              window=any(w is not None for w in a.windows), chunked=True)
 
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         a = self.args
@@ -275,16 +267,15 @@ class LlamaModel(nn.Module):
         else:
             cu_seqlens_k = None
         batches = {
-            w: prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=True, window=w,
-                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_k, lengths=lengths, k_lengths=k_lengths,
-                       solo_min=self.attention_solo_min)
+            w: self.kernels.attention_batch(cu_seqlens, max_seqlen, causal=True, window=w, cu_seqlens_k=cu_seqlens_k,
+                                            max_seqlen_k=max_k, lengths=lengths, k_lengths=k_lengths)
             for w in set(a.windows)
         }
         inv_freq = a.rope.inv_freq_on(a.head_dim, input_ids.device)
         cos, sin = cos_sin(positions, inv_freq, self.embed.weight.dtype)  # [T, 1, d]
         h = self.embed(input_ids)  # [T, H]
         for i, (layer, window) in enumerate(zip(self.layers, a.windows)):
-            h = layer(h, batches[window], cos, sin, self.linear_plan, prefixes, i)
+            h = layer(h, batches[window], cos, sin, self.kernels.linear, prefixes, i)
         if prefixes is not None:
             for n, c in zip(prefixes.lengths, caches):
                 if c is not None:

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import AttentionShape, prepare, varlen_attention
+from embedserve.kernels.attention import AttentionShape, varlen_attention
 from embedserve.kernels.linear import LinearPlan, activate, project
+from embedserve.models.encoder import EncoderBase, Kernels
 from embedserve.models.layers import Embedding, activation, attention_runs
 from embedserve.models.rope import RopeSpec, apply_rope, cos_sin
 
@@ -91,6 +92,15 @@ class ModernBertArgs:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return AttentionShape(heads=self.num_heads, kv_heads=self.num_heads, head_dim=self.head_dim,
+                              window=SLIDING in self.layer_types)
+
 
 class ModernBertLayer(nn.Module):
     def __init__(self, a: ModernBertArgs, first: bool) -> None:
@@ -118,40 +128,21 @@ class ModernBertLayer(nn.Module):
         return h + project(activate(up, self.act) * gate, self.wo, plan=lb)
 
 
-class ModernBertModel(nn.Module):
-    causal = False
+class ModernBertModel(EncoderBase):
     weight_prefixes = ("", "model.")
     ignored_weights = (r"head\..*", r"decoder\..*", r"classifier\..*", r"drop\..*")
 
-    def __init__(self, args: ModernBertArgs) -> None:
-        super().__init__()
-        self.args = args
+    def __init__(self, args: ModernBertArgs, kernels: Kernels = Kernels()) -> None:
+        super().__init__(args, kernels)
         H = args.hidden_size
         self.embed = Embedding(args.vocab_size, H)
         self.embed_norm = nn.LayerNorm(H, eps=args.norm_eps, bias=args.norm_bias)
         self.layers = nn.ModuleList(ModernBertLayer(args, i == 0) for i in range(args.num_layers))
         self.final_norm = nn.LayerNorm(H, eps=args.norm_eps, bias=args.norm_bias)
-        self.attention_backend = "dense"
-        self.attention_solo_min: int | None = None  # sdpa_bucketed on the CPU: measured at load
-        self.linear_plan: LinearPlan | None = None  # None: F.linear
-
-    @property
-    def max_length(self) -> int:
-        return self.args.max_position_embeddings
-
-    @property
-    def hidden_size(self) -> int:
-        return self.args.hidden_size
 
     @property
     def embedding_rows(self) -> int:
         return self.embed.weight.shape[0]
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        a = self.args
-        return AttentionShape(heads=a.num_heads, kv_heads=a.num_heads, head_dim=a.head_dim,
-                              window=SLIDING in a.layer_types)
 
     def describe(self) -> str:
         a = self.args
@@ -195,11 +186,10 @@ class ModernBertModel(nn.Module):
         dtype = self.embed.weight.dtype
         batches, rope = {}, {}
         for t in set(a.layer_types):
-            batches[t] = prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False,
-                                 window=a.window if t == SLIDING else None, lengths=lengths,
-                                 solo_min=self.attention_solo_min)
+            batches[t] = self.kernels.attention_batch(cu_seqlens, max_seqlen, window=a.window if t == SLIDING else None,
+                                                      lengths=lengths)
             rope[t] = cos_sin(positions, a.rope[t].inv_freq_on(a.head_dim, input_ids.device), dtype)
         h = self.embed_norm(self.embed(input_ids))  # [T, H]
         for layer, t in zip(self.layers, a.layer_types):
-            h = layer(h, batches[t], *rope[t], self.linear_plan)
+            h = layer(h, batches[t], *rope[t], self.kernels.linear)
         return self.final_norm(h)

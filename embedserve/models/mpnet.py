@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from embedserve.errors import ModelLoadError
-from embedserve.kernels.attention import AttentionShape, prepare
+from embedserve.kernels.attention import AttentionShape
 from embedserve.models.bert import BertArgs, BertModel
+from embedserve.models.encoder import Kernels
 from embedserve.models.layers import Embedding
 
 BUCKETS = 32  # transformers' MPNetEncoder.compute_position_bias: num_buckets=32 regardless of the config
@@ -54,9 +55,17 @@ class MPNetArgs:
             vocab_size=cfg["vocab_size"], hidden_size=hidden, num_layers=cfg["num_hidden_layers"], num_heads=heads,
             intermediate_size=cfg["intermediate_size"], max_position_embeddings=cfg.get("max_position_embeddings", 514),
             type_vocab_size=1, layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), hidden_act=cfg.get("hidden_act", "gelu"),
-            position_offset=PADDING_IDX + 1,
+            position_offset=PADDING_IDX + 1, relative_bias=True,
         )
         return cls(bert=bert, relative_attention_num_buckets=rows)
+
+    @property
+    def max_length(self) -> int:
+        return self.bert.max_length
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return self.bert.attention_shape
 
 
 class MPNetModel(BertModel):
@@ -68,16 +77,10 @@ class MPNetModel(BertModel):
         r"classifier\..*",
     )
 
-    def __init__(self, args: MPNetArgs) -> None:
-        super().__init__(args.bert)
+    def __init__(self, args: MPNetArgs, kernels: Kernels = Kernels()) -> None:
+        super().__init__(args.bert, kernels)
         del self.token_type_embeddings  # MPNet has none
         self.relative_attention_bias = Embedding(args.relative_attention_num_buckets, args.bert.num_heads)
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        a = self.args
-        return AttentionShape(heads=a.num_heads, kv_heads=a.num_heads, head_dim=a.hidden_size // a.num_heads,
-                              relative_bias=True)
 
     def describe(self) -> str:
         a = self.args
@@ -91,8 +94,7 @@ class MPNetModel(BertModel):
     def attention_batch(self, cu_seqlens: torch.Tensor, max_seqlen: int, lengths: list[int] | None):
         rel = torch.arange(1 - max_seqlen, max_seqlen, device=cu_seqlens.device)  # key minus query
         table = self.relative_attention_bias(relative_buckets(rel)).t()  # [H, 2 * max_seqlen - 1]
-        return prepare(self.attention_backend, cu_seqlens, max_seqlen, causal=False, lengths=lengths, rel_bias=table,
-                       solo_min=self.attention_solo_min)
+        return self.kernels.attention_batch(cu_seqlens, max_seqlen, lengths=lengths, rel_bias=table)
 
     LAYER_NAMES = {
         "qkv": ("attention.attn.q", "attention.attn.k", "attention.attn.v"),

@@ -12,12 +12,13 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from embedserve.errors import ModelLoadError
+from embedserve.kernels.attention import AttentionShape
 from embedserve.kernels.pooling import POOLING_MODES
 from embedserve.models import registry
 from embedserve.kernels.linear import linear
@@ -30,6 +31,7 @@ from embedserve.models.classifier import (
     read_classifier_spec,
     read_logit_score,
 )
+from embedserve.models.encoder import Kernels
 from embedserve.models.loader import SafetensorsCheckpoint, load_weights, read_json
 
 log = logging.getLogger(__name__)
@@ -192,7 +194,7 @@ class LoadedModel:
 
     @property
     def causal(self) -> bool:
-        return bool(getattr(self.encoder, "causal", False))
+        return bool(self.encoder.causal)
 
 
 def _yes_no_ids(directory: Path) -> tuple[int, int]:
@@ -219,8 +221,38 @@ def _lm_head_rows(directory: Path, checkpoint: SafetensorsCheckpoint, prefixes: 
     raise ModelLoadError(f"{directory}: no lm_head.weight (nor tied embed_tokens) to score a reranker by")
 
 
-def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.device, kind: str = "auto"
-               ) -> LoadedModel:
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What a model folder says, read before any weight: its family and arguments, its sentence-transformers
+    modules, and what it scores by. The engine chooses the kernels from it, then :func:`build_model` loads the
+    weights into an encoder built with them."""
+
+    directory: Path
+    hf_config: dict
+    args: Any  # the family's frozen arguments (max_length, hidden_size, attention_shape)
+    encoder_cls: type  # an :class:`~embedserve.models.encoder.Encoder` family
+    spec: SentenceSpec
+    head_cls: type | None = None  # a sequence-classification checkpoint's head
+    classifier: ClassifierSpec | None = None
+    score_ids: Sequence[int] | None = None  # a causal LM scored by its last token's logits for these tokens
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return self.args.attention_shape
+
+    @property
+    def supports_chunking(self) -> bool:
+        return self.encoder_cls.supports_chunking
+
+    @property
+    def max_length(self) -> int:
+        """The longest input embedded, in tokens, special tokens included (the positions' and the folder's)."""
+        if self.spec.max_seq_length:
+            return min(self.args.max_length, int(self.spec.max_seq_length))
+        return self.args.max_length
+
+
+def read_model(directory: str | Path, *, kind: str = "auto") -> ModelRecipe:
     """``kind``: auto (an embedder, or what a sequence-classification checkpoint says it is), embedding, or
     rerank (which also serves a causal LM by its last token's yes / no logits, as Qwen3-Reranker)."""
     directory = Path(directory)
@@ -228,7 +260,8 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
         raise ModelLoadError(f"model directory {directory} does not exist")
     hf_config = read_json(directory / "config.json")
     scoring = registry.classifier_for(hf_config)
-    score_ids: Sequence[int] | None = None  # a causal LM scored by its last token's logits for these tokens
+    score_ids: Sequence[int] | None = None
+    head_cls = None
     logit_score = read_logit_score(directory) if scoring is None else None
     if scoring is not None:
         if kind == "embedding":
@@ -244,7 +277,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
             raise ModelLoadError(f"{directory} is a sentence-transformers CrossEncoder (LogitScore) reranker; it "
                                  "cannot serve embeddings")
         scored = kind == "rerank" or logit_score is not None
-        if scored and not (getattr(model_cls, "causal", False) and any(a.endswith("ForCausalLM") for a in archs)):
+        if scored and not (model_cls.causal and any(a.endswith("ForCausalLM") for a in archs)):
             raise ModelLoadError(
                 f"{'--kind rerank' if logit_score is None else 'a LogitScore reranker'} needs a causal language "
                 f"model (a *ForCausalLM checkpoint, scored by its yes / no "
@@ -262,17 +295,23 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
             classifier = ClassifierSpec(("yes",), "sigmoid", QWEN3_RERANKER)
         else:
             spec, classifier = read_sentence_spec(directory), None
-    args = make_args(hf_config)
+    return ModelRecipe(directory=directory, hf_config=hf_config, args=make_args(hf_config), encoder_cls=model_cls,
+                       spec=spec, head_cls=head_cls, classifier=classifier, score_ids=score_ids)
 
+
+def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device, kernels: Kernels = Kernels()
+                ) -> LoadedModel:
+    """The recipe's encoder, built with ``kernels``, its head and Dense layers, with the checkpoint's weights."""
+    directory, model_cls, classifier = recipe.directory, recipe.encoder_cls, recipe.classifier
     checkpoint = SafetensorsCheckpoint(directory)
     head = None
     ignored = model_cls.ignored_weights
     with torch.device("meta"):
-        encoder = model_cls(args)
-        if scoring is not None:
-            head = head_cls(encoder.hidden_size, classifier.num_labels, hf_config)
-    if score_ids is not None:
-        rows = _lm_head_rows(directory, checkpoint, model_cls.weight_prefixes, score_ids, dtype)
+        encoder = model_cls(recipe.args, kernels)
+        if recipe.head_cls is not None:
+            head = recipe.head_cls(encoder.hidden_size, classifier.num_labels, recipe.hf_config)
+    if recipe.score_ids is not None:
+        rows = _lm_head_rows(directory, checkpoint, model_cls.weight_prefixes, recipe.score_ids, dtype)
         head = TokenLogitHead(rows.to(device)).eval()
     elif head is not None:
         load_weights(head, checkpoint, head.weight_maps(), ignored=(r".*",), dtype=dtype, device=device)
@@ -288,7 +327,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
         device=device,
     )
     encoder.eval()
-    dense = nn.ModuleList(_load_dense(folder, dtype, device) for folder in spec.dense).eval()
+    dense = nn.ModuleList(_load_dense(folder, dtype, device) for folder in recipe.spec.dense).eval()
 
     dims = encoder.hidden_size
     for layer in dense:
@@ -298,21 +337,25 @@ def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.devic
 
     if classifier is not None:
         dims = classifier.num_labels
-    max_length = encoder.max_length
-    if spec.max_seq_length:
-        max_length = min(max_length, int(spec.max_seq_length))
     return LoadedModel(
         directory=directory,
         name=directory.name,
         encoder=encoder,
         dense=dense,
-        spec=spec,
+        spec=recipe.spec,
         dtype=dtype,
         device=device,
         hidden_size=encoder.hidden_size,
         dimensions=dims,
-        max_length=max_length,
-        hf_config=hf_config,
+        max_length=recipe.max_length,
+        hf_config=recipe.hf_config,
         head=head,
         classifier=classifier,
     )
+
+
+def load_model(directory: str | Path, *, dtype: torch.dtype, device: torch.device, kind: str = "auto",
+               kernels: Kernels = Kernels()) -> LoadedModel:
+    """:func:`read_model` then :func:`build_model`: a folder loaded with the given kernels (by default those that
+    run anywhere)."""
+    return build_model(read_model(directory, kind=kind), dtype=dtype, device=device, kernels=kernels)

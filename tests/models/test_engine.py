@@ -476,7 +476,7 @@ def test_the_cpu_engine_measures_its_linear_and_attention_choices_and_logs_them(
     for shape in ("384->1152", "384->384", "384->1536+gelu", "1536->384"):  # MiniLM's four layer shapes
         assert shape + " " in words, words
     assert len(engine.linear_plan.chosen) == 4
-    assert engine.model.encoder.attention_solo_min in (16, 32, 64, 128, 256, 512)
-    assert f"attention: sequences of {engine.model.encoder.attention_solo_min} tokens or more run one call" \
+    assert engine.model.encoder.kernels.solo_min in (16, 32, 64, 128, 256, 512)
+    assert f"attention: sequences of {engine.model.encoder.kernels.solo_min} tokens or more run one call" \
         in caplog.text
     engine.shutdown()

@@ -1,10 +1,11 @@
-"""What the HTTP layer sees of an engine, besides the engine itself: the options a request sends, the result it
-gets back, and the observer the engine reports its steps to. A leaf: nothing here imports the engine's parts."""
+"""What the HTTP layer sees of an engine: :class:`ServedEngine` (all it may call), the options a request sends,
+the result it gets back, what the engine serves (:class:`EngineInfo`), and the observer it reports its steps to.
+A leaf: nothing here imports the engine's parts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -75,3 +76,31 @@ class EngineInfo:
     device: str
     commit: str | None  # the Hub commit served, None for a local folder
     tokenizer_workers: int
+
+
+class ServedEngine(Protocol):
+    """The one interface the HTTP layer talks to (``engine.front.Engine`` implements it): what the engine serves,
+    and awaitables that run on the engine's own pools and thread. Nothing else of an engine is the HTTP layer's."""
+
+    info: EngineInfo
+
+    async def embed(self, inputs: Sequence[str | Sequence[int]], options: EmbedOptions = ...) -> EmbedResult:
+        """Embed a request's inputs (texts, or token ids below ``info.id_limit``)."""
+
+    async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
+                    max_doc_tokens: int | None = None, route: str = "rerank") -> EmbedResult:
+        """A cross-encoder's or classifier's logits for (query, document) pairs (single texts: None second)."""
+
+    def scores(self, logits: torch.Tensor, *, raw: bool = False, activation: str | None = None) -> torch.Tensor:
+        """:meth:`score`'s logits as scores: the model's activation, the one named, or raw."""
+
+    async def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]:
+        """Each text's tokens as (id, text, special, start, stop)."""
+
+    async def decode(self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]: ...
+
+    def prompt(self, name: str | None) -> str:
+        """One of the model's prompts (None: its default); an unknown name is a 400."""
+
+    def queue_stats(self) -> tuple[int, int, int, int]:
+        """(waiting inputs, waiting tokens, running inputs, inputs dropped by cancellation so far)."""

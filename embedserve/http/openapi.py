@@ -170,7 +170,7 @@ def _served_kinds(svc, routed: bool) -> set[str] | None:
     """The kinds of model that may answer: any served one's where the body names it, else the default's."""
     if svc.engine is None:
         return None  # still loading
-    return {e.kind for e in svc.serving().values()} if routed else {svc.engine.kind}
+    return {e.info.kind for e in svc.serving().values()} if routed else {svc.engine.info.kind}
 
 
 def build_spec(svc) -> dict:
@@ -270,7 +270,7 @@ def _name_the_models(svc, components: dict) -> None:
     if not engines or (len(engines) == 1 and not svc.config.reject_unknown_model):
         return
     for component, kinds in _NAMED.items():
-        names = [name for name, e in engines.items() if e.kind in kinds]
+        names = [name for name, e in engines.items() if e.info.kind in kinds]
         schema = components.get(component)
         if not names or schema is None:
             continue

@@ -150,7 +150,7 @@ def record_result(svc: Service, request: Request, inputs: int, result, engine) -
     """Metrics and the access log for a finished request; the timing headers it answers with."""
     t = result.timings
     request.scope["state"]["access"].update(inputs=inputs, tokens=result.total_tokens, queue_s=t.queue_s,
-                                            kind=engine.kind, model=getattr(engine, "name", "-"))
+                                            kind=engine.info.kind, model=engine.info.name)
     m = svc.metrics
     m.tokens.inc(result.total_tokens)
     m.inputs.inc(inputs)
@@ -174,8 +174,8 @@ async def rerank(request: Request) -> Response:
     req, shape, docs = decode_rerank(await read_body(request, svc.config.max_body_bytes),
                                      max_items=svc.config.max_inputs_per_request)
     name, engine = svc.pick(req.model)
-    if engine.kind != "rerank":
-        raise WrongModelKind("rerank", engine.kind, "rerank")
+    if engine.info.kind != "rerank":
+        raise WrongModelKind("rerank", engine.info.kind, "rerank")
     work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc)
     result = await until_disconnect(request, work)
     headers = record_result(svc, request, len(docs), result, engine)
@@ -199,7 +199,7 @@ async def rerank(request: Request) -> Response:
 async def models(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
-    cards = [ModelCard(id=name, created=svc.created, kind=e.kind, dimensions=e.dimensions)
+    cards = [ModelCard(id=name, created=svc.created, kind=e.info.kind, dimensions=e.info.dimensions)
              for name, e in svc.serving().items()]
     if not cards:  # still loading: the name is known already
         cards = [ModelCard(id=svc.served_name, created=svc.created)]

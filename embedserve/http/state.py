@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from embedserve.config import ServerConfig
+from embedserve.engine.interface import ServedEngine
 from embedserve.errors import EngineFailed, NotFound, ServiceUnavailable, ShuttingDown
 from embedserve.http.metrics import Metrics, ModelSnapshot, Snapshot
-
-if TYPE_CHECKING:
-    from embedserve.engine.front import Engine
 
 
 class Service:
@@ -20,8 +17,8 @@ class Service:
         self.served_name = served_name
         self.key_bytes = tuple(k.encode() for k in config.api_keys)
         self.created = int(time.time())
-        self.engine: Engine | None = None  # the default model's, set once every model is loaded and warmed up
-        self.engines: dict[str, Engine] = {}  # served name -> engine, every model (set with ``engine``)
+        self.engine: ServedEngine | None = None  # the default model's, set once every model is loaded and warmed up
+        self.engines: dict[str, ServedEngine] = {}  # served name -> engine, every model (set with ``engine``)
         self.failed_models: dict[str, BaseException] = {}  # engines stopped by a fault of their own
         self.shutting_down = False
         self.failure: BaseException | None = None  # the engine stopped for good; the process is on its way out
@@ -29,12 +26,12 @@ class Service:
         self.in_flight = 0
         self._drained: asyncio.Event | None = None
 
-    def set_engines(self, engines: dict[str, Engine]) -> None:
+    def set_engines(self, engines: dict[str, ServedEngine]) -> None:
         """Every model is loaded and warmed up: the first is the default one. Event-loop thread."""
         self.engines = dict(engines)
         self.engine = next(iter(self.engines.values()))
 
-    def serving(self) -> dict[str, Engine]:
+    def serving(self) -> dict[str, ServedEngine]:
         """Served name -> engine of every model ready to serve (empty while loading); an engine handed over as
         ``engine`` alone (the tests' fakes) counts as the one model."""
         return self.engines or ({self.served_name: self.engine} if self.engine is not None else {})
@@ -42,7 +39,7 @@ class Service:
     def snapshot(self) -> Snapshot:
         """Every serving model's queue, for the metrics scrape."""
         engines = self.serving()
-        models = [ModelSnapshot(name, e.kind, *e.queue_stats(), max_queue=e.info.max_queue,
+        models = [ModelSnapshot(name, e.info.kind, *e.queue_stats(), max_queue=e.info.max_queue,
                                 failed=name in self.failed_models) for name, e in engines.items()]
         return Snapshot(models, self.in_flight, bool(engines) and not self.shutting_down)
 
@@ -58,7 +55,7 @@ class Service:
         if self.failure is not None:
             raise EngineFailed("The inference engine stopped after a device error; this replica is restarting.")
 
-    def require_ready(self) -> Engine:
+    def require_ready(self) -> ServedEngine:
         self.require_alive()
         if self.shutting_down:
             raise ShuttingDown("The server is shutting down; retry the request.")
@@ -66,7 +63,7 @@ class Service:
             raise ServiceUnavailable("The model is still loading; retry shortly.")
         return self.engine
 
-    def pick(self, name: str | None) -> tuple[str, Engine]:
+    def pick(self, name: str | None) -> tuple[str, ServedEngine]:
         """The (served name, engine) a request's ``model`` names. One model answers any name (clients send
         their own defaults) unless --reject-unknown-model; with several, no name means the first, and an unknown
         one is a 404 that lists them. Call :meth:`require_ready` first, as the request arrives: a request already

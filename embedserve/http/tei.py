@@ -54,8 +54,8 @@ def _json(body, headers: dict[str, str] | None = None) -> Response:
 async def embed(request: Request) -> Response:
     svc, engine = _default_model(request)
     req = decode_tei(TeiEmbedRequest, await read_body(request, svc.config.max_body_bytes))
-    if engine.kind != "embedding":
-        raise WrongModelKind("embed", engine.kind, "embedding")
+    if engine.info.kind != "embedding":
+        raise WrongModelKind("embed", engine.info.kind, "embedding")
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
     if req.truncation_direction not in (None, "right", "Right"):
         raise InvalidRequest("truncation_direction: only Right is supported (inputs are cut at their end)",
@@ -77,7 +77,7 @@ async def predict(request: Request) -> Response:
     svc, engine = _default_model(request)
     req = decode_tei(TeiPredictRequest, await read_body(request, svc.config.max_body_bytes))
     if engine.info.labels is None:
-        raise WrongModelKind("classify", engine.kind, "classify")
+        raise WrongModelKind("classify", engine.info.kind, "classify")
     inputs, batch = tei_predict_inputs(req.inputs, max_items=svc.config.max_inputs_per_request)
     if req.top_k is not None and req.top_k < 1:
         raise InvalidRequest(f"top_k must be a positive integer, got {req.top_k}", param="top_k")
@@ -98,7 +98,7 @@ async def predict(request: Request) -> Response:
 async def root(request: Request) -> Response:
     """TEI answers ``POST /`` with the served model's own route: embed, or predict for a classifier."""
     _, engine = _default_model(request)
-    return await (embed(request) if engine.kind == "embedding" else predict(request))
+    return await (embed(request) if engine.info.kind == "embedding" else predict(request))
 
 
 async def tokenize(request: Request) -> Response:

@@ -9,13 +9,15 @@ import torch
 from starlette.testclient import TestClient
 
 from embedserve.config import Config, EngineConfig, ModelConfig, ServerConfig
+from embedserve.engine.interface import EngineInfo
 from embedserve.errors import ContextLengthExceeded, EngineError, Overloaded
 from embedserve.http.app import create_app
 
 
 class FakeEngine:
-    dimensions = 4
-    kind = "embedding"
+    info = EngineInfo(name="fake", kind="embedding", dimensions=4, max_input_length=16, max_batch_tokens=64,
+                      max_batch_requests=8, max_queue=16, id_limit=100, pooling="mean", labels=None, dtype="float32",
+                      quantize="none", device="cpu", commit=None, tokenizer_workers=1)
 
     def __init__(self, behaviour=None):
         self.behaviour = behaviour

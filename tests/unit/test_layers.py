@@ -98,3 +98,29 @@ def test_the_walk_sees_the_imports_it_must():
     assert "embedserve.kernels.attention" in edges["embedserve.models.llama"]  # kernels/ mapped under embedserve
     assert "embedserve.engine.cpu" in edges["embedserve.engine.loading"]  # `from package import module as x`
     assert rank("embedserve.http.routes") < rank("embedserve.engine.front") < rank("embedserve.models.bert")
+
+
+def engine_uses(path: Path) -> set[str]:
+    """The attributes a module reads off a name ``engine`` or an attribute ``.engine`` (``svc.engine``; not
+    ``config.engine``, the configuration's section)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute):
+            v = node.value
+            if isinstance(v, ast.Name) and v.id == "engine":
+                found.add(node.attr)
+            elif isinstance(v, ast.Attribute) and v.attr == "engine" and not (
+                    isinstance(v.value, ast.Name) and v.value.id == "config"):
+                found.add(node.attr)
+    return found
+
+
+def test_the_http_layer_uses_only_the_declared_engine_interface():
+    from embedserve.engine.interface import ServedEngine
+
+    declared = {n for n in vars(ServedEngine) if not n.startswith("_")} | set(ServedEngine.__annotations__)
+    http = sorted((ROOT / "embedserve" / "http").glob("*.py"))
+    used = {path.stem: engine_uses(path) - declared for path in http}
+    assert not any(used.values()), {k: v for k, v in used.items() if v}
+    # The walk sees what it must: the routes read the info and call embed.
+    assert {"info", "embed"} <= engine_uses(ROOT / "embedserve" / "http" / "routes.py")

@@ -6,6 +6,23 @@ stdlib only: every layer may raise these, and the HTTP layer turns them into res
 from __future__ import annotations
 
 
+QUOTE_LIMIT = 64  # characters of a client's value an error message repeats
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters of the value: a message never grows
+    with what a client sent."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """A message built from client input (a decoder's complaint), cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class EmbedServeError(Exception):
     status: int = 500
     type: str = "server_error"
@@ -29,12 +46,14 @@ class InvalidRequest(EmbedServeError):
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
-    def __init__(self, max_tokens: int, requested: int, *, index: int | None = None) -> None:
+    def __init__(self, max_tokens: int, requested: int, *, index: int | None = None, at_least: bool = False
+                 ) -> None:
+        """``at_least``: ``requested`` counts the tokens read before the input was known to be too long."""
         where = "" if index is None else f" in input[{index}]"
         super().__init__(
             f"This model's maximum context length is {max_tokens} tokens, however you requested "
-            f"{requested} tokens{where}. Please reduce the length of the input, or send "
-            f'"truncate": true to have it cut to {max_tokens} tokens.',
+            f"{'at least ' if at_least else ''}{requested} tokens{where}. Please reduce the length of the input, "
+            f'or send "truncate": true to have it cut to {max_tokens} tokens.',
             param="input",
         )
         self.max_tokens = max_tokens

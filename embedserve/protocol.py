@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
-from embedserve.errors import InvalidRequest
+from embedserve.errors import InvalidRequest, clip, quoted
 
 ENCODING_FORMATS = ("float", "base64")
 
@@ -292,17 +292,40 @@ def tei_predict_inputs(value: Any, *, max_items: int) -> tuple[list[tuple[str, s
     return [one(x, i) for i, x in enumerate(value)], True
 
 
+MAX_NESTING = 16  # arrays and objects inside each other; the deepest body any route takes nests 4
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NESTING_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in _NESTING_STEP)
+
+
+def check_nesting(body: bytes) -> None:
+    """Refuse a body whose arrays and objects nest deeper than :data:`MAX_NESTING` (a 400, before the decoder
+    recurses into it). Linear in the body, at C speed unless it holds many brackets."""
+    if body.count(b"[") + body.count(b"{") <= MAX_NESTING:
+        return
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for b in brackets:
+        depth += _NESTING_STEP[b]
+        if depth > MAX_NESTING:
+            raise InvalidRequest(f"The request body nests arrays and objects more than {MAX_NESTING} levels deep; "
+                                 "no request needs more than 4.")
+
+
 def _decode(decoder: msgspec.json.Decoder, body: bytes, needs: str):
     if not body.strip():
         raise InvalidRequest(f"The request body is empty; send a JSON object with {needs}.")
+    check_nesting(body)
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
         text = str(e)
         m = _MISSING.search(text) or _AT.search(text)
-        raise InvalidRequest(f"Invalid request: {text}", param=m.group(1) if m else None) from None
+        raise InvalidRequest(f"Invalid request: {clip(text)}", param=m.group(1) if m else None) from None
     except msgspec.DecodeError as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+        raise InvalidRequest(f"The request body is not valid JSON: {clip(str(e))}") from None
+    except RecursionError:  # not reached past check_nesting; never a 500 if it were
+        raise InvalidRequest(f"The request body nests more than {MAX_NESTING} levels deep.") from None
 
 
 def decode_request(body: bytes) -> EmbeddingRequest:
@@ -310,7 +333,7 @@ def decode_request(body: bytes) -> EmbeddingRequest:
     req = _decode(request_decoder, body, "`input` and `model`")
     if req.encoding_format is not None and req.encoding_format not in ENCODING_FORMATS:
         raise InvalidRequest(
-            f"encoding_format must be one of {', '.join(ENCODING_FORMATS)}, got {req.encoding_format!r}",
+            f"encoding_format must be one of {', '.join(ENCODING_FORMATS)}, got {quoted(req.encoding_format)}",
             param="encoding_format",
         )
     check_dimensions(req.dimensions)
@@ -335,14 +358,14 @@ def parse_input(value: Any, *, max_items: int) -> list[str] | list[list[int]]:
         )
     if not value:
         raise InvalidRequest("input must not be an empty array", param="input")
-    check_count("input", len(value), max_items)
     first = value[0]
+    if _is_int(first):
+        return [value]  # one input of token ids: checked against the model's length like a text, not counted
+    check_count("input", len(value), max_items)
     if isinstance(first, str):
         if not all(isinstance(x, str) for x in value):
             raise InvalidRequest("input mixes strings with other types", param="input")
         return value
-    if _is_int(first):
-        return [value]
     if isinstance(first, list):
         for i, ids in enumerate(value):
             if not isinstance(ids, list):

@@ -7,7 +7,7 @@ import time
 
 from embedserve.config import ServerConfig
 from embedserve.engine.interface import ServedEngine
-from embedserve.errors import EngineFailed, NotFound, ServiceUnavailable, ShuttingDown
+from embedserve.errors import EngineFailed, NotFound, ServiceUnavailable, ShuttingDown, quoted
 from embedserve.http.metrics import Metrics, ModelSnapshot, Snapshot
 
 
@@ -72,19 +72,19 @@ class Service:
         if default is None:
             raise ServiceUnavailable("The model is still loading; retry shortly.")
         if name in self.failed_models or (name is None and self.served_name in self.failed_models):
-            raise EngineFailed(f"The model '{name or self.served_name}' stopped after an internal error; the other "
-                               "models still serve. It comes back when the server restarts.")
+            raise EngineFailed(f"The model {quoted(name or self.served_name)} stopped after an internal error; "
+                               "the other models still serve. It comes back when the server restarts.")
         if len(self.engines) <= 1:
             if self.config.reject_unknown_model and name is not None and name != self.served_name:
-                raise NotFound(f"The model '{name}' does not exist; this server serves '{self.served_name}'.",
+                raise NotFound(f"The model {quoted(name)} does not exist; this server serves '{self.served_name}'.",
                                param="model", code="model_not_found")
             return self.served_name, default
         if name is None:
             return self.served_name, default
         engine = self.engines.get(name)
         if engine is None:
-            raise NotFound(f"The model '{name}' does not exist; this server serves: {', '.join(self.engines)}.",
-                           param="model", code="model_not_found")
+            raise NotFound(f"The model {quoted(name)} does not exist; this server serves: "
+                           f"{', '.join(self.engines)}.", param="model", code="model_not_found")
         return name, engine
 
     # In-flight embedding requests, for the drain on SIGTERM. Event-loop thread only.

@@ -32,7 +32,7 @@ from embedserve.config import (
     ServedModel,
     ServerConfig,
 )
-from embedserve.errors import ConfigError, EmbedServeError
+from embedserve.errors import ConfigError, EmbedServeError, quoted
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -103,9 +103,10 @@ class _Flags:
                 self.parser.error(f"{var}={raw!r}: {e}")
         return default, var
 
-    def add(self, flag: str, *, help: str, default=None, type: Callable = str, **kw) -> None:
+    def add(self, flag: str, *, help: str, default=None, type: Callable = str, secret: bool = False, **kw) -> None:
+        """``secret``: --help says that the variable set a value, never the value."""
         default, var = self._default(flag, default, type)
-        shown = "" if default in (None, "") else f" (default: {default})"
+        shown = "" if default in (None, "") else " (set from the environment)" if secret else f" (default: {default})"
         self._to.add_argument(flag, type=type, default=default, help=f"{help}{shown} [env: {var}]", **kw)
 
     def switch(self, flag: str, *, help: str, default: bool) -> None:
@@ -189,7 +190,7 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--host", default=server_default("host"), help="address to bind; 0.0.0.0 in a container")
     f.add("--port", default=server_default("port"), type=int, help="port to bind")
     f.add("--api-key", type=_comma_list, help="accepted bearer token(s), comma-separated; none: no authentication. "
-          "/health, /ready, /metrics, /docs and /openapi.json stay open", metavar="KEY[,KEY...]")
+          "/health, /ready, /metrics, /docs and /openapi.json stay open", metavar="KEY[,KEY...]", secret=True)
     f.switch("--reject-unknown-model", default=server_default("reject_unknown_model"),
              help="answer 404 model_not_found when a request names a model not served (off: one model answers "
              "any name)")
@@ -277,6 +278,24 @@ _ENGINE_KEYS = _keys(EngineConfig, but={"model", "scheduler", "token_ids", "toke
                                         "fault_kind"})
 
 
+def _type_error(config: type, key: str, value: object) -> str | None:
+    """What is wrong with a --config value for ``config``'s field ``key`` (None: its type is right). TOML types
+    the values; a string "false" is not a bool, nor ``true`` a number."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(config)[key]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    wanted = [t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)]
+    exact = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    if not all(t in exact for t in wanted):
+        return None  # tables and tuples: checked where they are read
+    if type(value) in {k for t in wanted for k in exact[t]}:
+        return None
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return f"{key} must be {' or '.join(names[t] for t in wanted)}, got {quoted(value)} ({type(value).__name__})"
+
+
 def _config_file_models(args: argparse.Namespace, path: Path) -> list[ServedModel]:
     import tomllib
 
@@ -294,7 +313,16 @@ def _config_file_models(args: argparse.Namespace, path: Path) -> list[ServedMode
             raise ConfigError(f"--config {path}: model {i + 1}: " + (
                 f"unknown keys {', '.join(unknown)}; known: {', '.join(sorted(allowed))}" if unknown
                 else "has no 'model' (a folder or a Hub id)"))
-        engine = _engine_config(args, str(t["model"]), revision=t.get("revision"))
+        where = f"--config {path}: model {i + 1} ({quoted(t['model'])})"
+        for key, config in ([(k, ModelConfig) for k in _MODEL_KEYS & set(t)]
+                            + [(k, SchedulerConfig) for k in _SCHEDULER_KEYS & set(t)]
+                            + [(k, EngineConfig) for k in _ENGINE_KEYS & set(t)]):
+            if (problem := _type_error(config, key, t[key])) is not None:
+                raise ConfigError(f"{where}: {problem}")
+        for key in ("model", "name"):
+            if key in t and not isinstance(t[key], str):
+                raise ConfigError(f"{where}: {key} must be a string, got {quoted(t[key])}")
+        engine = _engine_config(args, t["model"], revision=t.get("revision"))
         prompts = t.get("prompts", {})
         try:
             if not isinstance(prompts, dict):

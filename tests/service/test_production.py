@@ -190,3 +190,19 @@ def test_a_gpu_asked_for_and_not_there_stops_the_server_at_start_up(tmp_path):
     with run_server(tmp_path, env={"EMBEDSERVE_DEVICE": "cuda"}, wait_ready=False) as s:
         assert s.proc.wait(60) == 1
     assert "--device cuda:" in s.output() and "start-up failed" in s.output()
+
+
+def test_a_request_path_cannot_forge_a_log_line(server):
+    """The plain log escapes control characters in what a client sent: a decoded %0a in the path stays in the
+    access line instead of starting a forged line of its own."""
+    forged = "2099-01-01 00:00:00,000 INFO embedserve: FORGED"
+    r = httpx.get(server.url + "/zz%0a" + forged.replace(" ", "%20") + "%0d%0aend", timeout=10)
+    assert r.status_code == 404
+    deadline = time.monotonic() + 10
+    while "FORGED" not in server.output():
+        assert time.monotonic() < deadline, "the request was never logged"
+        time.sleep(0.05)
+    lines = server.output().splitlines()
+    assert not any(line.startswith("2099") or line.startswith("end") for line in lines)
+    access = next(line for line in lines if "FORGED" in line)
+    assert f"GET /zz\\x0a{forged}\\x0d\\x0aend 404" in access

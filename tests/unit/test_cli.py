@@ -88,3 +88,13 @@ def test_every_flag_left_out_takes_the_config_dataclasses_default():
     c = config("--model", "/models/m")
     assert c.engine == EngineConfig(model=ModelConfig(path="/models/m"))
     assert dataclasses.replace(c.server, served_model_name=None) == ServerConfig()
+
+
+def test_help_says_a_key_is_set_never_the_key(capsys):
+    env = {"EMBEDSERVE_API_KEY": "sk-hunter2-a,sk-hunter2-b", "HF_TOKEN": "hf_hunter2"}
+    with pytest.raises(SystemExit):
+        build_parser(env).parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "hunter2" not in text
+    assert "--api-key KEY[,KEY...] accepted bearer token(s)" in text and "(set from the environment)" in text
+    assert config(env=env).server.api_keys == ("sk-hunter2-a", "sk-hunter2-b")  # still used

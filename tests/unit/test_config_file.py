@@ -64,3 +64,16 @@ def test_prompts_per_model(tmp_path):
 def test_a_bad_file_is_an_error_that_names_the_model_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         config_for(tmp_path, text)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('truncate = "false"', 'truncate must be true or false, got \'false\' (str)'),
+    ("max_queue = true", "max_queue must be an integer, got True (bool)"),
+    ("max_batch_tokens = 1.5", "max_batch_tokens must be an integer, got 1.5 (float)"),
+    ('dtype = 16', "dtype must be a string, got 16 (int)"),
+    ("name = 3", "name must be a string, got 3"),
+])
+def test_config_values_are_type_checked_naming_the_model_and_the_key(tmp_path, line, message):
+    with pytest.raises(ConfigError) as e:
+        config_for(tmp_path, f'[[model]]\nmodel = "/models/minilm"\n{line}\n')
+    assert f"model 1 ('/models/minilm'): {message}" in e.value.message

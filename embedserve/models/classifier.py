@@ -31,7 +31,7 @@ from embedserve.errors import ModelLoadError
 from embedserve.kernels.linear import activate, linear
 from embedserve.kernels.pooling import pool
 from embedserve.models.layers import activation
-from embedserve.models.loader import read_json
+from embedserve.models.loader import inside, read_json
 
 # sentence-transformers activation_fn (a torch.nn class path) -> ours
 ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Tanh": "tanh", "Softmax": "softmax"}
@@ -121,7 +121,7 @@ def read_logit_score(directory: Path) -> tuple[tuple[int, ...], ChatTemplate | N
     if types != ["Transformer", "LogitScore"] or modules[0].get("path", "") not in ("", "."):
         raise ModelLoadError(f"{modules_path}: a LogitScore reranker is served as a Transformer in this folder "
                              f"followed by a LogitScore; this one has {types}")
-    score_cfg = read_json(directory / modules[1].get("path", "") / "config.json")
+    score_cfg = read_json(inside(directory, modules[1].get("path", ""), modules_path.name) / "config.json")
     if score_cfg.get("module_input_name", "causal_logits") != "causal_logits":
         raise ModelLoadError(f"{directory}: LogitScore reads {score_cfg['module_input_name']!r}; only the causal "
                              "LM's logits (causal_logits) are supported")

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from embedserve.errors import ModelLoadError
+from embedserve.errors import ModelLoadError, quoted
 
 
 def read_json(path: Path) -> dict | list:
@@ -38,6 +38,23 @@ def read_json(path: Path) -> dict | list:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
     except ValueError as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+def inside(directory: Path, name: object, what: str) -> Path:
+    """``directory / name`` for a path a folder's own JSON names (a module's folder, a weight shard), refused
+    unless it stays inside the folder: relative, no ``..``, and resolved (symlinks followed) within the folder, or
+    within its Hugging Face cache repository for a cache snapshot, whose files link to the repository's blobs."""
+    if not isinstance(name, str) or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+        raise ModelLoadError(f"{what} names {quoted(name)}, which is not a path inside the model folder {directory}")
+    path = directory / name
+    real = path.resolve()
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>/
+        roots.append(directory.parent.parent.resolve())
+    if not any(real == root or root in real.parents for root in roots):
+        raise ModelLoadError(f"{what} names {quoted(name)}, which leads out of the model folder {directory} "
+                             f"(to {real})")
+    return path
+
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -106,8 +123,8 @@ class SafetensorsCheckpoint:
             except (ValueError, KeyError) as e:
                 raise ModelLoadError(f"{indexed} is not a safetensors index (no weight_map): {e}") from e
             self._entries = {}
-            for shard in sorted(set(weight_map.values())):
-                path = directory / shard
+            for shard in sorted(set(weight_map.values()), key=str):
+                path = inside(directory, shard, indexed.name)
                 if not path.is_file():
                     raise ModelLoadError(f"shard {shard} named in {indexed.name} is missing from {directory}")
                 for name, entry in _read_header(path).items():

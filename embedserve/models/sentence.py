@@ -32,7 +32,7 @@ from embedserve.models.classifier import (
     read_logit_score,
 )
 from embedserve.models.encoder import Kernels
-from embedserve.models.loader import SafetensorsCheckpoint, load_weights, read_json
+from embedserve.models.loader import SafetensorsCheckpoint, inside, load_weights, read_json
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,16 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
     dense: list[Path] = []
     for module in read_json(modules_path):
         kind = module.get("type", "").rsplit(".", 1)[-1]
-        sub = directory / module.get("path", "")
         if kind == "Transformer":
             if module.get("path", "") not in ("", "."):
                 raise ModelLoadError(f"{modules_path}: a Transformer module outside the top folder is not supported")
         elif kind == "Pooling":
+            sub = inside(directory, module.get("path", ""), modules_path.name)
             pooling = _pooling_mode(read_json(sub / "config.json"), sub / "config.json")
         elif kind == "Dense":
             if pooling is None:
                 raise ModelLoadError(f"{modules_path}: a Dense module before Pooling is not supported")
-            dense.append(sub)
+            dense.append(inside(directory, module.get("path", ""), modules_path.name))
         elif kind == "Normalize":
             normalize = True
         else:

@@ -88,6 +88,43 @@ def test_sharded_checkpoint_loads_the_same_weights(tiny_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _pool_at(copy, path: str) -> None:
+    modules = json.loads((copy / "modules.json").read_text())
+    next(m for m in modules if m["type"].endswith("Pooling"))["path"] = path
+    (copy / "modules.json").write_text(json.dumps(modules))
+
+
+@pytest.mark.parametrize("where", ["../outside", "/etc", "sub/../../outside", "link-out"])
+def test_a_module_path_that_leads_out_of_the_folder_stops_the_load_naming_it(copy, tmp_path, where):
+    outside = tmp_path / "outside"
+    shutil.copytree(copy / "1_Pooling", outside)  # a valid module there: only where it is is wrong
+    (copy / "link-out").symlink_to(outside, target_is_directory=True)
+    _pool_at(copy, where)
+    with pytest.raises(ModelLoadError, match=rf"modules.json names '{where}'.*(not a path inside|leads out of)"):
+        load_model(copy, dtype=torch.float32, device=CPU)
+
+
+def test_a_module_path_inside_the_folder_loads_even_through_a_symlink_inside(copy):
+    (copy / "pool-link").symlink_to(copy / "1_Pooling", target_is_directory=True)
+    _pool_at(copy, "pool-link")
+    assert load_model(copy, dtype=torch.float32, device=CPU).spec.pooling == "mean"
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/tmp/elsewhere.safetensors"])
+def test_a_shard_name_that_leads_out_of_the_folder_stops_the_load_naming_it(tiny_dir, tmp_path, shard):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "modules.json"):
+        shutil.copy(tiny_dir / f, folder / f)
+    shutil.copytree(tiny_dir / "1_Pooling", folder / "1_Pooling")
+    shutil.copy(tiny_dir / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    names = load_file(tiny_dir / "model.safetensors").keys()
+    index = {"metadata": {}, "weight_map": {n: shard for n in names}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=rf"model.safetensors.index.json names '{shard}'"):
+        load_model(folder, dtype=torch.float32, device=CPU)
+
+
 def test_pickled_weights_are_refused_by_name(copy):
     (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin: pickled weights are never loaded"):

@@ -102,3 +102,33 @@ def test_the_cuda_image_can_compile_triton_and_pins_a_torch_with_what_flash_varl
     assert "EMBEDSERVE_DEVICE=cpu" in cpu
     # Triton's cache is a path the non-root user can write (HOME and caches under /tmp).
     assert re.search(r"TRITON_CACHE_DIR=/tmp/", runtime) and "USER 10001" in runtime
+
+
+def test_the_manifests_fail_closed():
+    docs = manifests()
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    key = next(e for e in c["env"] if e["name"] == "EMBEDSERVE_API_KEY")["valueFrom"]["secretKeyRef"]
+    assert not key.get("optional", False)  # no secret, no pod: never a pod that answers anyone
+    assert pod["automountServiceAccountToken"] is False
+    assert all("limits" in i["resources"] and "requests" in i["resources"] for i in pod["initContainers"])
+    ready = c["readinessProbe"]
+    assert ready["failureThreshold"] >= 2 and ready["timeoutSeconds"] >= 2  # one slow answer is not an outage
+    ingress = docs["Ingress"]
+    hosts = {r["host"] for r in ingress["spec"]["rules"]}
+    assert hosts <= {h for t in ingress["spec"]["tls"] for h in t["hosts"]}
+    from embedserve.config import ServerConfig
+
+    limit = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert int(limit.removesuffix("m")) * 1024 * 1024 == ServerConfig().max_body_bytes
+
+
+def test_a_network_policy_admits_only_the_ingress_and_the_scraper_on_the_http_port():
+    docs = manifests()
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert all(set(peer) == {"namespaceSelector"} for peer in rule["from"])
+    assert len(rule["from"]) == 2

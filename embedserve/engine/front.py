@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -21,13 +22,31 @@ from embedserve.config import EngineConfig
 from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver
 from embedserve.engine.loading import load
 from embedserve.engine.prepare import Preparer
+from embedserve.engine.tokenizer import run_abandonable
 from embedserve.engine.turns import DeviceTurns
 from embedserve.engine.warmup import warm_up
 from embedserve.engine.worker import Worker
-from embedserve.errors import InvalidRequest, WrongModelKind
+from embedserve.errors import InvalidRequest, Overloaded, WrongModelKind
 from embedserve.models.classifier import apply_activation
 
 log = logging.getLogger(__name__)
+
+# Characters (or token ids) of the requests accepted and not yet tokenized, per model: past it a request is
+# answered 429 (Retry-After) at once rather than held in memory behind the tokenisation pool. Two requests of
+# the largest body always fit.
+MAX_PENDING_CHARS = 64 * 1024 * 1024
+MAX_TOKENS_PER_ANSWER = 65_536  # /tokenize: tokens in one answer (about 4 MB of JSON); 400 beyond
+
+
+def _size(items: Sequence) -> int:
+    """What a request hands the tokenisation pool: characters of its texts, or its token ids."""
+    total = 0
+    for x in items:
+        if isinstance(x, tuple):
+            total += sum(len(t) for t in x if t is not None)
+        else:
+            total += len(x)
+    return total
 
 
 class Engine:
@@ -65,6 +84,7 @@ class Engine:
         self.worker = Worker(loaded, name=self.name, observer=observer or StepObserver(),
                              fault_kind=config.fault_kind, on_fatal=on_fatal, turns=turns)
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
+        self._pending_chars = 0  # waiting for or on the tokenisation pool (event-loop thread only)
 
     @property
     def dimensions(self) -> int:
@@ -136,7 +156,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            prepared = await loop.run_in_executor(self._tok_pool, prepare, *args)
+            prepared = await self._on_pool(_size(args[0]), prepare, *args)
         except asyncio.CancelledError:
             log.info("request cancelled while tokenizing %d inputs: nothing was queued", len(args[0]))
             raise
@@ -161,13 +181,29 @@ class Engine:
 
     async def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]:
         """Each text's tokens as (id, text, special, start, stop), on the tokenisation pool."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tok_pool, lambda: self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens))
+        return await self._on_pool(_size(texts), lambda: self.tokenizer.tokens(
+            texts, add_special_tokens=add_special_tokens, max_total=MAX_TOKENS_PER_ANSWER))
 
     async def decode(self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
         """Token ids (each below ``info.id_limit``) back to text, on the tokenisation pool."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tok_pool, lambda: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+        return await self._on_pool(_size(ids), lambda: self.tokenizer.decode(
+            ids, skip_special_tokens=skip_special_tokens))
+
+    async def _on_pool(self, size: int, fn, *args):
+        """``fn(*args)`` on the tokenisation pool, counted against :data:`MAX_PENDING_CHARS` until it is done."""
+        if self._pending_chars and self._pending_chars + size > MAX_PENDING_CHARS:
+            raise Overloaded(f"{self._pending_chars} characters of earlier requests wait for the tokenizer; retry "
+                             "shortly.", retry_after_s=1.0)
+        self._pending_chars += size
+        abandoned = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tok_pool, run_abandonable, abandoned, fn,
+                                                                    *args)
+        except asyncio.CancelledError:
+            abandoned.set()  # the client went away: long texts stop being read at their next window
+            raise
+        finally:
+            self._pending_chars -= size
 
     def prompt(self, name: str | None) -> str:
         """The text of one of the model's prompts (None: its default prompt, if any); unknown is a 400."""

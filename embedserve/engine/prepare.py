@@ -12,7 +12,7 @@ from typing import Sequence
 
 from embedserve.engine.loading import Loaded
 from embedserve.engine.token_ids import cl100k
-from embedserve.errors import ContextLengthExceeded, InvalidRequest
+from embedserve.errors import ContextLengthExceeded, InvalidRequest, quoted
 from embedserve.models.classifier import ChatTemplate
 
 
@@ -45,6 +45,11 @@ class Preparer:
         if template is not None:
             if singles:
                 raise InvalidRequest("this reranker scores (query, document) pairs, not single texts", param="inputs")
+            # Each text only up to what decides its tokens: the prompt never holds more of a query than that.
+            read: dict[str, str] = {}
+            for text in {t for pair in pairs for t in pair}:
+                read[text] = self.tokenizer.bounded(text)[0]
+            pairs = [(read[q], read[d]) for q, d in pairs]
             if isinstance(template, ChatTemplate):
                 ids = self.tokenizer.encode_chat(pairs, truncate=truncate)
             else:
@@ -71,7 +76,8 @@ class Preparer:
             return ""
         if name not in spec.prompts:
             known = ", ".join(sorted(spec.prompts)) or "none"
-            raise InvalidRequest(f"unknown prompt_name {name!r}; this model's prompts: {known}", param="prompt_name")
+            raise InvalidRequest(f"unknown prompt_name {quoted(name)}; this model's prompts: {known}",
+                                 param="prompt_name")
         return spec.prompts[name]
 
     def texts(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "") -> list[list[int]]:

@@ -2,21 +2,66 @@
 
 Two copies of the Rust tokenizer are kept: one that truncates to the model's maximum exactly as
 transformers' ``truncation=True`` does (the default path), and one that never truncates (to learn an
-input's real length for the error that refuses over-long input when truncation is off). Neither is mutated after construction, so the tokenisation pool's
-threads may share them.
+input's real length for the error that refuses over-long input when truncation is off). Neither is mutated
+after construction, so the tokenisation pool's threads may share them.
+
+A text's cost is bounded by what the model takes, not by its size: a text longer than its character budget
+(:data:`CHARS_PER_TOKEN` per token the model takes) is read window by window, each cut at a whitespace, until
+more tokens than the model takes are found; only the text up to the whitespace after them is tokenized (the
+Rust tokenizer otherwise keeps every token past the cut, as overflow pieces). Tokenizers split words at
+whitespace, so the tokens kept are those of the whole text.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Sequence
 
+from tokenizers import Encoding
 from tokenizers import Tokenizer as RustTokenizer
 
-from embedserve.errors import ContextLengthExceeded, ModelLoadError
+from embedserve.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
 
 log = logging.getLogger(__name__)
+
+CHARS_PER_TOKEN = 16  # a text's character budget per token the model takes; past it, read window by window
+_SPACES = (" ", "\n", "\t", "\r")  # where BERT-style tokenizers split words
+_MARGIN = 16  # tokens read past those decided, against the few a window's start may count differently
+
+
+class Abandoned(Exception):
+    """The request whose texts these are was cancelled (its client went away): stop reading them."""
+
+
+_work = threading.local()  # the tokenisation pool thread's current request: its "abandoned" event
+
+
+def run_abandonable(abandoned: threading.Event, fn, *args):
+    """``fn(*args)`` on this thread, stopping between windows of long texts once ``abandoned`` is set."""
+    _work.abandoned = abandoned
+    try:
+        return fn(*args)
+    finally:
+        _work.abandoned = None
+
+
+def _check_abandoned() -> None:
+    event = getattr(_work, "abandoned", None)
+    if event is not None and event.is_set():
+        raise Abandoned
+
+
+def _last_space(text: str, start: int, end: int, spaces: Sequence[str]) -> int:
+    """The last of ``spaces`` in ``text[start:end]`` (-1: none)."""
+    return max(text.rfind(c, start, end) for c in spaces)
+
+
+def _next_space(text: str, start: int, spaces: Sequence[str]) -> int:
+    """The first of ``spaces`` at or after ``start`` (-1: none)."""
+    found = [i for i in (text.find(c, start) for c in spaces) if i >= 0]
+    return min(found) if found else -1
 
 
 class Tokenizer:
@@ -52,6 +97,42 @@ class Tokenizer:
         self._cut.no_padding()
         self._cut.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
         self.num_special = len(self._full.encode("", add_special_tokens=True).ids)
+        pre = self._full.pre_tokenizer
+        self._pieces = pre.pre_tokenize_str if pre is not None else (lambda text: [(text, (0, len(text)))])
+        # Where words end for this tokenizer: every tokenizer splits at a space; newlines and tabs only count
+        # where the pre-tokenizer drops them (BERT); SentencePiece keeps them inside its pieces.
+        self._spaces = _SPACES if [p for p, _ in self._pieces("a\n\tb")] == ["a", "b"] else (" ",)
+
+    @property
+    def char_budget(self) -> int:
+        """Characters of a text read at once; a longer text is read window by window (:meth:`bounded`)."""
+        return CHARS_PER_TOKEN * self.max_length
+
+    def bounded(self, text: str, tokens: int | None = None) -> tuple[str, bool]:
+        """(the part of ``text`` that decides its first ``tokens`` tokens, whether it holds more than that).
+        ``tokens``: the model's maximum by default. The text itself when it is within its budget (or holds hardly
+        more than that many tokens); else its start, cut at the first word end a few tokens past them (special
+        tokens not counted), found window by window so that no more than a window is ever tokenized at once."""
+        tokens = self.max_length if tokens is None else tokens
+        if len(text) <= self.char_budget:
+            return text, False
+        seen, start = 0, 0
+        while start < len(text):
+            _check_abandoned()
+            end = self._window_end(text, start)
+            window = text[start:end]
+            if self.do_lower_case:
+                window = window.lower()
+            e = self._full.encode(window, add_special_tokens=False)
+            want = tokens + _MARGIN
+            if seen + len(e.ids) > want:
+                stop = start + min(e.offsets[want - seen][1], len(window))  # the end of the token past them
+                space = _next_space(text, stop, self._spaces)
+                # No whitespace after it in this window (one endless word): the window's end is the cut.
+                return text[: space if 0 <= space < end else end], True
+            seen += len(e.ids)
+            start = end
+        return text, False
 
     def use_template(self, prefix: str, suffix: str) -> None:
         """Pairs become ``prefix`` + the formatted middle + ``suffix`` (a causal-LM reranker's prompt): the fixed
@@ -122,11 +203,24 @@ class Tokenizer:
             out.append(ids)
         return out
 
-    def tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]:
+    def tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True, max_total: int | None = None
+               ) -> list[list[tuple]]:
         """Per text, each token as (id, text, special, start, stop): the text a token covers (its own string
-        for special tokens, whose start and stop are None), character offsets into the given text."""
-        out = []
-        for text, e in zip(texts, self._full.encode_batch(list(texts), add_special_tokens=add_special_tokens)):
+        for special tokens, whose start and stop are None), character offsets into the given text. A text of
+        more tokens than the model takes is refused, as for embedding it with truncation off; so is an answer
+        of more than ``max_total`` tokens in all (counted as it is built)."""
+        out, total = [], 0
+        for i, text in enumerate(texts):
+            if self.bounded(text)[1]:
+                raise ContextLengthExceeded(self.max_length, self.max_length + 1, index=i, at_least=True)
+            e = self._full.encode(text, add_special_tokens=add_special_tokens)
+            content = len(e.ids) - sum(e.special_tokens_mask)
+            if content > self.max_length:
+                raise ContextLengthExceeded(self.max_length, content, index=i)
+            total += len(e.ids)
+            if max_total is not None and total > max_total:
+                raise InvalidRequest(f"the answer would hold more than {max_total} tokens (input[{i}] passes it); "
+                                     "send fewer texts per request", param="inputs")
             row = []
             for tid, tok, special, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets):
                 row.append((tid, tok, True, None, None) if special else (tid, text[a:b], False, a, b))
@@ -134,40 +228,104 @@ class Tokenizer:
         return out
 
     def decode(self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        """Token ids back to text; an id list longer than the model's maximum is refused."""
+        for i, x in enumerate(ids):
+            if len(x) > self.max_length:
+                raise ContextLengthExceeded(self.max_length, len(x), index=i)
         return self._full.decode_batch([list(x) for x in ids], skip_special_tokens=skip_special_tokens)
 
     def cut(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first ``max_tokens`` tokens (special tokens not counted), at the character
         where that token ends: Cohere's ``max_tokens_per_doc``."""
+        if max_tokens >= self.max_length:
+            return list(texts)  # the pair's own truncation keeps fewer of a document's tokens than that
         out = []
-        for text, e in zip(texts, self._full.encode_batch(list(texts), add_special_tokens=False)):
+        for text in texts:
+            head, _ = self.bounded(text, max_tokens)
+            e = self._full.encode(head, add_special_tokens=False)
             out.append(text[: e.offsets[max_tokens - 1][1]] if len(e.ids) > max_tokens else text)
         return out
+
+    def _window_end(self, text: str, start: int) -> int:
+        """Where the window of ``text`` that starts at ``start`` ends: at its last whitespace (which starts the
+        next window, so that no word is split between two), else where the tokenizer's own pre-tokenizer
+        starts its last piece (punctuation, scripts without spaces); one endless word is cut at the budget."""
+        end = min(len(text), start + self.char_budget)
+        if end == len(text):
+            return end
+        if (space := _last_space(text, start + 1, end, self._spaces)) > start:
+            return space
+        pieces = self._pieces(text[start:end])
+        if len(pieces) > 1 and pieces[-1][1][0] > 0:
+            return start + pieces[-1][1][0]
+        return end
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` (special tokens not counted), read window by window: memory stays bounded."""
+        seen, start = 0, 0
+        while start < len(text):
+            _check_abandoned()
+            end = self._window_end(text, start)
+            window = text[start:end]
+            seen += len(self._full.encode(window.lower() if self.do_lower_case else window,
+                                          add_special_tokens=False).ids)
+            start = end
+        return seen
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]], *, truncate: bool) -> tuple[list[list[int]], list[int]]:
         """A cross-encoder's (query, document) pairs as one sequence each, with special tokens, cut as
         transformers' ``truncation=True`` cuts a pair (longest first: the longer text loses tokens until both
         fit, so a short query is kept whole). Also returns where each pair's second text starts (its token
-        type 1), from the tokenizer's own type ids."""
-        if self.do_lower_case:
-            pairs = [(q.lower(), d.lower()) for q, d in pairs]
-        encodings = (self._cut if truncate else self._full).encode_batch(list(pairs), add_special_tokens=True)
+        type 1), from the tokenizer's own type ids.
+
+        Each distinct text is tokenized once, up to what decides its tokens (a rerank's query once for all its
+        documents), and the pairs are joined from those tokens by the tokenizer's own truncation and template."""
+        read: dict[str, tuple[Encoding, bool]] = {}
+
+        def tokens(text: str) -> tuple[Encoding, bool]:
+            if text not in read:
+                cut, longer = self.bounded(text)
+                e = self._full.encode(cut.lower() if self.do_lower_case else cut, add_special_tokens=False)
+                read[text] = (e, longer)
+            return read[text]
+
+        joiner = self._cut if truncate else self._full
         ids, starts = [], []
-        for i, e in enumerate(encodings):
-            if not truncate and len(e.ids) > self.max_length:
-                raise ContextLengthExceeded(self.max_length, len(e.ids), index=i)
+        for i, (q, d) in enumerate(pairs):
+            _check_abandoned()
+            (eq, q_cut), (ed, d_cut) = tokens(q), tokens(d)
+            if q_cut and d_cut and truncate:
+                eq, ed = self._keep_longer(q, d, eq, ed)
+            e = joiner.post_process(eq, ed, add_special_tokens=True)
+            if not truncate and (len(e.ids) > self.max_length or q_cut or d_cut):
+                raise ContextLengthExceeded(self.max_length, len(e.ids), index=i, at_least=q_cut or d_cut)
             ids.append(e.ids)
             starts.append(next((j for j, t in enumerate(e.type_ids) if t), len(e.ids)))
         return ids, starts
 
+    def _keep_longer(self, q: str, d: str, eq: Encoding, ed: Encoding) -> tuple[Encoding, Encoding]:
+        """Both texts of a pair were cut: longest-first truncation gives the longer one the odd token, so the
+        cut ones must stay in the whole texts' order. Counted window by window (bounded memory)."""
+        nq, nd = self.count(q), self.count(d)
+        short = self.max_length  # both cuts hold more than this
+        lq, ld = (short + 1, short) if nq > nd else (short, short + 1) if nd > nq else (short, short)
+        out = []
+        for e, n in ((eq, lq), (ed, ld)):
+            e = Encoding.merge([e], growing_offsets=False)  # a copy: the read text's tokens are shared
+            e.truncate(n)
+            out.append(e)
+        return out[0], out[1]
+
     def encode(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
         """Token ids with special tokens for each text; over-long ones truncated or refused."""
+        cut = [self.bounded(t) for t in texts]
+        texts = [t for t, _ in cut]
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
         if truncate:  # one pass: the truncating tokenizer cuts exactly as transformers' truncation=True
-            return [e.ids for e in self._cut.encode_batch(list(texts), add_special_tokens=True)]
-        ids = [e.ids for e in self._full.encode_batch(list(texts), add_special_tokens=True)]
+            return [e.ids for e in self._cut.encode_batch(texts, add_special_tokens=True)]
+        ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=True)]
         for i, x in enumerate(ids):
             if len(x) > self.max_length:
-                raise ContextLengthExceeded(self.max_length, len(x), index=i)
+                raise ContextLengthExceeded(self.max_length, len(x), index=i, at_least=cut[i][1])
         return ids

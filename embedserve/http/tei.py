@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 import embedserve
 from embedserve.engine.interface import EmbedOptions
-from embedserve.errors import InvalidRequest, WrongModelKind
+from embedserve.errors import ContextLengthExceeded, InvalidRequest, WrongModelKind
 from embedserve.http.routes import (
     ENCODE_INLINE_FLOATS,
     check_auth,
@@ -31,6 +31,7 @@ from embedserve.protocol import (
     TeiPredictRequest,
     TeiToken,
     TeiTokenizeRequest,
+    check_count,
     check_dimensions,
     decode_tei,
     encoder,
@@ -108,7 +109,7 @@ async def tokenize(request: Request) -> Response:
     if req.prompt_name is not None:
         prompt = engine.prompt(req.prompt_name)
         texts = [prompt + t for t in texts]
-    rows = await engine.tokenize(texts, add_special_tokens=req.add_special_tokens)
+    rows = await until_disconnect(request, engine.tokenize(texts, add_special_tokens=req.add_special_tokens))
     return _json([[TeiToken(id=i, text=t, special=sp, start=a, stop=b) for i, t, sp, a, b in row] for row in rows])
 
 
@@ -116,13 +117,20 @@ async def decode(request: Request) -> Response:
     svc, engine = _default_model(request)
     req = decode_tei(TeiDecodeRequest, await read_body(request, svc.config.max_body_bytes))
     ids, limit = req.ids, engine.info.id_limit
-    if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
+    if isinstance(ids, list) and ids and type(ids[0]) is int:
         ids = [ids]
+    if isinstance(ids, list):
+        # The same limits as an input to embed: the item count, and each list's length (before looking at ids).
+        check_count("ids", len(ids), svc.config.max_inputs_per_request)
+        longest = engine.info.max_input_length
+        for i, x in enumerate(ids):
+            if isinstance(x, list) and len(x) > longest:
+                raise ContextLengthExceeded(longest, len(x), index=i)
     if (not isinstance(ids, list) or not ids
             or not all(isinstance(x, list) and all(type(t) is int and 0 <= t < limit for t in x) for x in ids)):
         raise InvalidRequest(f"ids must be an array of token ids (0..{limit - 1}), or an array of such arrays",
                              param="ids")
-    texts = await engine.decode(ids, skip_special_tokens=req.skip_special_tokens)
+    texts = await until_disconnect(request, engine.decode(ids, skip_special_tokens=req.skip_special_tokens))
     return _json(texts)
 
 

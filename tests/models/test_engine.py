@@ -480,3 +480,47 @@ def test_the_cpu_engine_measures_its_linear_and_attention_choices_and_logs_them(
     assert f"attention: sequences of {engine.model.encoder.kernels.solo_min} tokens or more run one call" \
         in caplog.text
     engine.shutdown()
+
+
+def test_work_waiting_for_the_tokenizer_is_bounded_and_a_gone_client_stops_its_long_texts(engine, monkeypatch):
+    """Requests accepted but not yet tokenized count against MAX_PENDING_CHARS: past it a 429 at once, never an
+    unbounded heap behind the pool. A request cancelled while its long text is read stops at the next window."""
+    from embedserve.engine import front
+    from embedserve.engine.tokenizer import Abandoned
+
+    monkeypatch.setattr(front, "MAX_PENDING_CHARS", 100_000)
+    inside, release, outcome = threading.Event(), threading.Event(), []
+    real = engine._prep.texts
+
+    def held(*args):
+        inside.set()
+        assert release.wait(30)
+        try:
+            return real(*args)
+        except Abandoned:
+            outcome.append("abandoned")
+            raise
+
+    monkeypatch.setattr(engine._prep, "texts", held)
+    long = "word " * 19_000  # 95,000 characters: read window by window
+
+    async def run():
+        first = asyncio.ensure_future(engine.embed([long]))
+        while not inside.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="wait for the tokenizer"):
+            await engine.embed(["x" * 10_000])  # 95,000 + 10,000 > 100,000
+        first.cancel()  # the client went away while its text waited for the pool
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert engine._pending_chars == 0
+        release.set()
+        for _ in range(300):
+            if outcome:
+                break
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(engine._prep, "texts", real)
+        return await engine.embed(["x" * 10_000])  # the bound is free again
+
+    result = asyncio.run(run())
+    assert outcome == ["abandoned"] and result.vectors.shape[0] == 1

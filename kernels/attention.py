@@ -145,9 +145,16 @@ def flash_attn_works(device_index: int = 0) -> str | None:
     return None
 
 
-def _flash_problem(device_type: str, dtype: torch.dtype, shape: AttentionShape) -> str | None:
+FLASH_MIN_CAPABILITY = (8, 0)  # FlashAttention-2 (torch's varlen_attn, flash_attn): Ampere or newer
+
+
+def _flash_problem(device_type: str, dtype: torch.dtype, shape: AttentionShape,
+                   capability: tuple[int, int] | None = None) -> str | None:
     if device_type != "cuda":
         return f"flash kernels run on CUDA only, not {device_type}"
+    if capability is not None and capability < FLASH_MIN_CAPABILITY:
+        return (f"flash kernels need compute capability {FLASH_MIN_CAPABILITY[0]}.{FLASH_MIN_CAPABILITY[1]} "
+                f"(Ampere) or newer; this GPU is sm_{capability[0]}{capability[1]}")
     if dtype not in HALF:
         return f"flash kernels take float16/bfloat16, not {str(dtype).removeprefix('torch.')}"
     if shape.head_dim > FLASH_MAX_HEAD_DIM:
@@ -156,11 +163,13 @@ def _flash_problem(device_type: str, dtype: torch.dtype, shape: AttentionShape) 
 
 
 def backend_problems(
-    device_type: str, dtype: torch.dtype, shape: AttentionShape, *, caps: VarlenCaps, flash_attn: str | None
+    device_type: str, dtype: torch.dtype, shape: AttentionShape, *, caps: VarlenCaps, flash_attn: str | None,
+    capability: tuple[int, int] | None = None,
 ) -> dict[str, str | None]:
     """For each backend, None if it can serve a model of ``shape``, else why it cannot. Pure: the table test
-    feeds it every torch signature. ``flash_attn``: :func:`flash_attn_works`'s answer."""
-    flash = _flash_problem(device_type, dtype, shape)
+    feeds it every torch signature and GPU generation. ``flash_attn``: :func:`flash_attn_works`'s answer;
+    ``capability``: the CUDA device's compute capability (None: not known, or not CUDA)."""
+    flash = _flash_problem(device_type, dtype, shape, capability)
     if flash is None and shape.relative_bias:
         flash = "flash kernels add no per-position attention bias, and the model has relative position buckets"
     varlen = flash
@@ -179,11 +188,11 @@ def backend_problems(
 
 def choose_backend(
     device_type: str, dtype: torch.dtype, shape: AttentionShape, requested: str | None = "auto", *,
-    caps: VarlenCaps, flash_attn: str | None,
+    caps: VarlenCaps, flash_attn: str | None, capability: tuple[int, int] | None = None,
 ) -> str:
     """The backend for one model: the first usable of :data:`BACKENDS` for ``auto``; an explicit choice that
     cannot serve this model is an error that says why, never a silent downgrade."""
-    problems = backend_problems(device_type, dtype, shape, caps=caps, flash_attn=flash_attn)
+    problems = backend_problems(device_type, dtype, shape, caps=caps, flash_attn=flash_attn, capability=capability)
     usable = [b for b in BACKENDS if problems[b] is None]
     if requested in ("auto", None):
         return usable[0]
@@ -219,9 +228,9 @@ def _caps_for(device: torch.device, dtype: torch.dtype) -> VarlenCaps:
 def usable_backends(
     device: torch.device, dtype: torch.dtype = torch.bfloat16, shape: AttentionShape = _DEFAULT_SHAPE
 ) -> list[str]:
-    problems = backend_problems(
-        device.type, dtype, shape, caps=_caps_for(device, dtype), flash_attn=_probe_flash_attn(device, dtype)
-    )
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    problems = backend_problems(device.type, dtype, shape, caps=_caps_for(device, dtype),
+                                flash_attn=_probe_flash_attn(device, dtype), capability=capability)
     return [b for b in BACKENDS if problems[b] is None]
 
 
@@ -233,8 +242,9 @@ def select_backend(
     faster ones were passed over."""
     caps = _caps_for(device, dtype)
     flash = _probe_flash_attn(device, dtype)
-    choice = choose_backend(device.type, dtype, shape, requested, caps=caps, flash_attn=flash)
-    problems = backend_problems(device.type, dtype, shape, caps=caps, flash_attn=flash)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    choice = choose_backend(device.type, dtype, shape, requested, caps=caps, flash_attn=flash, capability=capability)
+    problems = backend_problems(device.type, dtype, shape, caps=caps, flash_attn=flash, capability=capability)
     passed = [f"{b}: {problems[b]}" for b in BACKENDS[: BACKENDS.index(choice)] if problems[b]]
     log.info(
         "varlen attention backend: %s for %s on %s (torch %s%s)%s", choice, shape.describe(), device.type,

@@ -31,6 +31,20 @@ def _why_no_gpu() -> str:
     return "torch.cuda.is_available() is false"
 
 
+def driver_advice(why: str, torch_cuda: str | None) -> str | None:
+    """What to do when torch says the driver is too old for its CUDA (None: that is not what it says)."""
+    import re
+
+    m = re.search(r"driver on your system is too old \(found version (\d+)\)", why)
+    if m is None:
+        return None
+    found = int(m.group(1))
+    other = ("run the image built with --build-arg CUDA=12.6 (drivers 560 or newer, R535/R550 on datacenter GPUs)"
+             if torch_cuda and not torch_cuda.startswith("12.") else "update the driver")
+    return (f"the host's NVIDIA driver supports CUDA {found // 1000}.{found % 1000 // 10}, older than the CUDA "
+            f"{torch_cuda} this torch is built for: update the driver (CUDA 13.0 needs 580 or newer), or {other}")
+
+
 def _no_gpu_help() -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     hint = (
@@ -48,10 +62,11 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         if torch.version.cuda is not None:
+            why = _why_no_gpu()
             log.warning(
                 "device auto: this torch is a CUDA %s build but sees no GPU (%s); serving on the CPU, much "
                 "slower. %s Set --device cuda to make a missing GPU an error.",
-                torch.version.cuda, _why_no_gpu(), _no_gpu_help(),
+                torch.version.cuda, why, driver_advice(why, torch.version.cuda) or _no_gpu_help(),
             )
         return torch.device("cpu")
     try:
@@ -68,7 +83,11 @@ def resolve_device(name: str) -> torch.device:
             "torch (the CUDA image has one), or serve with --device cpu."
         )
     if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no GPU is visible ({_why_no_gpu()}). {_no_gpu_help()}")
+        why = _why_no_gpu()
+        advice = driver_advice(why, torch.version.cuda)
+        if advice is not None:
+            raise ConfigError(f"--device {name}: {advice}.")
+        raise ConfigError(f"--device {name}: no GPU is visible ({why}). {_no_gpu_help()}")
     count = torch.cuda.device_count()
     index = 0 if device.index is None else device.index
     if index >= count:
@@ -76,11 +95,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA; on the CPU bfloat16 where it computes it natively (AVX512-BF16 or AMX),
-    else float32."""
+BF16_MIN_CAPABILITY = (8, 0)  # bfloat16 kernels (and FlashAttention-2): Ampere or newer
+
+
+def cuda_dtype(name: str, capability: tuple[int, int], gpu: str) -> torch.dtype:
+    """``--dtype`` on a GPU of ``capability``: ``auto`` is bfloat16 from Ampere (sm_80) on, float16 before
+    (Turing's T4, Volta's V100); an explicit bfloat16 below sm_80 is refused, naming the GPU and what to use."""
+    native_bf16 = capability >= BF16_MIN_CAPABILITY
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else cpu.auto_cpu_dtype(cpu.read_cpu())
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if name == "bfloat16" and not native_bf16:
+        raise ConfigError(f"--dtype bfloat16: this GPU ({gpu}, sm_{capability[0]}{capability[1]}) has no bfloat16 "
+                          "kernels (they need sm_80, Ampere, or newer); serve float16 (--dtype auto picks it here) "
+                          "or float32")
+    return DTYPES[name]
+
+
+def gpu_words(device: torch.device) -> tuple[str, tuple[int, int]]:
+    """(the GPU's name, its compute capability)."""
+    return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's CUDA version, as the driver reports it ("unknown" where torch cannot say)."""
+    try:
+        v = int(torch._C._cuda_getDriverVersion())
+    except Exception:  # noqa: BLE001 - a private call: absent or failing means unknown, never a start-up error
+        return "unknown"
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: on CUDA bfloat16 from Ampere on, else float16 (:func:`cuda_dtype`); on the CPU bfloat16 where
+    it computes it natively (AVX512-BF16 or AMX), else float32."""
+    if device.type == "cuda":
+        gpu, capability = gpu_words(device)
+        return cuda_dtype(name, capability, gpu)
+    if name == "auto":
+        return cpu.auto_cpu_dtype(cpu.read_cpu())
     return DTYPES[name]
 
 

@@ -19,7 +19,14 @@ import torch
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine import cpu as cpu_caps
 from embedserve.engine.calibration import CALIBRATION_TEXTS
-from embedserve.engine.device import bind_thread, keep_blocks_on_the_heap, resolve_device, resolve_dtype
+from embedserve.engine.device import (
+    bind_thread,
+    driver_version,
+    gpu_words,
+    keep_blocks_on_the_heap,
+    resolve_device,
+    resolve_dtype,
+)
 from embedserve.engine.interface import EngineInfo
 from embedserve.engine.runner import Runner
 from embedserve.engine.scheduler import Budgets, Scheduler, resolve_budgets
@@ -83,11 +90,23 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
     if device.type == "cpu":
         _check_cpu_dtype(dtype, config.model.dtype, int8)
         keep_blocks_on_the_heap()
+    else:
+        gpu, capability = gpu_words(device)
+        log.info("gpu: %s, compute capability %d.%d, driver for CUDA %s, torch built for CUDA %s; dtype %s (%s)",
+                 gpu, *capability, driver_version(), torch.version.cuda, str(dtype).removeprefix("torch."),
+                 "asked" if config.model.dtype != "auto" else "auto: bf16 from sm_80 on, else fp16")
     if int8 and (why := int8_available()) is not None:
         raise ConfigError(f"--quantize int8: {why}")
     started = time.perf_counter()
     source = resolve_model(config.model.path, config.model.revision)  # may download from the Hub
     recipe = _configure_prompts(read_model(source.directory, kind=config.model.kind), config.model)
+    if dtype == torch.float16 and not recipe.encoder_cls.float16:
+        family = recipe.encoder_cls.__name__.removesuffix("Model")
+        if config.model.dtype != "auto":
+            raise ConfigError(f"--dtype float16: {family} overflows in float16 (its activations pass 65504); serve "
+                              "bfloat16 where the device has it, or float32")
+        dtype = torch.float32
+        log.warning("dtype: %s overflows in float16 and this device has no bfloat16: float32", family)
     max_length = recipe.max_length
     if config.max_input_tokens is not None:
         max_length = min(max_length, config.max_input_tokens)

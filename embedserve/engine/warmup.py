@@ -14,6 +14,16 @@ from embedserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# How CUDA kernels say that they do not run on this GPU or dtype (FlashAttention below sm_80, a wheel without
+# kernels for this architecture): not a budget problem, so the message names the kernel's flag instead.
+_REFUSALS = ("only supports ampere", "flashattention only supports", "no kernel image is available",
+             "sm_80", "compute capability", "not supported on this gpu", "unsupported gpu")
+
+
+def refuses_device(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(words in text for words in _REFUSALS)
+
 
 def warm_up(loaded: Loaded) -> None:
     """Run the shapes serving will run before the first request: a full ``max_batch_tokens`` pass, and for
@@ -33,6 +43,11 @@ def warm_up(loaded: Loaded) -> None:
             raise ConfigError(
                 f"warm-up pass of {count * len(ids)} tokens ran out of {loaded.device.type.upper()} memory; lower "
                 f"--max-batch-tokens (now {step}): {e}"
+            ) from e
+        if refuses_device(e):
+            raise ConfigError(
+                f"warm-up failed in the {loaded.kernels.attention} attention kernel, which does not run on this "
+                f"device ({type(e).__name__}: {e}); start with --attention sdpa, or a --dtype it takes"
             ) from e
         # Short of memory, oneDNN fails in its own words ("could not create a primitive"): the largest step
         # is what the budget decides, so the flag is named whatever the cause.

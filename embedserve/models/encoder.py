@@ -44,6 +44,7 @@ class Encoder(Protocol):
     supports_chunking: ClassVar[bool]  # long inputs may run in chunks over a key cache
     weight_prefixes: ClassVar[tuple[str, ...]]  # where checkpoints nest the encoder's tensors
     ignored_weights: ClassVar[tuple[str, ...]]  # checkpoint tensors an embedding forward never reads
+    float16: ClassVar[bool]  # safe to run in float16 (Gemma 3's activations overflow it)
     kernels: Kernels
 
     @property
@@ -77,6 +78,7 @@ class EncoderBase(nn.Module):
 
     causal = False
     supports_chunking = False
+    float16 = True  # its activations stay within float16's range
 
     def __init__(self, args: Any, kernels: Kernels) -> None:
         super().__init__()

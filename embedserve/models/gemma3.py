@@ -143,6 +143,7 @@ class Gemma3Layer(nn.Module):
 
 
 class Gemma3Model(EncoderBase):
+    float16 = False  # activations grow past float16's 65504 (transformers warns the same): bf16 or fp32
     weight_prefixes = ("", "model.", "model.language_model.")
     ignored_weights = (r"lm_head\..*", r".*rotary_emb.*\.inv_freq")
 

@@ -38,6 +38,13 @@ def test_fp32_last_token_matches_transformers(tiny, attention):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_close_to_transformers_fp32(tiny, dtype, attention):
     kind, path, model = tiny
+    if kind.startswith("gemma3") and dtype == "float16":
+        # Gemma 3's activations overflow float16 (issue 25): refused at load, naming what to serve instead.
+        from embedserve.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="Gemma3 overflows in float16.*bfloat16.*float32"):
+            embed_with(path, TEXTS, dtype=dtype, attention=attention)
+        return
     got = embed_with(path, TEXTS, dtype=dtype, attention=attention)
     ref = hf_embed_each(model, path, TEXTS, pooling="last")
     assert F.cosine_similarity(got, ref).min() >= cos_min(dtype), kind

@@ -524,3 +524,19 @@ def test_work_waiting_for_the_tokenizer_is_bounded_and_a_gone_client_stops_its_l
 
     result = asyncio.run(run())
     assert outcome == ["abandoned"] and result.vectors.shape[0] == 1
+
+
+def test_a_kernel_that_refuses_the_device_at_warm_up_is_named_with_its_flag(tiny_dir, monkeypatch):
+    """FlashAttention below sm_80 fails inside the warm-up pass: the message names the attention kernel and
+    --attention sdpa, not the batch budget (issue 25)."""
+    engine = Engine(EngineConfig(model=model_config(tiny_dir)))
+
+    def refuse(*args, **kw):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(engine.runner, "run", refuse)
+    with pytest.raises(ConfigError, match=r"attention kernel, which does not run on this device.*--attention sdpa"):
+        engine.warmup()
+    monkeypatch.setattr(engine.runner, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(ConfigError, match="--max-batch-tokens"):  # anything else still names the budget
+        engine.warmup()

@@ -382,3 +382,22 @@ def test_either_side_of_the_threshold_gives_the_same_attention(solo_min):
     q, k, v = (torch.randn(sum(lengths), 4, 16, device=DEVICE) for _ in range(3))
     batch = prepare("sdpa_bucketed", cu(lengths), max(lengths), solo_min=solo_min, lengths=lengths)
     assert_close(varlen_attention(q, k, v, batch), reference(q, k, v, lengths, False), torch.float32)
+
+
+# Compute capability decides too (issue 25): FlashAttention-2 needs Ampere (sm_80); a T4 (sm_75) gets SDPA.
+GPUS = {"T4 (sm_75)": (7, 5), "A100 (sm_80)": (8, 0), "A10 (sm_86)": (8, 6), "L4 (sm_89)": (8, 9),
+        "H100 (sm_90)": (9, 0)}
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_backend_table_by_gpu_generation(gpu, shape, dtype):
+    capability, s, caps = GPUS[gpu], SHAPES[shape], SIGNATURES["2.12+"]
+    for flash_attn in (NO_FLASH_ATTN, None):
+        got = choose_backend("cuda", dtype, s, caps=caps, flash_attn=flash_attn, capability=capability)
+        assert got == (S if capability < (8, 0) else V), (gpu, flash_attn)
+    if capability < (8, 0):
+        for backend in ("torch_varlen", "flash_attn"):
+            with pytest.raises(ValueError, match=r"compute capability 8\.0 \(Ampere\) or newer; this GPU is sm_75"):
+                choose_backend("cuda", dtype, s, backend, caps=caps, flash_attn=None, capability=capability)

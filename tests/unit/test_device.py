@@ -71,7 +71,10 @@ def test_a_gpu_index_past_the_visible_ones_is_an_error(monkeypatch):
         resolve_device("cuda:2")
 
 
-def test_other_names_are_refused():
+def test_other_names_are_refused(monkeypatch):
+    from embedserve.engine import device
+
+    monkeypatch.setattr(device, "gpu_words", lambda d: ("NVIDIA H100", (9, 0)))
     for name in ("gpu", "mps", "cuda:x"):
         with pytest.raises(ConfigError, match="auto, cpu, cuda or cuda:N"):
             resolve_device(name)
@@ -107,6 +110,9 @@ def test_auto_dtype_on_each_capability_set(tmp_path, monkeypatch, name):
     monkeypatch.setattr(cpu, "read_cpu", lambda: info)
     assert resolve_dtype("auto", torch.device("cpu")) == want
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    from embedserve.engine import device
+
+    monkeypatch.setattr(device, "gpu_words", lambda d: ("NVIDIA H100", (9, 0)))
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16  # CUDA is not the CPU's business
     described = info.describe()
     assert described.startswith("Test CPU 9000") and "AVX2 " in described and "AMX " in described
@@ -135,3 +141,40 @@ def test_the_probe_divides_the_flops_it_ran_by_the_time_they_took(monkeypatch):
     monkeypatch.setattr(cpu, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
     # start at 0; after matmuls 1, 2, 3 the clock reads 4, 8, 12 ms: three 64-square matmuls in 12 ms
     assert cpu.matmul_gflops(torch.float32, n=64, seconds=0.01) == pytest.approx(2 * 64**3 * 3 / 0.012 / 1e9)
+
+
+def test_the_dtype_follows_the_gpu_generation():
+    """--dtype auto is bfloat16 from Ampere on, float16 on Turing and Volta; bfloat16 asked there is refused,
+    naming the GPU and what to use (issue 25)."""
+    from embedserve.engine.device import cuda_dtype
+    from embedserve.errors import ConfigError
+
+    assert cuda_dtype("auto", (7, 5), "Tesla T4") == torch.float16
+    assert cuda_dtype("auto", (7, 0), "Tesla V100") == torch.float16
+    for capability in ((8, 0), (8, 6), (8, 9), (9, 0)):
+        assert cuda_dtype("auto", capability, "gpu") == torch.bfloat16
+        assert cuda_dtype("bfloat16", capability, "gpu") == torch.bfloat16
+    assert cuda_dtype("float32", (7, 5), "Tesla T4") == torch.float32
+    assert cuda_dtype("float16", (7, 5), "Tesla T4") == torch.float16
+    with pytest.raises(ConfigError, match=r"this GPU \(Tesla T4, sm_75\) has no bfloat16 kernels.*float16"):
+        cuda_dtype("bfloat16", (7, 5), "Tesla T4")
+
+
+def test_a_driver_too_old_for_the_image_names_both_cuda_versions_and_the_other_image(monkeypatch):
+    def old_driver():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12020). Please update your "
+                           "GPU driver by downloading and installing a new version from the URL: ...")
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", old_driver)
+    with pytest.raises(ConfigError) as err:
+        resolve_device("cuda")
+    msg = err.value.message
+    assert "supports CUDA 12.2, older than the CUDA 13.0 this torch is built for" in msg
+    assert "580" in msg and "--build-arg CUDA=12.6" in msg
+    from embedserve.engine.device import driver_advice
+
+    assert "update the driver" in driver_advice("The NVIDIA driver on your system is too old (found version 12020)",
+                                                "12.6")
+    assert driver_advice("Found no NVIDIA driver on your system", "13.0") is None

@@ -1,5 +1,6 @@
-# embedserve image. Two variants from one file:
-#   docker build -t embedserve:cuda .                      # CUDA (default)
+# embedserve image. Variants from one file:
+#   docker build -t embedserve:cuda .                      # CUDA 13.0 (default): host driver 580 or newer
+#   docker build -t embedserve:cuda12 --build-arg CUDA=12.6 .   # CUDA 12.6: drivers R535+ (datacenter), 560+ else
 #   docker build -t embedserve:cpu --build-arg VARIANT=cpu .
 #   docker build -t embedserve:bge --build-arg MODEL=BAAI/bge-base-en-v1.5 .   # a Hub model baked in
 # Run:
@@ -11,15 +12,24 @@
 # Every flag of `embedserve serve` is also an EMBEDSERVE_* variable.
 
 ARG VARIANT=cuda
+# The CUDA the GPU image is built for: 13.0 (torch's PyPI wheel) or 12.6 (torch's cu126 wheel).
+ARG CUDA=13.0
 
-# CUDA: torch 2.13.0 from PyPI is the CUDA 13.0 build (cuda-toolkit 13.0.3, cuDNN 9.20, cuBLAS, NCCL and
+# CUDA 13.0: torch 2.13.0 from PyPI is the CUDA 13.0 build (cuda-toolkit 13.0.3, cuDNN 9.20, cuBLAS, NCCL and
 # Triton 3.7 come as wheels with it), so the base is CUDA 13.0's `base` flavour: the CUDA runtime and the
-# NVIDIA_REQUIRE_CUDA check (a host driver older than 580 is refused at `docker run` with a clear message),
-# none of the cuDNN/cuBLAS libraries of the `runtime`/`cudnn` flavours that the wheels already bundle.
+# NVIDIA_REQUIRE_CUDA check, none of the cuDNN/cuBLAS libraries of the `runtime`/`cudnn` flavours that the wheels
+# already bundle. It needs a host driver of 580 or newer; with an older one the container toolkit refuses
+# `docker run`, or on datacenter GPUs it may start under forward compatibility, and torch then reports the
+# driver too old: embedserve stops at start-up naming both CUDA versions and the CUDA=12.6 image. No kernels
+# for Volta (V100) or older in the CUDA 13 wheel.
+# CUDA 12.6: torch's cu126 wheel from download.pytorch.org (its CUDA 12 libraries as wheels), on CUDA 12.6's base:
+# host drivers 560 or newer, and R535/R550 datacenter drivers through CUDA's minor-version compatibility (the
+# base image's NVIDIA_REQUIRE_CUDA lets those branches through); kernels from Volta (sm_70) to Hopper (sm_90).
 # torch >= 2.12 is what embedserve needs from its flash varlen_attn: scale, sliding windows and GQA.
 # Triton compiles a small C launcher the first time a kernel runs: gcc, the C library headers and Python's
 # headers must be there at run time, and its cache must be writable by the non-root user (TRITON_CACHE_DIR).
-FROM nvidia/cuda:13.0.2-base-ubuntu24.04 AS cuda-base
+FROM nvidia/cuda:${CUDA}.2-base-ubuntu24.04 AS cuda-base
+ARG CUDA
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
@@ -28,7 +38,10 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 # Every install goes through the lock of tested versions (constraints.txt; README, "Develop").
 COPY constraints.txt /tmp/src/
-RUN pip install --no-cache-dir -c /tmp/src/constraints.txt torch==2.13.0
+RUN if [ "$CUDA" = "13.0" ]; then pip install --no-cache-dir -c /tmp/src/constraints.txt torch==2.13.0; \
+    elif [ "$CUDA" = "12.6" ]; then pip install --no-cache-dir -c /tmp/src/constraints.txt torch==2.13.0 \
+        --index-url https://download.pytorch.org/whl/cu126 --extra-index-url https://pypi.org/simple; \
+    else echo "CUDA must be 13.0 or 12.6, not $CUDA" >&2; exit 1; fi
 # No visible GPU is a start-up error that names the cause (driver, --gpus), never a silent CPU fallback.
 ENV EMBEDSERVE_DEVICE=cuda
 

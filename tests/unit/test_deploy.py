@@ -92,11 +92,12 @@ def test_the_cuda_image_can_compile_triton_and_pins_a_torch_with_what_flash_varl
     installed = re.search(r"apt-get install (.*)", cuda).group(1).split()
     assert {"gcc", "libc6-dev", "python3-dev"} <= set(installed)
     # A torch whose varlen_attn takes scale, windows and GQA (>= 2.12), on the CUDA base its wheels are built for.
-    torch_pin = re.search(r"pip install --no-cache-dir -c \S+ torch==(\d+)\.(\d+)\.\d+\s*$", cuda, re.M)
+    torch_pin = re.search(r"pip install --no-cache-dir -c \S+ torch==(\d+)\.(\d+)\.\d+", cuda)
     assert torch_pin and (int(torch_pin.group(1)), int(torch_pin.group(2))) >= (2, 12)
-    base = re.match(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-(\w+)-ubuntu", cuda)
-    assert base and (base.group(1), base.group(2)) == ("13", "0")  # PyPI's torch 2.13.0 is the CUDA 13.0 build
-    assert base.group(3) == "base"  # not runtime/cudnn-runtime: the torch wheels bundle cuBLAS and cuDNN
+    base = re.match(r"FROM nvidia/cuda:\$\{CUDA\}\.\d+-(\w+)-ubuntu", cuda)
+    text = (ROOT / "Dockerfile").read_text()
+    assert base and "ARG CUDA=13.0" in text  # by default: PyPI's torch 2.13.0 is the CUDA 13.0 build
+    assert base.group(1) == "base"  # not runtime/cudnn-runtime: the torch wheels bundle cuBLAS and cuDNN
     # A GPU that is not visible fails at start-up in the CUDA image; the CPU image serves on the CPU.
     assert "EMBEDSERVE_DEVICE=cuda" in cuda and "EMBEDSERVE_DEVICE=cuda" not in cpu + runtime
     assert "EMBEDSERVE_DEVICE=cpu" in cpu
@@ -132,3 +133,14 @@ def test_a_network_policy_admits_only_the_ingress_and_the_scraper_on_the_http_po
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert all(set(peer) == {"namespaceSelector"} for peer in rule["from"])
     assert len(rule["from"]) == 2
+
+
+def test_the_cuda_image_builds_for_cuda_13_and_12_6_through_the_lock():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG CUDA=13.0" in text and "FROM nvidia/cuda:${CUDA}.2-base-ubuntu24.04 AS cuda-base" in text
+    install = text[text.index('RUN if [ "$CUDA" = "13.0" ]'):]
+    install = install[: install.index("\n# ")]
+    assert install.count("-c /tmp/src/constraints.txt torch==2.13.0") == 2  # both through the lock
+    assert "https://download.pytorch.org/whl/cu126" in install and "exit 1" in install
+    readme = (ROOT / "README.md").read_text()
+    assert "| `12.6` |" in readme and "580 or newer" in readme

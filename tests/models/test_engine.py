@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import threading
 
 import pytest
@@ -540,3 +541,30 @@ def test_a_kernel_that_refuses_the_device_at_warm_up_is_named_with_its_flag(tiny
     monkeypatch.setattr(engine.runner, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(ConfigError, match="--max-batch-tokens"):  # anything else still names the budget
         engine.warmup()
+
+
+def test_every_staged_segment_starts_on_16_bytes_whatever_the_step(engine):
+    """Triton specialises its kernels on pointer alignment: the step's views (ids, positions, cu_seqlens, the
+    key offsets, dims, normalize flags, base64 offsets, token types) must start 16-byte aligned for every
+    token and input count, or steps of new shapes compile new variants under traffic (issue 25). The packed
+    values are checked too."""
+    import random
+
+    rng = random.Random(3)
+    for _ in range(50):
+        B = rng.randint(1, 9)
+        inputs = [[rng.randint(5, 99) for _ in range(rng.randint(1, 23))] for _ in range(B)]
+        starts = [rng.randint(0, 7) for _ in range(B)] if rng.random() < 0.5 else None
+        types = [rng.randint(0, len(x)) for x in inputs] if rng.random() < 0.5 else None
+        st = engine.runner._stage(inputs, [4] * B, [True] * B, [rng.random() < 0.5 for _ in range(B)], starts, types)
+        views = [st.ids, st.positions, st.cu, st.dims, st.normalize, st.b64_offsets]
+        views += [v for v in (st.cu_k, st.token_types) if v is not None]
+        assert all(v.data_ptr() % 16 == 0 for v in views), [v.data_ptr() % 16 for v in views]
+        assert st.ids.tolist() == [t for x in inputs for t in x]
+        lengths = [len(x) for x in inputs]
+        assert st.cu.tolist() == [0, *itertools.accumulate(lengths)]
+        first = [0 if starts is None else starts[i] for i in range(B)]
+        assert st.positions.tolist() == [first[i] + j for i, n in enumerate(lengths) for j in range(n)]
+        if types is not None:
+            want = [int(first[i] + j >= types[i]) for i, n in enumerate(lengths) for j in range(n)]
+            assert st.token_types.tolist() == want  # type 1 from the second text's position in its input on

@@ -12,16 +12,21 @@ from embedserve.engine.device import resolve_device, resolve_dtype
 from embedserve.errors import ConfigError
 
 
-@pytest.fixture
-def cuda_build_without_gpu(monkeypatch):
-    def no_driver():
-        raise RuntimeError("Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU "
-                           "and installed a driver from http://www.nvidia.com/Download/index.aspx")
+def cuda_build_that_says(monkeypatch, why: str) -> None:
+    """A CUDA 13.0 build of torch that sees no GPU, and ``why`` in torch's words."""
+    def init():
+        raise RuntimeError(why)
 
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "init", no_driver)
+    monkeypatch.setattr(torch.cuda, "init", init)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+@pytest.fixture
+def cuda_build_without_gpu(monkeypatch):
+    cuda_build_that_says(monkeypatch, "Found no NVIDIA driver on your system. Please check that you have an NVIDIA "
+                         "GPU and installed a driver from http://www.nvidia.com/Download/index.aspx")
 
 
 def test_cuda_without_a_visible_gpu_fails_naming_the_driver_and_gpus_flag(cuda_build_without_gpu):
@@ -161,13 +166,8 @@ def test_the_dtype_follows_the_gpu_generation():
 
 
 def test_a_driver_too_old_for_the_image_names_both_cuda_versions_and_the_other_image(monkeypatch):
-    def old_driver():
-        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12020). Please update your "
-                           "GPU driver by downloading and installing a new version from the URL: ...")
-
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "init", old_driver)
+    cuda_build_that_says(monkeypatch, "The NVIDIA driver on your system is too old (found version 12020). Please "
+                         "update your GPU driver by downloading and installing a new version from the URL: ...")
     with pytest.raises(ConfigError) as err:
         resolve_device("cuda")
     msg = err.value.message

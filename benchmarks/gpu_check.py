@@ -162,8 +162,9 @@ def gpu_tests(r: Report, env: dict, device: str, quick: bool, timeout: float) ->
     if quick:
         cmd += ["-k", "backend_table or test_offsets_computed or two_steps_in_flight"]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    res = {"returncode": proc.returncode, "seconds": time.perf_counter() - started, "tail": proc.stdout[-3000:]}
+    returncode, stdout, stopped = run_bounded(cmd, env, timeout)
+    res = {"returncode": returncode, "seconds": time.perf_counter() - started, "tail": stdout[-3000:],
+           "stopped_at_time_limit": stopped}
     if xml.is_file():
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -177,8 +178,28 @@ def gpu_tests(r: Report, env: dict, device: str, quick: bool, timeout: float) ->
     for name in res.get("failed", [])[:20]:
         r.say(f"  FAILED {name}")
     r.target("gpu suite failures", res.get("failures", 0) + res.get("errors", 0), "0",
-             proc.returncode == 0)
+             returncode == 0 and not stopped)
     return res
+
+
+def run_bounded(cmd: list[str], env: dict, timeout: float, grace: float = 20.0) -> tuple[int, str, bool]:
+    """Run pytest for at most ``timeout`` seconds: at the limit it gets SIGINT, on which it stops after the
+    running test and still writes its JUnit report (a plain kill would lose it); SIGKILL ``grace`` seconds later
+    if it has not. Returns (return code, stdout, whether the limit stopped it)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out, False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        return proc.returncode, out, True
 
 
 def pool_encode(r: Report, device: str, quick: bool) -> dict:

@@ -52,3 +52,20 @@ def test_everything_the_server_imports_is_on_the_device_image_or_carried():
     assert "swagger_ui" in third_party and "starlette" in third_party  # the walk sees what it must
     missing = sorted(third_party - set(needs) - optional - separately)
     assert not missing, f"imported by the server, neither on the device image nor carried: {missing}"
+
+
+def test_a_gpu_suite_over_its_time_limit_still_writes_its_report(tmp_path):
+    """At the limit pytest gets SIGINT, stops after the running test and writes its JUnit file: the report
+    says how far the suite got instead of nothing."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    run_bounded = importlib.import_module("gpu_check").run_bounded
+    (tmp_path / "test_slow.py").write_text(
+        "import time\n\ndef test_quick():\n    pass\n\ndef test_slow():\n    time.sleep(60)\n")
+    xml = tmp_path / "out.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+           str(tmp_path / "test_slow.py")]
+    code, out, stopped = run_bounded(cmd, dict(__import__("os").environ), timeout=8, grace=20)
+    assert stopped and xml.is_file(), out
+    assert 'name="test_quick"' in xml.read_text()

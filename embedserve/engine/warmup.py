@@ -20,6 +20,16 @@ _REFUSALS = ("only supports ampere", "flashattention only supports", "no kernel 
              "sm_80", "compute capability", "not supported on this gpu", "unsupported gpu")
 
 
+# How Triton says that it cannot build its launcher: no compiler, no Python headers, no libcuda to link.
+_NO_LAUNCHER = ("failed to find c compiler", "cannot find -lcuda", "python.h", "libcuda.so",
+                "compilation failed", "calledprocesserror", "cc: not found", "gcc: not found")
+
+
+def cannot_build_triton(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(words in text for words in _NO_LAUNCHER)
+
+
 def refuses_device(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(words in text for words in _REFUSALS)
@@ -43,6 +53,12 @@ def warm_up(loaded: Loaded) -> None:
             raise ConfigError(
                 f"warm-up pass of {count * len(ids)} tokens ran out of {loaded.device.type.upper()} memory; lower "
                 f"--max-batch-tokens (now {step}): {e}"
+            ) from e
+        if loaded.pool_backend == "triton" and cannot_build_triton(e):
+            raise ConfigError(
+                f"warm-up could not build the Triton pool+encode kernel here ({type(e).__name__}: {e}); Triton "
+                "compiles a small C launcher at its first launch and needs a C compiler, Python's headers and "
+                "libcuda (the CUDA image has them): install them, or start with --pool-kernel torch"
             ) from e
         if refuses_device(e):
             raise ConfigError(

@@ -568,3 +568,23 @@ def test_every_staged_segment_starts_on_16_bytes_whatever_the_step(engine):
         if types is not None:
             want = [int(first[i] + j >= types[i]) for i, n in enumerate(lengths) for j in range(n)]
             assert st.token_types.tolist() == want  # type 1 from the second text's position in its input on
+
+
+def test_a_triton_kernel_that_cannot_be_built_here_is_named_with_what_is_missing_and_its_flag(tiny_dir, monkeypatch):
+    """Triton builds a C launcher at the first launch: without a compiler, Python's headers or libcuda the
+    warm-up says so and names --pool-kernel torch, never the batch budget (issue 25)."""
+    import dataclasses
+
+    from embedserve.engine.warmup import warm_up
+
+    engine = Engine(EngineConfig(model=model_config(tiny_dir)))
+    loaded = dataclasses.replace(engine.loaded, pool_backend="triton")
+
+    def no_compiler(*args, **kw):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(engine.runner, "run", no_compiler)
+    with pytest.raises(ConfigError, match=r"could not build the Triton pool\+encode kernel.*--pool-kernel torch"):
+        warm_up(loaded)
+    with pytest.raises(ConfigError, match="--max-batch-tokens"):  # the torch twin has no launcher to build
+        warm_up(dataclasses.replace(engine.loaded, pool_backend="torch"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tokenizers import Encoding
 from tokenizers import Tokenizer as RustTokenizer
@@ -116,22 +116,14 @@ class Tokenizer:
         tokens = self.max_length if tokens is None else tokens
         if len(text) <= self.char_budget:
             return text, False
-        seen, start = 0, 0
-        while start < len(text):
-            _check_abandoned()
-            end = self._window_end(text, start)
-            window = text[start:end]
-            if self.do_lower_case:
-                window = window.lower()
-            e = self._full.encode(window, add_special_tokens=False)
-            want = tokens + _MARGIN
+        seen, want = 0, tokens + _MARGIN
+        for start, end, e in self._windows(text):
             if seen + len(e.ids) > want:
-                stop = start + min(e.offsets[want - seen][1], len(window))  # the end of the token past them
+                stop = start + min(e.offsets[want - seen][1], end - start)  # the end of the token past them
                 space = _next_space(text, stop, self._spaces)
                 # No whitespace after it in this window (one endless word): the window's end is the cut.
                 return text[: space if 0 <= space < end else end], True
             seen += len(e.ids)
-            start = end
         return text, False
 
     def use_template(self, prefix: str, suffix: str) -> None:
@@ -260,17 +252,21 @@ class Tokenizer:
             return start + pieces[-1][1][0]
         return end
 
-    def count(self, text: str) -> int:
-        """Tokens in ``text`` (special tokens not counted), read window by window: memory stays bounded."""
-        seen, start = 0, 0
+    def _windows(self, text: str) -> Iterator[tuple[int, int, Encoding]]:
+        """``text`` window by window: (start, end, its tokens without special tokens), lower-cased where the
+        model says so; a cancelled request stops here between windows."""
+        start = 0
         while start < len(text):
             _check_abandoned()
             end = self._window_end(text, start)
             window = text[start:end]
-            seen += len(self._full.encode(window.lower() if self.do_lower_case else window,
-                                          add_special_tokens=False).ids)
+            yield start, end, self._full.encode(window.lower() if self.do_lower_case else window,
+                                                add_special_tokens=False)
             start = end
-        return seen
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` (special tokens not counted), read window by window: memory stays bounded."""
+        return sum(len(e.ids) for _, _, e in self._windows(text))
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]], *, truncate: bool) -> tuple[list[list[int]], list[int]]:
         """A cross-encoder's (query, document) pairs as one sequence each, with special tokens, cut as

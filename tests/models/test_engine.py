@@ -570,6 +570,52 @@ def test_every_staged_segment_starts_on_16_bytes_whatever_the_step(engine):
             assert st.token_types.tolist() == want  # type 1 from the second text's position in its input on
 
 
+def test_steps_of_every_shape_launch_the_one_triton_variant_the_warm_up_compiled(tiny_dir, monkeypatch):
+    """Triton compiles one variant per specialisation key (each pointer's type and 16-byte alignment, each
+    integer's type, its divisibility by 16 and whether it is 1, the constexprs): the key of every pool+encode
+    launch, computed with Triton's own ``native_specialize_impl``, is the warm-up's for 50 steps of random
+    sizes, base64 flags, dimensions and normalisation. Fails on an unaligned staging layout (``_ALIGN = 1``)."""
+    import random
+
+    pytest.importorskip("triton")  # in the lock: the suite always has it
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from embedserve.kernels import pool_encode
+
+    keys: list[tuple] = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                keys.append((tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args),
+                             tuple(sorted(kw.items()))))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(pool_encode, "_pool_encode_kernel", Recorder(pool_encode._pool_encode_kernel))
+    engine = Engine(EngineConfig(model=model_config(tiny_dir, pool_kernel="triton")))
+    assert engine.loaded.pool_backend == "triton"
+    engine.warmup()
+    warm = set(keys)
+    assert len(warm) == 1, warm
+    engine.start()
+    rng = random.Random(5)
+    try:
+        for _ in range(50):
+            texts = ["word " * rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+            options = EmbedOptions(dimensions=rng.choice([None, 4, 8, 12]), normalize=rng.choice([None, False]),
+                                   base64=rng.random() < 0.5)
+            asyncio.run(engine.embed(texts, options))
+    finally:
+        engine.shutdown()
+    assert len(keys) >= len(warm) + 50
+    assert set(keys) == warm, set(keys) - warm
+
+
 def test_a_triton_kernel_that_cannot_be_built_here_is_named_with_what_is_missing_and_its_flag(tiny_dir, monkeypatch):
     """Triton builds a C launcher at the first launch: without a compiler, Python's headers or libcuda the
     warm-up says so and names --pool-kernel torch, never the batch budget (issue 25)."""

@@ -15,7 +15,8 @@ def test_gpu_check_dry_run_resolves_every_import_and_collects_the_gpu_suite():
                           text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    for section in ("gpu_tests", "pool_encode", "engine_vs_st", "bert_base_mfu", "http", "served_image_path"):
+    for section in ("gpu_tests", "pool_encode", "engine_vs_st", "bert_base_mfu", "rerank", "two_models", "http",
+                    "served_image_path"):
         assert section in out
     assert "dry run: ok" in out
     collected = out.split("gpu suite collects:")[1].splitlines()[0]
@@ -69,3 +70,25 @@ def test_a_gpu_suite_over_its_time_limit_still_writes_its_report(tmp_path):
     code, out, stopped = run_bounded(cmd, dict(__import__("os").environ), timeout=8, grace=20)
     assert stopped and xml.is_file(), out
     assert 'name="test_quick"' in xml.read_text()
+
+
+def test_each_section_runs_in_its_own_process_and_the_report_merges_them(tmp_path):
+    """``--device cpu --quick`` end to end for the cheapest section: the set-up, the machine's description and
+    the section each ran in a process of their own (a sticky CUDA error would end with its section), and the
+    parent merged the sections' lines and targets into one report."""
+    import json
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--only",
+                           "pool_encode", "--out", str(out), "--wheels", str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert set(sections) == {"setup", "pool_encode"}
+    pids = {report["machine"]["pid"], sections["pool_encode"]["pid"], sections["setup"]["pid"]}
+    assert len(pids) == 3, pids
+    assert (out / "sections" / "pool_encode.json").is_file()
+    assert [t["name"] for t in report["targets"]] == ["pool+encode / BERT-base forward"]
+    log = (out / "gpu_check.log").read_text()
+    assert "machine:" in log and "pool+encode at T=4096" in log and "sections failed: none" in log

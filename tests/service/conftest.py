@@ -45,3 +45,19 @@ def st_embed(st_model):
         return st_model.encode(list(texts), convert_to_numpy=True, **kw)
 
     return embed
+
+
+@pytest.fixture(scope="session")
+def st_unnormalized(st_model):
+    """What ``normalize: false`` must return: sentence-transformers' own pipeline with its Normalize module left
+    out (the transformer and the pooling, nothing else), so values are compared, not only directions."""
+    from sentence_transformers import SentenceTransformer
+
+    modules = [m for m in st_model if type(m).__name__ != "Normalize"]
+    assert len(modules) == len(st_model) - 1  # MiniLM has one Normalize module: the reference must differ
+    bare = SentenceTransformer(modules=modules, device="cpu")
+
+    def embed(texts):
+        return bare.encode(list(texts), convert_to_numpy=True)
+
+    return embed

@@ -463,11 +463,21 @@ def test_a_warm_up_that_fails_in_other_words_still_names_the_budget_flag(tiny_di
     e.shutdown(timeout=10)
 
 
-def test_the_cpu_engine_measures_its_linear_and_attention_choices_and_logs_them(minilm_dir, caplog):
+def test_the_cpu_engine_measures_its_linear_and_attention_choices_and_logs_them(minilm_dir, caplog, monkeypatch):
     """Whether the fused GEMM beats F.linear, and from which length one attention call per sequence beats
-    bucketing, are measured for this model on this CPU (the warm-up's full step decides the GEMMs)."""
+    bucketing, are measured for this model on this CPU (the warm-up's full step decides the GEMMs). The
+    attention measurement (its rule has its own tests) is replaced by one answering 48 for MiniLM's shape, to
+    see that its answer is the one the model runs with and the log reports."""
     from embedserve.config import ModelConfig
+    from embedserve.engine import loading
 
+    asked = []
+
+    def measured(shape, dtype):
+        asked.append((shape.heads, shape.head_dim, shape.causal, dtype))
+        return 48, "16: 1.0/2.0 ms"
+
+    monkeypatch.setattr(loading, "measure_solo_min", measured)
     caplog.set_level("INFO", logger="embedserve")
     engine = Engine(EngineConfig(model=ModelConfig(path=str(minilm_dir), device="cpu", dtype="float32")))
     if engine.linear_plan.default == "torch":
@@ -477,9 +487,9 @@ def test_the_cpu_engine_measures_its_linear_and_attention_choices_and_logs_them(
     for shape in ("384->1152", "384->384", "384->1536+gelu", "1536->384"):  # MiniLM's four layer shapes
         assert shape + " " in words, words
     assert len(engine.linear_plan.chosen) == 4
-    assert engine.model.encoder.kernels.solo_min in (16, 32, 64, 128, 256, 512)
-    assert f"attention: sequences of {engine.model.encoder.kernels.solo_min} tokens or more run one call" \
-        in caplog.text
+    assert asked == [(12, 32, False, torch.float32)]  # MiniLM: 12 heads of 32, bidirectional
+    assert engine.model.encoder.kernels.solo_min == 48
+    assert "attention: sequences of 48 tokens or more run one call each" in caplog.text
     engine.shutdown()
 
 

@@ -351,14 +351,33 @@ def test_sdpa_on_cuda_never_needs_the_math_kernel():
                 assert_close(out, want, dtype)
 
 
-def test_the_solo_threshold_is_measured_for_the_model_and_each_tried_length_is_reported():
+def test_the_solo_threshold_is_measured_for_the_model_and_each_tried_length_is_reported(monkeypatch):
+    """On a fake clock (each pass costs a set time per length and way), so the answer is known: one call each
+    wins clearly (2x) from 32 tokens on, so the split moves below its default of 64. The real measurement runs too, and reports every tried length."""
+    import types
+
     shape = AttentionShape(heads=4, kv_heads=2, head_dim=16, causal=True)
     tried = (8, 16, 32)
-    solo_min, words = attention.measure_solo_min(shape, torch.float32, tokens=256, lengths=tried, repeats=1)
-    parts = words.split(", ")
-    assert [int(part.split(":")[0]) for part in parts] == list(tried)  # every tried length is reported
-    timings = [tuple(float(t) for t in part.split(": ")[1].removesuffix(" ms").split("/")) for part in parts]
-    assert solo_min == attention.solo_min_from([(n, b, s) for n, (b, s) in zip(tried, timings)])
+    _, words = attention.measure_solo_min(shape, torch.float32, tokens=256, lengths=tried, repeats=1)
+    assert [int(part.split(":")[0]) for part in words.split(", ")] == list(tried)
+
+    cost_ms = {16: (1.0, 2.0), 32: (1.0, 0.5), 64: (2.0, 1.0), 128: (4.0, 2.0), 256: (8.0, 3.0)}  # bucketed, solo
+    now = [0.0]
+    real_prepare = attention.prepare
+
+    def prepare(backend, cu, max_len, *, solo_min, lengths, **kw):
+        batch = real_prepare(backend, cu, max_len, solo_min=solo_min, lengths=lengths, **kw)
+        return types.SimpleNamespace(cost=cost_ms[lengths[0]][0 if solo_min > max_len else 1] / 1e3, batch=batch)
+
+    def varlen_attention(q, k, v, timed):
+        now[0] += timed.cost
+
+    monkeypatch.setattr(attention, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(attention, "prepare", prepare)
+    monkeypatch.setattr(attention, "varlen_attention", varlen_attention)
+    solo_min, words = attention.measure_solo_min(shape, torch.float32, tokens=256, repeats=2)
+    assert attention.SOLO_MIN_LENGTH == 64 and solo_min == 32
+    assert words == "16: 1.0/2.0 ms, 32: 1.0/0.5 ms, 64: 2.0/1.0 ms, 128: 4.0/2.0 ms, 256: 8.0/3.0 ms"
 
 
 @pytest.mark.parametrize("rows, want", [

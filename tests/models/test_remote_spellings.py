@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 
 import pytest
@@ -86,9 +87,15 @@ def test_nomic_embed_as_published_remote_config_and_names(tmp_path):
 
 
 def _ntk_inv_freq(theta: float, factor: float, dim: int) -> torch.Tensor:
-    # Alibaba-NLP/new-impl's NTKScalingRotaryEmbedding without mixed_b, as it is applied at every length: the base
-    # multiplied by the factor, then each frequency divided by factor ** (2 / dim).
-    return 1.0 / (theta * factor) ** (torch.arange(0, dim, 2).float() / dim) / factor ** (2 / dim)
+    """Fixed NTK scaling (kexue.fm/archives/9706; Alibaba-NLP/new-impl's NTKScalingRotaryEmbedding without
+    mixed_b, at every length), written per frequency in float64 Python rather than as the code's tensor
+    expression: frequency i of dim/2 is theta ** (-2i/dim) * factor ** (-(2i + 2)/dim). Its defining ends are
+    checked: the highest frequency barely moves (divided by factor ** (2/dim)), the lowest is divided by the
+    factor itself (interpolated, as linear scaling would)."""
+    plain = [theta ** (-2 * i / dim) for i in range(dim // 2)]
+    scaled = [theta ** (-2 * i / dim) * factor ** (-(2 * i + 2) / dim) for i in range(dim // 2)]
+    assert math.isclose(scaled[-1], plain[-1] / factor) and math.isclose(scaled[0], factor ** (-2 / dim))
+    return torch.tensor(scaled, dtype=torch.float64).float()
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["pack_qkv", "separate_qkv"])

@@ -378,9 +378,37 @@ QWEN3_RERANKER_PROMPT = (
 )
 
 
+def byte_tokenizer():
+    """A byte-level BPE tokenizer, as Qwen's is: every byte a token (so case, newlines and every character of a
+    prompt reach the model), plus merges that make "yes" and "no" single tokens, as the rerank recipe needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    merges = [("y", "e"), ("ye", "s"), ("n", "o")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def use_byte_tokenizer(directory: Path) -> None:
+    """Replace a folder's tokenizer by :func:`byte_tokenizer` (no special tokens added, as Qwen3's adds none)."""
+    for name in TOKENIZER_FILES:
+        (directory / name).unlink(missing_ok=True)
+    byte_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1024, "pad_token": "!",
+    }))
+
+
 def build_tiny_qwen3_reranker(directory: Path, *, tied: bool = False, seed: int = 3):
-    """A random Qwen3ForCausalLM (tied or separate LM head) saved as a plain causal-LM folder with MiniLM's
-    tokenizer, its "yes" row set so that yes - no spreads over pairs. Returns the transformers model (fp32)."""
+    """A random Qwen3ForCausalLM (tied or separate LM head) saved as a plain causal-LM folder with a byte-level
+    tokenizer (:func:`byte_tokenizer`: a prompt that differs from the model card's in one character, its case or
+    a newline gives other tokens), its "yes" row set so that yes - no spreads over pairs. Returns the
+    transformers model (fp32)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -396,6 +424,7 @@ def build_tiny_qwen3_reranker(directory: Path, *, tied: bool = False, seed: int 
                 p.mul_(4)  # what the last token gathers from the pair outweighs its own embedding
     _spread_yes_no(model)
     save_folder(model, directory, pooling="last", normalize=False)
+    use_byte_tokenizer(directory)
     (directory / "modules.json").unlink()  # the published folder is a plain causal LM
     return model
 
@@ -404,10 +433,10 @@ def _spread_yes_no(model) -> None:
     """Set the "yes" row of the LM head to the "no" row plus a direction orthogonal to the mean last-token state,
     scaled so that yes - no spreads by about 2 over sample pairs: random weights otherwise score every pair the
     same."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     prefix_text, suffix_text, instruction = QWEN3_RERANKER_PROMPT
-    tok = AutoTokenizer.from_pretrained(str(MINILM_DIR))
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer())
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     prefix = tok.encode(prefix_text, add_special_tokens=False)
     suffix = tok.encode(suffix_text, add_special_tokens=False)

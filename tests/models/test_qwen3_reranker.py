@@ -14,7 +14,7 @@ from embedserve.engine.front import Engine
 from embedserve.errors import ModelLoadError
 from embedserve.models.classifier import apply_activation
 from on_device import BATCH_INVARIANCE, model_config
-from tiny import MINILM_DIR, QWEN3_RERANKER_PROMPT, build_tiny_qwen3_reranker, long_text, mixed_texts
+from tiny import QWEN3_RERANKER_PROMPT, build_tiny_qwen3_reranker, byte_tokenizer, long_text, mixed_texts
 
 pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
@@ -22,9 +22,11 @@ PREFIX, SUFFIX, INSTRUCTION = QWEN3_RERANKER_PROMPT  # the model card's recipe, 
 
 
 def reference_scores(model, pairs, max_length: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
+    """The model card's recipe: its prefix and suffix around ``format_instruction``'s text, tokenized byte for
+    byte by the folder's own byte-level tokenizer, scored by transformers' forward."""
+    from transformers import PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(str(MINILM_DIR))
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer())
     prefix = tok.encode(PREFIX, add_special_tokens=False)
     suffix = tok.encode(SUFFIX, add_special_tokens=False)
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")

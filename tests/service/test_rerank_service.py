@@ -122,7 +122,9 @@ def test_a_causal_lm_served_with_kind_rerank_answers_the_rerank_route(tmp_path):
     with torch.no_grad():
         want = []
         for d in docs:
-            middle = tok(f"<Instruct>: {instruction}\n<Query>: {QUERY}\n<Document>: {d}")["input_ids"]
+            # The model's 1,024 positions (build_tiny_qwen3_reranker) hold prefix, suffix and what fits of the middle.
+            middle = tok(f"<Instruct>: {instruction}\n<Query>: {QUERY}\n<Document>: {d}", truncation=True,
+                         max_length=1024 - len(prefix) - len(suffix))["input_ids"]
             logits = model(input_ids=torch.tensor([prefix + middle + suffix])).logits[0, -1]
             want.append(torch.softmax(logits[[no, yes]], dim=0)[1].item())
     with run_server(tmp_path, "--model", str(path), "--kind", "rerank") as server:

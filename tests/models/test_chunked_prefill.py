@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from embedserve.config import EngineConfig, SchedulerConfig
 from embedserve.engine.front import Engine
 from on_device import ON_CUDA, cos_min, model_config
-from tiny import build_tiny_decoder, long_text, mixed_texts
+from tiny import build_tiny_decoder, hf_embed_each, long_text, mixed_texts
 
 pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
 
@@ -21,12 +22,17 @@ LONG = 5200  # tokens
 
 @pytest.fixture(scope="module", params=[("qwen3", "last"), ("qwen3", "mean"), ("llama", "mean"), ("llama", "last")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
-def folder(request, tmp_path_factory):
+def built(request, tmp_path_factory):
     kind, pooling = request.param
     path = tmp_path_factory.mktemp(f"{kind}-{pooling}")
-    build_tiny_decoder(path, kind, pooling=pooling, seed=5, max_position_embeddings=8192)
+    model = build_tiny_decoder(path, kind, pooling=pooling, seed=5, max_position_embeddings=8192)
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192}))
-    return path
+    return path, model, pooling
+
+
+@pytest.fixture(scope="module")
+def folder(built):
+    return built[0]
 
 
 def engine_for(path, chunk: int | None, batch_tokens: int = 8192, dtype: str = "float32") -> Engine:
@@ -34,6 +40,34 @@ def engine_for(path, chunk: int | None, batch_tokens: int = 8192, dtype: str = "
     e = Engine(EngineConfig(model=model_config(path, dtype=dtype), scheduler=scheduler))
     e.start()
     return e
+
+
+def hold_chunks_until_waiting(engine: Engine, inputs: int, forward=None) -> list[bool]:
+    """The engine thread's first step that carries a chunk waits (polling, 60 s at most) until ``inputs`` inputs
+    wait in the queue: short inputs then surely share the later chunks' steps, whatever the thread timing.
+    Returns a list that gets True once the wait ended with them queued (False: the 60 s ran out)."""
+    encoder = engine.model.encoder
+    inner = forward or encoder.forward
+    held = []
+
+    def gated(*args, **kw):
+        caches = args[4] if len(args) > 4 else kw.get("caches")
+        if not held and caches and any(c is not None for c in caches):
+            deadline = time.monotonic() + 60
+            while engine.scheduler.stats.waiting_inputs < inputs and time.monotonic() < deadline:
+                time.sleep(0.002)
+            held.append(engine.scheduler.stats.waiting_inputs >= inputs)
+        return inner(*args, **kw)
+
+    encoder.forward = gated
+    return held
+
+
+async def until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.002)
 
 
 def run(engine: Engine, groups):
@@ -48,11 +82,16 @@ def run(engine: Engine, groups):
 
 # On CUDA also in bf16, where chunks attend to their cached keys through the flash kernel.
 @pytest.mark.parametrize("dtype", ["float32"] + (["bfloat16"] if ON_CUDA else []))
-def test_chunk_sizes_give_the_unchunked_vector_alone_and_among_short_inputs(folder, dtype):
+def test_chunk_sizes_give_the_unchunked_vector_alone_and_among_short_inputs(built, dtype):
     text = long_text(LONG, seed=1)
     short = mixed_texts(12, seed=9)
+    folder, model, pooling = built
     (whole,) = run(engine_for(folder, None, dtype=dtype), [[text]])
     assert whole.token_counts[0] > 5000
+    # The whole pass against transformers' own forward over all 5,200 positions (RoPE far past the 300 or so
+    # the other decoder tests reach).
+    want = hf_embed_each(model, folder, [text], pooling=pooling, max_length=8192)
+    assert F.cosine_similarity(whole.vectors, want).min() >= cos_min(dtype)
     for chunk in (64, 100, 257):
         alone, *others = run(engine_for(folder, chunk, batch_tokens=2 * chunk + 600, dtype=dtype),
                              [[text]] + [[t] for t in short])
@@ -73,8 +112,20 @@ def test_chunks_interleave_with_short_requests(folder):
         return real(inputs, dims, normalize, want, chunks, *rest)
 
     engine.runner.launch = spy
-    results = run(engine, [[long_text(2000, seed=3)]] + [[t] for t in mixed_texts(30, seed=1)])
-    assert len(results) == 31
+    shorts = mixed_texts(30, seed=1)
+    held = hold_chunks_until_waiting(engine, len(shorts))
+
+    async def go():
+        long = asyncio.create_task(engine.embed([long_text(2000, seed=3)]))
+        await until(lambda: sum(engine.queue_stats()[:3:2]) > 0, "the long input queued")  # it goes first
+        short = asyncio.gather(*(engine.embed([t]) for t in shorts))
+        return [await long, *await short]
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert len(results) == 31 and held == [True]
     mixed = [s for s in steps if s[1] and s[0] > s[1]]
     assert mixed, steps  # some steps carried a chunk and short inputs together
     assert engine.runner.kv_inputs == 0  # the cache was freed with the last chunk
@@ -85,19 +136,15 @@ def test_cancelling_a_long_input_frees_its_cache(folder):
 
     async def go():
         task = asyncio.create_task(engine.embed([long_text(LONG, seed=2)]))
-        while engine.runner.kv_inputs == 0:
-            await asyncio.sleep(0.01)
+        await until(lambda: engine.runner.kv_inputs > 0, "a chunk's keys cached")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(500):
-            if engine.runner.kv_inputs == 0 and engine.scheduler.stats.kv_tokens == 0:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        await until(lambda: engine.runner.kv_inputs == 0 and engine.scheduler.stats.kv_tokens == 0,
+                    "the cancelled input's cache freed")
 
     try:
-        assert asyncio.run(go())
+        asyncio.run(go())
         assert engine.scheduler.stats.dropped_inputs == 1
     finally:
         engine.shutdown()
@@ -124,12 +171,13 @@ def test_out_of_memory_after_a_chunk_ran_retries_it_from_where_it_was(folder):
             raise torch.OutOfMemoryError("CUDA out of memory (test: after the chunk's keys were written)")
         return out
 
-    encoder.forward = forward
+    held = hold_chunks_until_waiting(engine, len(shorts), forward)
 
     async def go():
         long = asyncio.create_task(engine.embed([text]))
-        while engine.runner.kv_inputs == 0:  # its first chunk is in; the short ones join later chunks
-            await asyncio.sleep(0.005)
+        # The long input is queued first; its first chunk's step waits until the short ones wait too, so they
+        # join its later chunks.
+        await until(lambda: sum(engine.queue_stats()[:3:2]) > 0, "the long input queued")
         short = [asyncio.create_task(engine.embed([t])) for t in shorts]
         return await long, await asyncio.gather(*short)
 
@@ -137,7 +185,7 @@ def test_out_of_memory_after_a_chunk_ran_retries_it_from_where_it_was(folder):
         long, short = asyncio.run(go())
     finally:
         engine.shutdown()
-    assert failed  # launches holding a chunk beside short inputs failed after writing the chunk's keys
+    assert held == [True] and failed  # steps holding a chunk beside short inputs failed after writing its keys
     assert F.cosine_similarity(long.vectors, whole.vectors).min() >= cos_min("float32")
     got = torch.cat([r.vectors for r in short])
     assert F.cosine_similarity(got, alone.vectors).min() >= cos_min("float32")

@@ -384,22 +384,39 @@ def test_an_idle_cpu_engine_hands_its_free_heap_back_once_per_burst(tiny_dir, mo
     import embedserve.engine.worker as worker
 
     calls = []
-    monkeypatch.setattr(worker, "release_host_memory", lambda: calls.append(time.monotonic()) or True)
+    monkeypatch.setattr(worker, "release_host_memory", lambda: calls.append(True) or True)
     monkeypatch.setattr(worker, "TRIM_INTERVAL_S", 0.0)
     e = Engine(EngineConfig(model=model_config(tiny_dir)))
+    loops = []  # the engine thread frees released caches once per pass of its loop, idle passes included
+    real_free = e.worker.runner.free
+    e.worker.runner.free = lambda released: loops.append(True) or real_free(released)
+    expected = 1 if e.device.type == "cpu" else 0
+
+    def until(condition, what):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.002)
+
+    def idle_passes(n: int = 2) -> None:
+        """Wake the idle engine thread ``n`` times (a cancel of no request) and wait for each pass of its loop:
+        a trim it wrongly thought due would have run within them."""
+        for _ in range(n):
+            seen = len(loops)
+            e.worker.cancel(-1)
+            until(lambda: len(loops) > seen, "the engine thread passed its idle loop")
+
     e.start()
     try:
-        time.sleep(0.2)
+        idle_passes()
         assert calls == []  # nothing ran yet
         asyncio.run(e.embed(["hello", "world"]))
-        deadline = time.monotonic() + 5
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.01)
-        expected = 1 if e.device.type == "cpu" else 0
-        time.sleep(0.2)
-        assert len(calls) == expected
+        until(lambda: len(calls) >= expected, "the heap trimmed after work")
+        idle_passes()
+        assert len(calls) == expected  # once, not on every idle wake-up
         asyncio.run(e.embed(["again"]))
-        time.sleep(0.3)
+        until(lambda: len(calls) >= 2 * expected, "trimmed again after new work")
+        idle_passes()
         assert len(calls) == 2 * expected
     finally:
         e.shutdown(timeout=10)

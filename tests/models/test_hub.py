@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 
 import pytest
 
@@ -81,10 +82,15 @@ def test_offline_starts_come_from_the_cache_without_a_request(fetch, hub, tmp_pa
 def test_an_unreachable_hub_falls_back_to_the_cache(fetch, caplog):
     cached = fetch("tiny/open")
     caplog.set_level("WARNING")
-    again = fetch("tiny/open", endpoint="http://127.0.0.1:9")  # nothing listens there
-    assert again.directory == cached.directory and "could not be reached" in caplog.text
-    with pytest.raises(ModelLoadError, match=r"tiny/open \(revision v1\) is not in the Hugging Face cache.*could not be"):
-        fetch("tiny/open", "v1", endpoint="http://127.0.0.1:9")
+    # A port this test holds bound but never listens on: connections to it are refused, and no other process
+    # can take it meanwhile (a fixed port such as 9 may be served on some host).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{held.getsockname()[1]}"
+        again = fetch("tiny/open", endpoint=nowhere)
+        assert again.directory == cached.directory and "could not be reached" in caplog.text
+        with pytest.raises(ModelLoadError, match=r"tiny/open \(revision v1\) is not in the Hugging Face cache.*could not be"):
+            fetch("tiny/open", "v1", endpoint=nowhere)
 
 
 @pytest.mark.parametrize("model, revision, token, message", [

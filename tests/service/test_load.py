@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
+import time
 
 import httpx
 import numpy as np
@@ -46,11 +48,29 @@ def test_32_concurrent_clients_get_their_single_request_answers(server):
 def test_a_client_that_disconnects_has_its_queued_inputs_dropped(tmp_path):
     with run_server(tmp_path, "--max-batch-tokens", "512") as s:
         big = {"input": [f"word {i} " * 250 for i in range(1500)], "model": "m"}  # minutes of work on 2 cores
-        try:
-            # Long enough to be tokenized and queued, far too short for ~380K tokens of compute.
-            httpx.post(s.url + "/v1/embeddings", json=big, timeout=6)
-        except httpx.TimeoutException:
-            pass
+
+        def queued() -> float:
+            found = re.search(r"^embedserve_queue_inputs ([0-9.]+)$", httpx.get(s.url + "/metrics").text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        async def walk_away():
+            # The client leaves once the server's own metrics show the request queued: no client timeout to tune.
+            async with httpx.AsyncClient(timeout=300) as client:
+                request = asyncio.create_task(client.post(s.url + "/v1/embeddings", json=big))
+                deadline = time.monotonic() + 120
+                while await asyncio.to_thread(queued) < 1000:
+                    assert time.monotonic() < deadline and not request.done(), "the request was never queued"
+                    await asyncio.sleep(0.05)
+                request.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
+            # The connection is closed with the client; the server notices and drops what is still queued.
+
+        asyncio.run(walk_away())
+        deadline = time.monotonic() + 120
+        while "of its 1500 inputs dropped" not in s.output():
+            assert time.monotonic() < deadline, s.output()[-2000:]
+            time.sleep(0.05)
         # The server keeps answering, and the abandoned request's inputs left the queue.
         r = httpx.post(s.url + "/v1/embeddings", json={"input": "still here", "model": "m"}, timeout=120)
         assert r.status_code == 200

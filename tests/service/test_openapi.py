@@ -142,11 +142,10 @@ CASES = [(op.method, op.path, mode) for op in OPERATIONS
          if mode is GenerationMode.POSITIVE or op.request is not None]
 
 
-@pytest.mark.parametrize("method, path, mode", CASES, ids=[f"{m} {p} {g}" for m, p, g in CASES])
-def test_fuzz_every_route(fuzz_schema, baseline, method, path, mode):
+def fuzz(schema, method: str, path: str, mode, examples: int) -> None:
     """Schemathesis' cases for one operation (valid bodies, or bodies that break the schema), each sent to the
     live server and checked by all of schemathesis' checks for that mode."""
-    operation = fuzz_schema[path][method]
+    operation = schema[path][method]
     headers = {"Authorization": f"Bearer {KEY}"}
     # Every check but "schema-valid data is accepted": limits of the served model and the flags (its vocabulary
     # and width, the tokens an input may hold, the items a request may carry, a route the default model's kind
@@ -154,7 +153,7 @@ def test_fuzz_every_route(fuzz_schema, baseline, method, path, mode):
     excluded = [schemathesis.checks.positive_data_acceptance]
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     def check(case):
         case.call_and_validate(headers=headers, timeout=30, excluded_checks=excluded)
@@ -162,8 +161,17 @@ def test_fuzz_every_route(fuzz_schema, baseline, method, path, mode):
     check()
 
 
-def test_after_fuzzing_memory_and_connections_are_back(live, baseline):
+@pytest.mark.parametrize("method, path, mode", CASES, ids=[f"{m} {p} {g}" for m, p, g in CASES])
+def test_fuzz_every_route(fuzz_schema, baseline, method, path, mode):
+    fuzz(fuzz_schema, method, path, mode, EXAMPLES)
+
+
+def test_after_fuzzing_memory_and_connections_are_back(live, baseline, fuzz_schema):
+    """Its own burst of every operation's cases first (5 each way, about 150 requests), so that it checks
+    something whether or not the fuzz tests ran before it (alone, or in a shuffled order)."""
     rss_before, sockets_before = baseline
+    for method, path, mode in CASES:
+        fuzz(fuzz_schema, method, path, mode, 5)
     deadline = time.monotonic() + 30
     while True:
         rss, sockets = server_process_stats(live.proc.pid)

@@ -133,7 +133,8 @@ def test_editable_install_maps_kernels_under_embedserve(tmp_path):
 def test_regular_wheel_install_imports_embedserve_kernels(tmp_path, other_kernels):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-index", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(wheel_dir), str(ROOT)],
         check=True,
     )
     (wheel,) = wheel_dir.glob("embedserve-*.whl")
@@ -141,7 +142,8 @@ def test_regular_wheel_install_imports_embedserve_kernels(tmp_path, other_kernel
     assert "embedserve/kernels/attention.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
+        [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
     )
     # Import from the installed copy (PYTHONPATH precedes the editable finder) in a clean interpreter, beside
     # another distribution's `kernels`.

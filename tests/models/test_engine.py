@@ -6,6 +6,7 @@ import asyncio
 import base64
 import itertools
 import threading
+import time
 
 import pytest
 import torch
@@ -379,8 +380,6 @@ def test_ids_past_the_embedding_table_are_refused_even_if_the_tokenizer_knows_th
 def test_an_idle_cpu_engine_hands_its_free_heap_back_once_per_burst(tiny_dir, monkeypatch):
     """After work, when the queue empties, the engine trims the C heap (glibc's malloc_trim): once, not on every
     idle wake-up, and never without work since the last trim; never on CUDA (its allocator is torch's)."""
-    import time
-
     import embedserve.engine.worker as worker
 
     calls = []
@@ -543,9 +542,8 @@ def test_work_waiting_for_the_tokenizer_is_bounded_and_a_gone_client_stops_its_l
             await first
         assert engine._pending_chars == 0
         release.set()
-        for _ in range(300):
-            if outcome:
-                break
+        deadline = time.monotonic() + 30
+        while not outcome and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         monkeypatch.setattr(engine._prep, "texts", real)
         return await engine.embed(["x" * 10_000])  # the bound is free again

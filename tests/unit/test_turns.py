@@ -40,7 +40,10 @@ def test_turns_never_overlap_and_a_flooding_model_cannot_starve_another():
 
     a = threading.Thread(target=flood, daemon=True)
     a.start()
-    time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while grants.count("A") < 3:  # A is flooding before B asks at all
+        assert time.monotonic() < deadline, "A never got the device"
+        time.sleep(0.001)
     b = threading.Thread(target=single_requests, daemon=True)
     b.start()
     b.join(60)  # bounded: a starved B would otherwise wait as long as A floods

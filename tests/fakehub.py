@@ -40,6 +40,10 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []
         self._lock = threading.Lock()
+        # Cleared, file downloads wait (up to 120 s) until it is set again: a model that is slow to arrive.
+        self.hold = threading.Event()
+        self.hold.set()
+        self.held = 0  # downloads that waited on it
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -129,6 +133,10 @@ class FakeHub:
             data = repo.commits[commit].get(name)
             if data is None:
                 return self._error(h, 404, "EntryNotFound", f"{name} does not exist", body)
+            if body and not self.hold.is_set():
+                with self._lock:
+                    self.held += 1
+                self.hold.wait(120)
             h.send_response(200)
             h.send_header("Content-Type", "application/octet-stream")
             h.send_header("Content-Length", str(len(data)))

@@ -296,7 +296,7 @@ def long_text(tokens: int, seed: int = 0) -> str:
     return " ".join(rng.choice(words) for _ in range(tokens))
 
 
-CROSS_ENCODERS = ("bert", "xlm-roberta", "modernbert")
+CROSS_ENCODERS = ("bert", "xlm-roberta", "roberta", "modernbert")
 
 
 def build_tiny_cross_encoder(directory: Path, kind: str, *, num_labels: int = 1, seed: int = 0, **config):
@@ -318,6 +318,9 @@ def build_tiny_cross_encoder(directory: Path, kind: str, *, num_labels: int = 1,
             transformers.BertConfig(**common, max_position_embeddings=512, **config))
     elif kind == "xlm-roberta":
         model = transformers.XLMRobertaForSequenceClassification(transformers.XLMRobertaConfig(
+            **common, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, **config))
+    elif kind == "roberta":  # RobertaForSequenceClassification: cross-encoder/stsb-roberta-base and its kin
+        model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
             **common, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, **config))
     elif kind == "modernbert":
         model = transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(
@@ -361,7 +364,7 @@ def _spread_logits(model, kind: str) -> None:
     batch = tok(["a query about search"] * len(docs), docs, padding=True, truncation=True, return_tensors="pt")
     if kind != "bert":
         batch.pop("token_type_ids")
-    last = model.classifier.out_proj if kind == "xlm-roberta" else model.classifier
+    last = model.classifier.out_proj if kind in ("xlm-roberta", "roberta") else model.classifier
     with torch.no_grad():
         logits = model(**batch).logits
         last.weight.mul_(2.0 / logits.std(0).clamp_min(1e-6).unsqueeze(1))

@@ -37,14 +37,22 @@ def _remote_folder(native_dir, dst, config: dict, tensors: dict) -> None:
     write_sentence_modules(dst, pooling="mean", dim=config.get("n_embd") or config["hidden_size"])
 
 
+def _as_head_checkpoint(tensors: dict, prefix: str, head: dict) -> dict:
+    """The encoder's tensors as a *ForPreTraining / *ForMaskedLM checkpoint saves them: under the encoder's
+    attribute name, beside the head's own tensors (which an embedding server must leave unused)."""
+    return {**{prefix + k: v for k, v in tensors.items()}, **head}
+
+
 def _layer_tensors(model, i: int) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     return {k.removeprefix(f"layers.{i}."): v for k, v in state.items() if k.startswith(f"layers.{i}.")}
 
 
-def test_nomic_embed_as_published_remote_config_and_names(tmp_path):
+@pytest.mark.parametrize("arch", ["NomicBertModel", "NomicBertForPreTraining"])
+def test_nomic_embed_as_published_remote_config_and_names(tmp_path, arch):
     """nomic-embed-text-v1.5's config.json says n_embd / rotary_emb_base and auto_map to nomic-ai/nomic-bert-2048;
-    its weights say encoder.layers.N.attn.Wqkv, mlp.fc11 (up) / fc12 (gate), norm1 / norm2, emb_ln."""
+    its weights say encoder.layers.N.attn.Wqkv, mlp.fc11 (up) / fc12 (gate), norm1 / norm2, emb_ln.
+    NomicBertForPreTraining (nomic-bert-2048 itself) nests them under bert. beside its cls. head."""
     model = build_tiny_encoder(tmp_path / "native", "nomicbert", seed=2)
     c = model.config
     state = model.state_dict()
@@ -65,7 +73,7 @@ def test_nomic_embed_as_published_remote_config_and_names(tmp_path):
             tensors[f"{dst}{theirs}.weight"] = t[f"{ours}.weight"]
             tensors[f"{dst}{theirs}.bias"] = t[f"{ours}.bias"]
     config = {
-        "architectures": ["NomicBertModel"], "model_type": "nomic_bert",
+        "architectures": [arch], "model_type": "nomic_bert",
         "auto_map": {"AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
                      "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel"},
         "n_embd": c.hidden_size, "n_head": c.num_attention_heads, "n_layer": c.num_hidden_layers,
@@ -75,6 +83,11 @@ def test_nomic_embed_as_published_remote_config_and_names(tmp_path):
         "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False, "rotary_scaling_factor": None,
         "prenorm": False, "causal": False, "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False,
     }
+    if arch == "NomicBertForPreTraining":
+        tensors = _as_head_checkpoint(tensors, "bert.", {
+            "cls.predictions.transform.dense.weight": torch.randn(c.hidden_size, c.hidden_size),
+            "cls.predictions.decoder.weight": torch.randn(c.vocab_size, c.hidden_size),
+            "cls.predictions.decoder.bias": torch.randn(c.vocab_size)})
     _remote_folder(tmp_path / "native", tmp_path / "remote", config, tensors)
     got = embed_with(tmp_path / "remote", TEXTS)
     ref = hf_embed(model, tmp_path / "native", TEXTS, pooling="mean")
@@ -98,11 +111,12 @@ def _ntk_inv_freq(theta: float, factor: float, dim: int) -> torch.Tensor:
     return torch.tensor(scaled, dtype=torch.float64).float()
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["pack_qkv", "separate_qkv"])
-def test_gte_v15_as_published_new_model_with_ntk_rope(tmp_path, packed):
+@pytest.mark.parametrize("packed, arch", [(True, "NewModel"), (False, "NewModel"), (True, "NewForMaskedLM")],
+                         ids=["pack_qkv", "separate_qkv", "masked_lm"])
+def test_gte_v15_as_published_new_model_with_ntk_rope(tmp_path, packed, arch):
     """gte-base-en-v1.5: architectures NewModel, model_type "new", auto_map to Alibaba-NLP/new-impl,
     rope_scaling {"type": "ntk", "factor": 2.0}, weights encoder.layer.N.attention.qkv_proj, mlp.up_gate_proj
-    (up first), attn_ln / mlp_ln."""
+    (up first), attn_ln / mlp_ln. NewForMaskedLM nests them under new. beside its lm_head."""
     model = build_tiny_encoder(tmp_path / "native", "gte", seed=3)
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
@@ -124,7 +138,7 @@ def test_gte_v15_as_published_new_model_with_ntk_rope(tmp_path, packed):
             tensors[f"{dst}mlp_ln.{p}"] = t[f"post_mlp_layernorm.{p}"]
         tensors[f"{dst}mlp.up_gate_proj.weight"] = torch.cat([t["mlp.up_proj.weight"], t["mlp.gate_proj.weight"]])
     config = {
-        "architectures": ["NewModel"], "model_type": "new",
+        "architectures": [arch], "model_type": "new",
         "auto_map": {"AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig",
                      "AutoModel": "Alibaba-NLP/new-impl--modeling.NewModel"},
         "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
@@ -135,6 +149,11 @@ def test_gte_v15_as_published_new_model_with_ntk_rope(tmp_path, packed):
         "rope_scaling": {"type": "ntk", "factor": 2.0}, "pack_qkv": packed, "logn_attention_scale": False,
         "unpad_inputs": False, "use_memory_efficient_attention": False,
     }
+    if arch == "NewForMaskedLM":
+        tensors = _as_head_checkpoint(tensors, "new.", {
+            "lm_head.transform.dense.weight": torch.randn(c.hidden_size, c.hidden_size),
+            "lm_head.decoder.weight": torch.randn(c.vocab_size, c.hidden_size),
+            "lm_head.decoder.bias": torch.randn(c.vocab_size)})
     _remote_folder(tmp_path / "native", tmp_path / "remote", config, tensors)
     got = embed_with(tmp_path / "remote", TEXTS)
     ref = hf_embed(model, tmp_path / "native", TEXTS, pooling="mean")

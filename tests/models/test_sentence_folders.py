@@ -80,6 +80,31 @@ def test_configured_prompts_join_the_folders_and_may_name_the_default(qwen3_fold
                                                default_prompt_name="passage")))
 
 
+def test_a_folders_default_prompt_name_applies_when_a_request_names_none(tmp_path):
+    """config_sentence_transformers.json's default_prompt_name (as some published folders set it): a request
+    without prompt_name gets that prompt, as SentenceTransformer.encode does; naming another prompt overrides it."""
+    from sentence_transformers import SentenceTransformer
+
+    build_tiny_decoder(tmp_path, "qwen3", pooling="last", normalize=True, seed=12)
+    (tmp_path / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": PROMPTS, "default_prompt_name": "query", "similarity_fn_name": "cosine"}))
+    texts = mixed_texts(8, seed=13)
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    assert st.default_prompt_name == "query"
+    engine = Engine(EngineConfig(model=model_config(tmp_path)))
+    engine.start()
+    try:
+        got = asyncio.run(engine.embed(texts)).vectors
+        plain = asyncio.run(engine.embed(texts, EmbedOptions(prompt_name="document"))).vectors
+    finally:
+        engine.shutdown()
+    torch.testing.assert_close(got, st.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, st.encode(texts, prompt=PROMPTS["query"], convert_to_tensor=True),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(plain, st.encode(texts, prompt="", convert_to_tensor=True), atol=1e-5, rtol=1e-4)
+    assert F.cosine_similarity(got, plain).max() < 0.999  # the default prompt really changed the vectors
+
+
 def add_dense(folder, index: int, n_in: int, n_out: int, seed: int) -> dict:
     from safetensors.torch import save_file
 

@@ -1,16 +1,19 @@
 """The server over loopback vs sentence-transformers ``encode`` in-process, on the same corpus, in one run.
 
-    python benchmarks/bench_http.py [--seconds 10] [--model DIR] [-- extra serve flags]
+    python benchmarks/bench_http.py [--seconds 5] [--windows 3] [--model DIR] [-- extra serve flags]
 
-Starts ``embedserve serve`` on 127.0.0.1, then for a bounded time per shape sends requests from a light
-keep-alive HTTP/1.1 client (so the load generator takes little of the CPU the server needs):
+Starts ``embedserve serve`` on 127.0.0.1, then sends requests from a light keep-alive HTTP/1.1 client (so the
+load generator takes little of the CPU the server needs), ``--windows`` windows of ``--seconds`` per shape,
+the shapes taken in turn within each round (so the host's drift reaches every shape alike):
 
 - 1 text per request at concurrency 32, and 32 texts per request at concurrency 4, float and base64;
 - a single short text at concurrency 1 (the latency floor).
 
-Prints tokens/s, p50/p99 latency and, for throughput shapes, the ratio to sentence-transformers in-process;
-then the same engine, built from the same flags, driven in-process at 32 texts x 4 concurrent requests, beside
-the server's 32 x 4 rows: what HTTP, JSON and the response encoding cost on top of the engine.
+Prints each shape's median over its windows of tokens/s, p50 and p99 latency (and the windows' tokens/s range)
+and, for throughput shapes, the ratio to sentence-transformers in-process (the median of three ``encode`` runs
+in this same run); then the same engine, built from the same flags, driven in-process at 32 texts x 4
+concurrent requests for the same windows, beside the server's 32 x 4 rows: what HTTP, JSON and the response
+encoding cost on top of the engine.
 """
 
 from __future__ import annotations
@@ -109,9 +112,9 @@ def st_tokens_per_s(model_dir: str, texts: list[str], repeats: int = 3) -> float
 
 
 def engine_tokens_per_s(serve_flags: list[str], env: dict[str, str], batches: list[list[str]], concurrency: int,
-                        seconds: float) -> float:
+                        seconds: float, windows: int) -> float:
     """The engine the server would build from these flags and variables, driven in-process by ``concurrency``
-    coroutines sending ``batches`` for ``seconds``: HTTP's baseline."""
+    coroutines sending ``batches``, ``windows`` windows of ``seconds``: HTTP's baseline (the median window)."""
     from embedserve.cli import build_config, build_parser
     from embedserve.engine.front import Engine
 
@@ -136,14 +139,23 @@ def engine_tokens_per_s(serve_flags: list[str], env: dict[str, str], batches: li
         return tokens / (time.perf_counter() - started)
 
     try:
-        return asyncio.run(drive())
+        return statistics.median(asyncio.run(drive()) for _ in range(windows))
     finally:
         engine.shutdown()
 
 
+def summarize(windows: list[dict]) -> dict:
+    """Medians over a shape's windows (tokens/s, p50, p99), their tokens/s range, requests and errors summed."""
+    return {"tok_s": statistics.median(w["tok_s"] for w in windows),
+            "p50": statistics.median(w["p50"] for w in windows), "p99": statistics.median(w["p99"] for w in windows),
+            "low": min(w["tok_s"] for w in windows), "high": max(w["tok_s"] for w in windows),
+            "requests": sum(w["requests"] for w in windows), "errors": sum(w["errors"] for w in windows)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per window")
+    ap.add_argument("--windows", type=int, default=3, help="windows per shape (medians are reported)")
     ap.add_argument("--model", default=None)
     ap.add_argument("serve_flags", nargs="*")
     args = ap.parse_args()
@@ -160,34 +172,38 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, run_server(Path(tmp), *flags) as server:
         port = int(server.url.rsplit(":", 1)[1])
-        rows = []
         singles = [[t] for t in corpus]
         thirty_twos = [corpus[i : i + 32] for i in range(0, len(corpus), 32)]
         short = [["what is an embedding?"]]
-        for name, batches, conc in (("1 text x 32 clients", singles, 32), ("32 texts x 4 clients", thirty_twos, 4)):
-            for fmt in ("float", "base64"):
-                rows.append((name, fmt, asyncio.run(load(port, batches, conc, fmt, args.seconds))))
-        floor = asyncio.run(load(port, short, 1, "float", min(args.seconds, 5.0)))
+        loads = (("1 text x 32 clients", singles, 32), ("32 texts x 4 clients", thirty_twos, 4))
+        shapes = [(name, fmt, batches, conc) for name, batches, conc in loads for fmt in ("float", "base64")]
+        shapes.append(("single short text", "float", short, 1))
+        seen: dict[tuple[str, str], list[dict]] = {(name, fmt): [] for name, fmt, _, _ in shapes}
+        for _ in range(args.windows):
+            for name, fmt, batches, conc in shapes:
+                seen[name, fmt].append(asyncio.run(load(port, batches, conc, fmt, args.seconds)))
+        rows = [(name, fmt, summarize(seen[name, fmt])) for name, fmt, _, _ in shapes[:-1]]
+        floor = summarize(seen["single short text", "float"])
 
     # The tests' launcher gives the server no EMBEDSERVE_* variables but float32 on a CPU; the same here.
     import torch
 
     env = {} if torch.cuda.is_available() else {"EMBEDSERVE_DTYPE": "float32"}
-    in_process = engine_tokens_per_s(flags, env, thirty_twos, 4, args.seconds)
+    in_process = engine_tokens_per_s(flags, env, thirty_twos, 4, args.seconds, args.windows)
     st = st_tokens_per_s(model_dir, corpus)
-    print(f"corpus: {len(corpus)} mixed texts; {args.seconds:.0f} s per shape; sentence-transformers "
-          f"in-process: {st:.0f} tok/s")
-    print(f"{'shape':24s} {'format':7s} {'tok/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'reqs':>6s} {'errors':>6s} "
-          f"{'vs ST':>6s}")
+    print(f"corpus: {len(corpus)} mixed texts; {args.windows} windows of {args.seconds:.0f} s per shape (medians); "
+          f"sentence-transformers in-process: {st:.0f} tok/s (median of 3)")
+    print(f"{'shape':24s} {'format':7s} {'tok/s':>8s} {'range':>13s} {'p50 ms':>8s} {'p99 ms':>8s} {'reqs':>6s} "
+          f"{'errors':>6s} {'vs ST':>6s}")
     for name, fmt, r in rows:
-        print(f"{name:24s} {fmt:7s} {r['tok_s']:8.0f} {r['p50']:8.1f} {r['p99']:8.1f} {r['requests']:6d} "
-              f"{r['errors']:6d} {r['tok_s'] / st:5.2f}x")
+        print(f"{name:24s} {fmt:7s} {r['tok_s']:8.0f} {r['low']:6.0f}-{r['high']:<6.0f} {r['p50']:8.1f} "
+              f"{r['p99']:8.1f} {r['requests']:6d} {r['errors']:6d} {r['tok_s'] / st:5.2f}x")
     for name, fmt, r in rows:
         if name.startswith("32 texts"):
             print(f"32 texts x 4, {fmt:6s}: HTTP {r['tok_s']:.0f} tok/s, engine in-process {in_process:.0f} tok/s: "
                   f"HTTP at {r['tok_s'] / in_process:.2f}x of the engine")
-    print(f"single short text, 1 client: p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms "
-          f"({floor['requests']} requests, {floor['errors']} errors)")
+    print(f"single short text, 1 client: p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms (medians of "
+          f"{args.windows} windows; {floor['requests']} requests, {floor['errors']} errors)")
 
 
 if __name__ == "__main__":

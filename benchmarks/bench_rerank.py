@@ -48,8 +48,9 @@ def minilm_cross_encoder(directory: Path) -> Path:
     model = transformers.BertForSequenceClassification(config)
     encoder = {f"bert.{k}": v for k, v in load_file(src / "model.safetensors").items()}
     missing = model.load_state_dict(encoder, strict=False).missing_keys
-    assert set(missing) <= {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
-                            "bert.pooler.dense.bias"}, missing
+    if not set(missing) <= {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
+                            "bert.pooler.dense.bias"}:
+        raise SystemExit(f"MiniLM's encoder did not fit BertForSequenceClassification: missing {missing}")
     model.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(src / name, directory / name)

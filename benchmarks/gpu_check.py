@@ -399,9 +399,11 @@ def rerank(r: Report, folder: Path, device: str, quick: bool) -> dict:
         row = {"engine_ms": 1000 * es, "cross_encoder_ms": 1000 * st_best, "ratio": st_best / es,
                "max_abs_score_diff": float((got - ref).abs().max()), f"top{top}_shared": same_top}
         out[dtype] = row
-        r.say(f"rerank 1 x {len(pairs)}, {dtype}: engine {row['engine_ms']:.1f} ms vs CrossEncoder {row['cross_encoder_ms']:.1f}"
-              f" ms ({row['ratio']:.2f}x), max |score diff| {row['max_abs_score_diff']:.4f}, top-{top} shared {same_top}")
-        r.target(f"rerank 1 x {len(pairs)} engine / CrossEncoder ({dtype})", row["ratio"], "reported, no target yet", None)
+        r.say(f"rerank 1 x {len(pairs)}, {dtype}: engine {row['engine_ms']:.1f} ms vs CrossEncoder "
+              f"{row['cross_encoder_ms']:.1f} ms ({row['ratio']:.2f}x), max |score diff| "
+              f"{row['max_abs_score_diff']:.4f}, top-{top} shared {same_top}")
+        r.target(f"rerank 1 x {len(pairs)} engine / CrossEncoder ({dtype})", row["ratio"], "reported, no target yet",
+                 None)
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -617,16 +619,16 @@ def _section_plan(name: str, r: Report, env: dict, state: dict) -> Callable[[], 
     device, quick, work = state["device"], state["quick"], Path(state["work"])
     minilm, earlier = Path(state["minilm"]), state.get("earlier", {})
     st_minilm = (earlier.get("engine_vs_st") or {}).get("all-MiniLM-L6-v2/bfloat16", {}).get("st_tok_s")
+    pair = {"all-MiniLM-L6-v2": minilm, "bert-base-random": work / "bert-base-random"}
     plan = {
         "machine": lambda: machine(r, device),
         "gpu_tests": lambda: gpu_tests(r, env, device, quick, state["gpu_tests_limit"]),
         "pool_encode": lambda: pool_encode(r, device, quick),
-        "engine_vs_st": lambda: engine_vs_st(r, {"all-MiniLM-L6-v2": minilm, "bert-base-random": bert_base_folder(work)},
-                                             device, quick),
+        "engine_vs_st": lambda: engine_vs_st(r, {**pair, "bert-base-random": bert_base_folder(work)}, device, quick),
         "bert_base_mfu": lambda: bert_base_mfu(r, bert_base_folder(work), device, quick),
         "rerank": lambda: rerank(r, cross_encoder_folder(work, minilm), device, quick),
-        "two_models": lambda: two_models(r, {"all-MiniLM-L6-v2": minilm, "bert-base-random": bert_base_folder(work)},
-                                         device, quick, earlier.get("engine_vs_st") or {}),
+        "two_models": lambda: two_models(r, {**pair, "bert-base-random": bert_base_folder(work)}, device, quick,
+                                         earlier.get("engine_vs_st") or {}),
         "http": lambda: http(r, env, minilm, device, quick, st_minilm),
         "served_image_path": lambda: served_image_path(r, env, minilm, device),
     }

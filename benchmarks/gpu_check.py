@@ -619,16 +619,18 @@ def _section_plan(name: str, r: Report, env: dict, state: dict) -> Callable[[], 
     device, quick, work = state["device"], state["quick"], Path(state["work"])
     minilm, earlier = Path(state["minilm"]), state.get("earlier", {})
     st_minilm = (earlier.get("engine_vs_st") or {}).get("all-MiniLM-L6-v2/bfloat16", {}).get("st_tok_s")
-    pair = {"all-MiniLM-L6-v2": minilm, "bert-base-random": work / "bert-base-random"}
+
+    def both_models() -> dict[str, Path]:
+        return {"all-MiniLM-L6-v2": minilm, "bert-base-random": bert_base_folder(work)}
+
     plan = {
         "machine": lambda: machine(r, device),
         "gpu_tests": lambda: gpu_tests(r, env, device, quick, state["gpu_tests_limit"]),
         "pool_encode": lambda: pool_encode(r, device, quick),
-        "engine_vs_st": lambda: engine_vs_st(r, {**pair, "bert-base-random": bert_base_folder(work)}, device, quick),
+        "engine_vs_st": lambda: engine_vs_st(r, both_models(), device, quick),
         "bert_base_mfu": lambda: bert_base_mfu(r, bert_base_folder(work), device, quick),
         "rerank": lambda: rerank(r, cross_encoder_folder(work, minilm), device, quick),
-        "two_models": lambda: two_models(r, {**pair, "bert-base-random": bert_base_folder(work)}, device, quick,
-                                         earlier.get("engine_vs_st") or {}),
+        "two_models": lambda: two_models(r, both_models(), device, quick, earlier.get("engine_vs_st") or {}),
         "http": lambda: http(r, env, minilm, device, quick, st_minilm),
         "served_image_path": lambda: served_image_path(r, env, minilm, device),
     }

@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 _REFUSALS = ("only supports ampere", "flashattention only supports", "no kernel image is available",
              "sm_80", "compute capability", "not supported on this gpu", "unsupported gpu")
 
-
 # How Triton says that it cannot build its launcher: no compiler, no Python headers, no libcuda to link.
 _NO_LAUNCHER = ("failed to find c compiler", "cannot find -lcuda", "python.h", "libcuda.so",
                 "compilation failed", "calledprocesserror", "cc: not found", "gcc: not found")

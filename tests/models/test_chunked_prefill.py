@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from embedserve.config import EngineConfig, SchedulerConfig
 from embedserve.engine.front import Engine
 from on_device import ON_CUDA, cos_min, model_config
+from polling import until_async
 from tiny import build_tiny_decoder, hf_embed_each, long_text, mixed_texts
 
 pytestmark = pytest.mark.gpu  # runs on EMBEDSERVE_TEST_DEVICE
@@ -63,13 +64,6 @@ def hold_chunks_until_waiting(engine: Engine, inputs: int, forward=None) -> list
     return held
 
 
-async def until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.002)
-
-
 def run(engine: Engine, groups):
     async def go():
         return await asyncio.gather(*(engine.embed(g) for g in groups))
@@ -117,7 +111,7 @@ def test_chunks_interleave_with_short_requests(folder):
 
     async def go():
         long = asyncio.create_task(engine.embed([long_text(2000, seed=3)]))
-        await until(lambda: sum(engine.queue_stats()[:3:2]) > 0, "the long input queued")  # it goes first
+        await until_async(lambda: sum(engine.queue_stats()[:3:2]) > 0, "the long input queued")  # it goes first
         short = asyncio.gather(*(engine.embed([t]) for t in shorts))
         return [await long, *await short]
 
@@ -136,11 +130,11 @@ def test_cancelling_a_long_input_frees_its_cache(folder):
 
     async def go():
         task = asyncio.create_task(engine.embed([long_text(LONG, seed=2)]))
-        await until(lambda: engine.runner.kv_inputs > 0, "a chunk's keys cached")
+        await until_async(lambda: engine.runner.kv_inputs > 0, "a chunk's keys cached")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await until(lambda: engine.runner.kv_inputs == 0 and engine.scheduler.stats.kv_tokens == 0,
+        await until_async(lambda: engine.runner.kv_inputs == 0 and engine.scheduler.stats.kv_tokens == 0,
                     "the cancelled input's cache freed")
 
     try:
@@ -177,7 +171,7 @@ def test_out_of_memory_after_a_chunk_ran_retries_it_from_where_it_was(folder):
         long = asyncio.create_task(engine.embed([text]))
         # The long input is queued first; its first chunk's step waits until the short ones wait too, so they
         # join its later chunks.
-        await until(lambda: sum(engine.queue_stats()[:3:2]) > 0, "the long input queued")
+        await until_async(lambda: sum(engine.queue_stats()[:3:2]) > 0, "the long input queued")
         short = [asyncio.create_task(engine.embed([t])) for t in shorts]
         return await long, await asyncio.gather(*short)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from on_device import model_config
+from polling import until
 from tiny import build_tiny_encoder
 from embedserve.config import EngineConfig, SchedulerConfig
 from embedserve.engine.front import Engine
@@ -390,12 +391,6 @@ def test_an_idle_cpu_engine_hands_its_free_heap_back_once_per_burst(tiny_dir, mo
     real_free = e.worker.runner.free
     e.worker.runner.free = lambda released: loops.append(True) or real_free(released)
     expected = 1 if e.device.type == "cpu" else 0
-
-    def until(condition, what):
-        deadline = time.monotonic() + 30
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.002)
 
     def idle_passes(n: int = 2) -> None:
         """Wake the idle engine thread ``n`` times (a cancel of no request) and wait for each pass of its loop:

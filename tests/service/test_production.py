@@ -11,6 +11,7 @@ import time
 
 import httpx
 
+from polling import until_async
 from serving import run_server
 
 
@@ -86,10 +87,8 @@ def test_a_failing_forward_pass_fails_its_batch_with_500_and_the_server_keeps_se
 
 async def wait_for_log(server, text: str, timeout: float = 60) -> None:
     """Until the server's log holds ``text`` (polled, ``timeout`` seconds at most)."""
-    deadline = time.monotonic() + timeout
-    while text not in server.output():
-        assert time.monotonic() < deadline, f"no {text!r} in the log within {timeout} s:\n{server.output()[-2000:]}"
-        await asyncio.sleep(0.02)
+    await until_async(lambda: text in server.output(), lambda: f"{text!r} in the log:\n{server.output()[-2000:]}",
+                      timeout)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):

@@ -19,18 +19,12 @@ import numpy as np
 import pytest
 
 from fakehub import FakeHub
+from polling import until
 from serving import run_server
 from tiny import MINILM_DIR, build_tiny_cross_encoder, build_tiny_encoder
 
 QUERY = "which passage answers the question"
 TEXTS = ["a passage about search", "something else entirely", "the question's answer"]
-
-
-def until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
 
 
 def metrics(server) -> str:

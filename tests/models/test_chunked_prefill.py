@@ -44,9 +44,10 @@ def engine_for(path, chunk: int | None, batch_tokens: int = 8192, dtype: str = "
 
 
 def hold_chunks_until_waiting(engine: Engine, inputs: int, forward=None) -> list[bool]:
-    """The engine thread's first step that carries a chunk waits (polling, 60 s at most) until ``inputs`` inputs
-    wait in the queue: short inputs then surely share the later chunks' steps, whatever the thread timing.
-    Returns a list that gets True once the wait ended with them queued (False: the 60 s ran out)."""
+    """The engine thread's first step that carries a chunk waits (polling, 60 s at most) until the long input and
+    ``inputs`` short ones have all reached the scheduler (waiting, or in this very step when they arrived before
+    it was formed): short inputs then surely share chunk steps, whatever the thread timing. Returns a list that
+    gets True once the wait ended with them there (False: the 60 s ran out)."""
     encoder = engine.model.encoder
     inner = forward or encoder.forward
     held = []
@@ -55,9 +56,10 @@ def hold_chunks_until_waiting(engine: Engine, inputs: int, forward=None) -> list
         caches = args[4] if len(args) > 4 else kw.get("caches")
         if not held and caches and any(c is not None for c in caches):
             deadline = time.monotonic() + 60
-            while engine.scheduler.stats.waiting_inputs < inputs and time.monotonic() < deadline:
+            stats = engine.scheduler.stats
+            while stats.waiting_inputs + stats.running_inputs < inputs + 1 and time.monotonic() < deadline:
                 time.sleep(0.002)
-            held.append(engine.scheduler.stats.waiting_inputs >= inputs)
+            held.append(stats.waiting_inputs + stats.running_inputs >= inputs + 1)
         return inner(*args, **kw)
 
     encoder.forward = gated

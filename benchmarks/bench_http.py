@@ -7,11 +7,13 @@ load generator takes little of the CPU the server needs), ``--windows`` windows 
 the shapes taken in turn within each round (so the host's drift reaches every shape alike):
 
 - 1 text per request at concurrency 32, and 32 texts per request at concurrency 4, float and base64;
+- 32 texts per request at concurrency 4 in the integer output types int8 and ubinary (issue 27: fewer bytes on
+  the wire than base64 float; their calibration is run by one request before any window);
 - a single short text at concurrency 1 (the latency floor).
 
 Prints each shape's median over its windows of tokens/s, p50 and p99 latency (and the windows' tokens/s range)
-and, for throughput shapes, the ratio to sentence-transformers in-process (the median of three ``encode`` runs
-in this same run); then the same engine, built from the same flags, driven in-process at 32 texts x 4
+and the mean answer size, and, for throughput shapes, the ratio to sentence-transformers in-process (the median
+of three ``encode`` runs in this same run); then the same engine, built from the same flags, driven in-process at 32 texts x 4
 concurrent requests for the same windows, beside the server's 32 x 4 rows: what HTTP, JSON and the response
 encoding cost on top of the engine.
 """
@@ -32,6 +34,9 @@ from timing import cpu_line  # noqa: E402
 sys.path.insert(0, str(ROOT.parent / "tests"))  # serving.py's own imports (on_device)
 sys.path.insert(0, str(ROOT.parent / "tests" / "service"))
 from corpus import mixed_corpus  # noqa: E402
+
+
+INTEGER_TYPES = ("int8", "ubinary")
 
 
 class Conn:
@@ -68,11 +73,12 @@ async def load(port: int, batches: list[list[str]], concurrency: int, fmt: str, 
     latencies: list[float] = []
     tokens = 0
     errors = 0
+    answered = 0  # bytes of the 200 answers
     deadline = time.perf_counter() + seconds
     counter = iter(range(10**9))
 
     async def worker() -> None:
-        nonlocal tokens, errors
+        nonlocal tokens, errors, answered
         conn = await Conn.open("127.0.0.1", port)
         try:
             while time.perf_counter() < deadline:
@@ -86,6 +92,7 @@ async def load(port: int, batches: list[list[str]], concurrency: int, fmt: str, 
                     continue
                 # Reading usage is enough to count; vector checks are the tests' job.
                 tokens += json.loads(payload)["usage"]["total_tokens"]
+                answered += len(payload)
         finally:
             conn.close()
 
@@ -94,7 +101,9 @@ async def load(port: int, batches: list[list[str]], concurrency: int, fmt: str, 
     elapsed = time.perf_counter() - started
     latencies.sort()
     p = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"tok_s": tokens / elapsed, "p50": p(0.50), "p99": p(0.99), "requests": len(latencies), "errors": errors}
+    ok = len(latencies) - errors
+    return {"tok_s": tokens / elapsed, "p50": p(0.50), "p99": p(0.99), "requests": len(latencies), "errors": errors,
+            "bytes": answered / max(1, ok)}
 
 
 def st_tokens_per_s(model_dir: str, texts: list[str], repeats: int = 3) -> float:
@@ -149,7 +158,8 @@ def summarize(windows: list[dict]) -> dict:
     return {"tok_s": statistics.median(w["tok_s"] for w in windows),
             "p50": statistics.median(w["p50"] for w in windows), "p99": statistics.median(w["p99"] for w in windows),
             "low": min(w["tok_s"] for w in windows), "high": max(w["tok_s"] for w in windows),
-            "requests": sum(w["requests"] for w in windows), "errors": sum(w["errors"] for w in windows)}
+            "requests": sum(w["requests"] for w in windows), "errors": sum(w["errors"] for w in windows),
+            "bytes": statistics.median(w["bytes"] for w in windows)}
 
 
 def main() -> None:
@@ -177,7 +187,13 @@ def main() -> None:
         short = [["what is an embedding?"]]
         loads = (("1 text x 32 clients", singles, 32), ("32 texts x 4 clients", thirty_twos, 4))
         shapes = [(name, fmt, batches, conc) for name, batches, conc in loads for fmt in ("float", "base64")]
+        shapes += [("32 texts x 4 clients", fmt, thirty_twos, 4) for fmt in INTEGER_TYPES]
         shapes.append(("single short text", "float", short, 1))
+        for fmt in INTEGER_TYPES:  # the int8 ranges are calibrated on the first such request: not in a window
+            import httpx
+
+            httpx.post(server.url + "/v1/embeddings", json={"input": "x", "model": "m", "encoding_format": fmt},
+                       timeout=600).raise_for_status()
         seen: dict[tuple[str, str], list[dict]] = {(name, fmt): [] for name, fmt, _, _ in shapes}
         for _ in range(args.windows):
             for name, fmt, batches, conc in shapes:
@@ -194,10 +210,16 @@ def main() -> None:
     print(f"corpus: {len(corpus)} mixed texts; {args.windows} windows of {args.seconds:.0f} s per shape (medians); "
           f"sentence-transformers in-process: {st:.0f} tok/s (median of 3)")
     print(f"{'shape':24s} {'format':7s} {'tok/s':>8s} {'range':>13s} {'p50 ms':>8s} {'p99 ms':>8s} {'reqs':>6s} "
-          f"{'errors':>6s} {'vs ST':>6s}")
+          f"{'errors':>6s} {'KB/ans':>7s} {'vs ST':>6s}")
     for name, fmt, r in rows:
         print(f"{name:24s} {fmt:7s} {r['tok_s']:8.0f} {r['low']:6.0f}-{r['high']:<6.0f} {r['p50']:8.1f} "
-              f"{r['p99']:8.1f} {r['requests']:6d} {r['errors']:6d} {r['tok_s'] / st:5.2f}x")
+              f"{r['p99']:8.1f} {r['requests']:6d} {r['errors']:6d} {r['bytes'] / 1024:7.1f} {r['tok_s'] / st:5.2f}x")
+    by = {(name, fmt): r for name, fmt, r in rows}
+    b64 = by["32 texts x 4 clients", "base64"]
+    for fmt in INTEGER_TYPES:
+        r = by["32 texts x 4 clients", fmt]
+        print(f"32 texts x 4, {fmt} / base64 float: {r['tok_s'] / b64['tok_s']:.2f}x the tokens/s, "
+              f"{r['bytes'] / b64['bytes']:.2f}x the bytes per answer")
     for name, fmt, r in rows:
         if name.startswith("32 texts"):
             print(f"32 texts x 4, {fmt:6s}: HTTP {r['tok_s']:.0f} tok/s, engine in-process {in_process:.0f} tok/s: "

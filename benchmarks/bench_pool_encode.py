@@ -18,7 +18,13 @@ import torch
 
 from embedserve.kernels.attention import select_backend
 from embedserve.kernels.linear import LinearPlan, select_linear_backend
-from embedserve.kernels.pool_encode import b64_lengths, pool_encode_torch, pool_encode_triton, triton_available
+from embedserve.kernels.pool_encode import (
+    ENCODINGS,
+    encoded_lengths,
+    pool_encode_torch,
+    pool_encode_triton,
+    triton_available,
+)
 from embedserve.models.bert import BertArgs, BertModel
 from embedserve.models.encoder import Kernels
 
@@ -50,7 +56,7 @@ def measure(T: int, H: int, B: int, dtype: torch.dtype, device: torch.device) ->
     ones = torch.ones(B, dtype=torch.bool, device=device)
     out: dict = {"device": device.type, "tokens": T, "hidden": H, "rows": B, "dtype": str(dtype).removeprefix("torch.")}
     out["twin_ms"] = timed_ms(lambda: pool_encode_torch(hidden, cu, "mean", dims, ones, ones), device)
-    moved = T * H * hidden.element_size() + B * H * 4 + int(b64_lengths(dims, ones).sum())
+    moved = T * H * hidden.element_size() + B * H * 4 + int(encoded_lengths(dims, ones).sum())
     out["bytes_moved"] = moved
     if device.type == "cuda" and triton_available():
         out["kernel_ms"] = timed_ms(lambda: pool_encode_triton(hidden, cu, "mean", dims, ones, ones), device)
@@ -61,6 +67,13 @@ def measure(T: int, H: int, B: int, dtype: torch.dtype, device: torch.device) ->
         out["kernel_gbs"] = moved / out["kernel_ms"] / 1e6
         out["kernel_share_of_copy"] = out["kernel_gbs"] / out["copy_gbs"]
         del src, dst
+        # The integer output types in the same launch (issue 27): int8 with ranges, ubinary.
+        ranges = torch.stack([-torch.ones(H), torch.ones(H)]).unsqueeze(0).to(device)
+        rows = torch.zeros(B, dtype=torch.int32, device=device)
+        for name in ("int8", "ubinary"):
+            codes = torch.full((B,), ENCODINGS[name], dtype=torch.int32, device=device)
+            out[f"kernel_{name}_ms"] = timed_ms(lambda: pool_encode_triton(
+                hidden, cu, "mean", dims, ones, codes, ranges=ranges, range_rows=rows), device)
 
     # A BERT-base-shaped encoder (12 layers, 768 wide, 12 heads) over the same packed tokens.
     bert = BertArgs(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
@@ -105,6 +118,8 @@ def main() -> None:
         print(f"triton kernel:  {r['kernel_ms']:.3f} ms, {r['kernel_gbs']:.0f} GB/s = "
               f"{100 * r['kernel_share_of_copy']:.0f}% of copy")
         print(f"torch twin:     {r['twin_ms']:.3f} ms ({r['twin_ms'] / r['kernel_ms']:.1f}x the kernel)")
+        print(f"same launch, int8 instead of base64: {r['kernel_int8_ms']:.3f} ms; "
+              f"ubinary: {r['kernel_ubinary_ms']:.3f} ms")
     else:
         print(f"torch twin:     {r['twin_ms']:.2f} ms ({r['bytes_moved'] / r['twin_ms'] / 1e6:.1f} GB/s); no CUDA: the "
               "Triton kernel is checked for correctness under TRITON_INTERPRET=1, not timed")

@@ -136,8 +136,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--revision", help="Hub ids: the branch, tag or commit to serve; default: main")
     f.add("--config", help="a TOML file of [[model]] tables (name, model, and per model: revision, dtype, quantize, "
           "kind, device, attention, max_batch_tokens, max_batch_requests, chunk_tokens, max_kv_tokens, truncate, "
-          "prompts = {NAME = TEXT}, default_prompt_name); its models are served after any --model ones, each "
-          "with these flags for what it does not set",
+          "int8_calibration, prompts = {NAME = TEXT}, default_prompt_name); its models are served after any "
+          "--model ones, each with these flags for what it does not set",
           metavar="FILE")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
@@ -163,6 +163,10 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           help="how token-id inputs are read: "
           "cl100k = OpenAI tiktoken ids (what OpenAI clients send), decoded to text; model = ids of the served "
           "model's own tokenizer, used as given")
+    f.add("--int8-calibration", metavar="FILE",
+          help="the texts (one per line) whose vectors set the int8 and uint8 output types' per-dimension ranges "
+          "(measured once per model and width, on the first such request); default: a built-in set of 1,200 "
+          "varied texts")
     f.group("batching", "how inputs are packed into forward passes")
     f.add("--max-batch-tokens", type=int, help="tokens packed into one forward pass; default: "
           + ", ".join(f"{n} on {d.upper()}" for d, n in DEFAULT_BATCH_TOKENS.items()))
@@ -355,6 +359,7 @@ def _engine_config(args: argparse.Namespace, model: str, *, revision: str | None
             max_kv_tokens=args.max_kv_tokens,
         ),
         truncate=args.truncate,
+        int8_calibration=args.int8_calibration,
         token_ids=args.token_ids,
         max_tokens_per_request=args.max_tokens_per_request,
         max_input_tokens=args.max_input_tokens,

@@ -118,6 +118,8 @@ class EngineConfig:
     fault_kind: str = "error"
     """Testing only: how that pass fails: "error" (that step's requests get 500), "fatal" (as a lost CUDA
     context: the engine stops and the process exits), "oom" (as torch.OutOfMemoryError: the step is split)."""
+    int8_calibration: str | None = None
+    """The int8 / uint8 output types' calibration texts: a file of one text per line; None: the built-in set."""
     token_ids: str = "cl100k"
     """How token-id inputs are read: "cl100k" (OpenAI clients' tiktoken ids, decoded to text) or "model"
     (ids of the served model's own tokenizer, used as given)."""

@@ -14,7 +14,7 @@ import msgspec
 
 from embedserve.errors import InvalidRequest, clip, quoted
 
-ENCODING_FORMATS = ("float", "base64")
+ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 
 
 def _loose(description: str, *shapes: dict) -> Any:
@@ -34,8 +34,11 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
                   _STR, _STRS, _IDS, {"type": "array", "items": _IDS, "minItems": 1})
     model: Annotated[str, msgspec.Meta(description="The served model's name (GET /v1/models lists them).")]
     encoding_format: Annotated[str | None, msgspec.Meta(
-        description="float (default) or base64: standard base64 of the little-endian float32 bytes.",
-        extra_json_schema={"enum": ["float", "base64", None]})] = None
+        description="float (default); base64: standard base64 of the little-endian float32 bytes; int8 / uint8: one "
+                    "integer per value, scaled to the value's range over the server's calibration texts "
+                    "(-128..127 / 0..255); binary / ubinary: one bit per value (value > 0), most significant "
+                    "bit first, 8 to an integer (-128..127 / 0..255): the width must be a multiple of 8.",
+        extra_json_schema={"enum": [*ENCODING_FORMATS, None]})] = None
     dimensions: Annotated[int | None, msgspec.Meta(
         description="Keep the first k values, then L2-renormalise; 1 to the model's width.",
         extra_json_schema={"minimum": 1})] = None
@@ -54,9 +57,10 @@ class EmbeddingItem(msgspec.Struct, kw_only=True):
     object: Literal["embedding"] = "embedding"
     index: int
     # list[float], or msgspec.Raw holding the base64 string already encoded (only ever encoded, never decoded)
-    embedding: _loose("The vector: floats, or with encoding_format base64 a string of its little-endian float32 "
-                      "bytes.", {"type": "array", "items": {"type": "number"}},
-                      {"type": "string", "contentEncoding": "base64"})
+    embedding: _loose("The vector: floats; with encoding_format base64 a string of its little-endian float32 "
+                      "bytes; with int8, uint8, binary or ubinary a list of integers.",
+                      {"type": "array", "items": {"type": "number"}}, {"type": "string", "contentEncoding": "base64"},
+                      {"type": "array", "items": {"type": "integer", "minimum": -128, "maximum": 255}})
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -137,12 +141,20 @@ class RerankUsage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
 
 
-class BilledUnits(msgspec.Struct, kw_only=True):
-    search_units: int
+class BilledUnits(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Cohere's: search units for a rerank, input tokens for an embed."""
+
+    search_units: int | None = None
+    input_tokens: int | None = None
 
 
-class RerankMeta(msgspec.Struct, kw_only=True):
+class ApiVersion(msgspec.Struct, kw_only=True):
+    version: str
+
+
+class CohereMeta(msgspec.Struct, kw_only=True, omit_defaults=True):
     billed_units: BilledUnits
+    api_version: ApiVersion | None = None
 
 
 class RerankResponse(msgspec.Struct, kw_only=True):
@@ -150,7 +162,7 @@ class RerankResponse(msgspec.Struct, kw_only=True):
     model: str
     results: list[RerankResult]
     usage: RerankUsage
-    meta: RerankMeta
+    meta: CohereMeta
 
 
 class TeiRank(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -231,7 +243,67 @@ class Status(msgspec.Struct, kw_only=True):
     status: str
 
 
+COHERE_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+COHERE_INPUT_TYPES = ("search_query", "search_document", "classification", "clustering")
+COHERE_TRUNCATE = ("NONE", "START", "END")
+
+
+class CohereEmbedRequest(msgspec.Struct, kw_only=True):
+    """Cohere's embed body (``POST /v1/embed``, ``/v2/embed``): texts only."""
+
+    texts: _loose("The texts to embed.", _STRS) = None
+    model: Annotated[str | None, msgspec.Meta(description="The served model's name.")] = None
+    input_type: Annotated[str | None, msgspec.Meta(
+        description="Picks the model's prompt: search_query -> its prompt named search_query, else query; "
+                    "search_document -> search_document, else document, else passage; classification and "
+                    "clustering -> the prompt of that name; otherwise (or absent, or that prompt empty) none, "
+                    "or the model's default prompt.",
+        extra_json_schema={"enum": [*COHERE_INPUT_TYPES, None]})] = None
+    embedding_types: Annotated[list[str] | None, msgspec.Meta(
+        description="Any of float, int8, uint8, binary, ubinary (as on /v1/embeddings' encoding_format) and "
+                    "base64 (little-endian float32). Default: float (v1: answered as embeddings_floats).",
+        extra_json_schema={"items": {"enum": list(COHERE_TYPES)}, "minItems": 1})] = None
+    output_dimension: Annotated[int | None, msgspec.Meta(
+        description="Keep the first k values, then L2-renormalise.", extra_json_schema={"minimum": 1})] = None
+    truncate: Annotated[str | None, msgspec.Meta(
+        description="END (default): an over-long text keeps its start; START: keeps its end; NONE: refused "
+                    "with 400.", extra_json_schema={"enum": [*COHERE_TRUNCATE, None]})] = None
+    images: Annotated[Any, msgspec.Meta(description="Not supported here: a 400.")] = None
+    inputs: Annotated[Any, msgspec.Meta(description="Not supported here (send texts): a 400.")] = None
+    max_tokens: Annotated[Any, msgspec.Meta(description="Not supported here (see truncate): a 400.")] = None
+
+
+class CohereEmbeddings(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"float_": "float"}):
+    """One list per type asked for, each with a row per text."""
+
+    float_: list[list[float]] | None = None
+    int8: list[list[int]] | None = None
+    uint8: list[list[int]] | None = None
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[Any] | None = None  # base64 strings, spliced in as made (msgspec.Raw)
+
+
+class CohereEmbedByType(msgspec.Struct, kw_only=True):
+    id: str
+    embeddings: CohereEmbeddings
+    texts: list[str]
+    meta: CohereMeta
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+
+
+class CohereEmbedFloats(msgspec.Struct, kw_only=True):
+    """v1 without embedding_types."""
+
+    id: str
+    embeddings: list[list[float]]
+    texts: list[str]
+    meta: CohereMeta
+    response_type: Literal["embeddings_floats"] = "embeddings_floats"
+
+
 request_decoder = msgspec.json.Decoder(EmbeddingRequest)
+cohere_embed_decoder = msgspec.json.Decoder(CohereEmbedRequest)
 rerank_decoder = msgspec.json.Decoder(RerankRequest)
 encoder = msgspec.json.Encoder()
 
@@ -405,3 +477,32 @@ def decode_rerank(body: bytes, *, max_items: int) -> tuple[RerankRequest, str, l
         raise InvalidRequest(f"max_tokens_per_doc must be a positive integer, got {req.max_tokens_per_doc}",
                              param="max_tokens_per_doc")
     return req, "tei" if tei else "cohere", texts
+
+
+def decode_cohere_embed(body: bytes, *, max_items: int) -> CohereEmbedRequest:
+    """A Cohere embed body, checked field by field (each failure a 400 naming its field)."""
+    req = _decode(cohere_embed_decoder, body, "`texts` and `input_type`")
+    for field in ("images", "inputs", "max_tokens"):
+        if getattr(req, field) is not None:
+            raise InvalidRequest(f"{field} is not supported by this server; send texts"
+                                 f"{' and truncate' if field == 'max_tokens' else ''}", param=field)
+    if not isinstance(req.texts, list) or not req.texts or not all(isinstance(t, str) for t in req.texts):
+        raise InvalidRequest("texts must be a non-empty array of strings", param="texts")
+    check_count("texts", len(req.texts), max_items)
+    if req.input_type is not None and req.input_type not in COHERE_INPUT_TYPES:
+        raise InvalidRequest(f"input_type must be one of {', '.join(COHERE_INPUT_TYPES)}, got "
+                             f"{quoted(req.input_type)}", param="input_type")
+    if req.embedding_types is not None:
+        if not req.embedding_types:
+            raise InvalidRequest("embedding_types must name at least one type", param="embedding_types")
+        for t in req.embedding_types:
+            if t not in COHERE_TYPES:
+                raise InvalidRequest(f"embedding_types may hold {', '.join(COHERE_TYPES)}, got {quoted(t)}",
+                                     param="embedding_types")
+    if req.truncate is not None and req.truncate not in COHERE_TRUNCATE:
+        raise InvalidRequest(f"truncate must be one of {', '.join(COHERE_TRUNCATE)}, got {quoted(req.truncate)}",
+                             param="truncate")
+    if req.output_dimension is not None and req.output_dimension < 1:
+        raise InvalidRequest(f"output_dimension must be a positive integer, got {req.output_dimension}",
+                             param="output_dimension")
+    return req

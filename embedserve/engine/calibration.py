@@ -1,4 +1,7 @@
-"""Text that int8 quantization calibrates on: what each linear layer's input channels reach on ordinary input.
+"""Text that calibration runs on.
+
+:data:`CALIBRATION_TEXTS`: what int8 weight quantization (``--quantize int8``) calibrates on: what each linear
+layer's input channels reach on ordinary input.
 
 Written for this purpose, varied on purpose: queries and passages, instructions, code, numbers and tables,
 several languages and scripts, short and long. Only the per-channel magnitudes are kept, so the exact words
@@ -6,6 +9,14 @@ matter little; that there is real text (and not one word repeated) matters a lot
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from embedserve.errors import ConfigError
+
+BUILT_IN = "the built-in set (embedserve/data/calibration.txt)"
 
 CALIBRATION_TEXTS: tuple[str, ...] = (
     "how do I reset my password",
@@ -49,3 +60,29 @@ CALIBRATION_TEXTS: tuple[str, ...] = (
     "once been late. Every morning he opened his shop at seven, wound every clock on the walls, and listened "
     "until they all agreed. One winter morning, one of them would not.",
 )
+
+
+@dataclass(frozen=True)
+class OutputCalibration:
+    """The texts the int8 / uint8 output types' per-dimension ranges are measured on, and where they came from."""
+
+    texts: tuple[str, ...]
+    source: str  # for the log
+
+    @classmethod
+    def load(cls, path: str | None) -> OutputCalibration:
+        """``path``: one text per line (blank lines skipped; ``--int8-calibration``); None: :data:`BUILT_IN`, at
+        least 1,000 varied texts shipped with the package (written by scripts/make_calibration_texts.py)."""
+        if path is None:
+            body = resources.files("embedserve.data").joinpath("calibration.txt").read_text(encoding="utf-8")
+            source = BUILT_IN
+        else:
+            try:
+                body = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"int8_calibration: cannot read {path}: {e}") from None
+            source = path
+        texts = tuple(line.strip() for line in body.splitlines() if line.strip())
+        if not texts:
+            raise ConfigError(f"int8_calibration: {path} holds no text (one text per line)")
+        return cls(texts, f"{source}: {len(texts)} texts")

@@ -10,6 +10,7 @@ a future it resolves; a request cancelled meanwhile (its client went away) drops
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from embedserve.config import EngineConfig
-from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver
+from embedserve.engine.calibration import OutputCalibration
+from embedserve.engine.interface import ENCODINGS, EmbedOptions, EmbedResult, StepObserver
 from embedserve.engine.loading import load
 from embedserve.engine.prepare import Preparer
 from embedserve.engine.tokenizer import run_abandonable
@@ -27,6 +29,9 @@ from embedserve.engine.turns import DeviceTurns
 from embedserve.engine.warmup import warm_up
 from embedserve.engine.worker import Worker
 from embedserve.errors import InvalidRequest, Overloaded, WrongModelKind
+from embedserve.kernels.pool_encode import ENCODINGS as ENCODING_CODES
+from embedserve.kernels.pool_encode import encode_rows
+from embedserve.kernels.quantize import ranges_of
 from embedserve.models.classifier import apply_activation
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,12 @@ class Engine:
                              fault_kind=config.fault_kind, on_fatal=on_fatal, turns=turns)
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
         self._pending_chars = 0  # waiting for or on the tokenisation pool (event-loop thread only)
+        self.calibration = OutputCalibration.load(config.int8_calibration)
+        self._calibrated: asyncio.Future | None = None  # the calibration texts' raw vectors [n, D]
+        self._ranges: dict[tuple[int, bool], torch.Tensor] = {}  # (width, normalised) -> [2, width]
+        if self.kind == "embedding":
+            log.info("%s: int8 / uint8 output ranges calibrate on %s, on the first request for them", self.name,
+                     self.calibration.source)
 
     @property
     def dimensions(self) -> int:
@@ -129,7 +140,58 @@ class Engine:
         truncate = self.config.truncate if options.truncate is None else options.truncate
 
         prompt = self.prompt(options.prompt_name)
-        return await self._submit(self._prep.texts, (inputs, truncate, prompt), dims, normalize, options.base64)
+        encodings = options.encodings
+        for name in encodings:
+            if name not in ENCODINGS:
+                raise InvalidRequest(f"unknown output type {name!r}; supported: {', '.join(ENCODINGS)}",
+                                     param="encoding_format")
+        if dims % 8 and {"binary", "ubinary"} & set(encodings):
+            raise InvalidRequest(f"binary and ubinary output pack 8 values per byte: the width must be a multiple "
+                                 f"of 8, and this request's is {dims}", param="dimensions")
+        ranges = await self._output_ranges(dims, normalize) if {"int8", "uint8"} & set(encodings) else None
+        first = encodings[0] if encodings else None
+        code = ENCODING_CODES[first] if first else 0
+        args = (inputs, truncate, prompt, options.truncate_start)
+        result = await self._submit(self._prep.texts, args, dims, normalize, code,
+                                    ranges if first in ("int8", "uint8") else None)
+        if len(encodings) > 1:  # the device made the first; the others from the same vectors, on the host
+            more = {name: encode_rows(result.vectors, name, ranges) for name in encodings[1:]}
+            result = dataclasses.replace(result, encoded={**result.encoded, **more})
+        return result
+
+    async def _output_ranges(self, dims: int, normalize: bool) -> torch.Tensor:
+        """int8 / uint8's per-dimension ``[2, dims]`` ranges for vectors cut to ``dims`` (and normalised or not):
+        the minimum and maximum over the calibration texts' vectors, embedded once per model as a request without
+        ``prompt_name`` would embed them; each (width, normalised) pair computed once from those and cached."""
+        key = (dims, normalize)
+        if key not in self._ranges:
+            failed = self._calibrated is not None and self._calibrated.done() and (
+                self._calibrated.cancelled() or self._calibrated.exception() is not None)
+            if self._calibrated is None or failed:  # a failed calibration is tried again by the next request
+                self._calibrated = asyncio.ensure_future(self._calibrate())
+            raw = await asyncio.shield(self._calibrated)  # a client that goes away leaves it running for the next
+            v = raw[:, :dims]
+            if normalize:
+                v = v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            self._ranges[key] = ranges_of(v)
+        return self._ranges[key]
+
+    async def _calibrate(self) -> torch.Tensor:
+        """The calibration texts' full-width vectors before normalisation, queued at most half the queue at a
+        time."""
+        started = time.perf_counter()
+        texts, prompt = self.calibration.texts, self.prompt(None)
+        parts, tokens = [], 0
+        size = max(1, self.info.max_queue // 2)
+        for i in range(0, len(texts), size):
+            batch = texts[i : i + size]
+            result = await self._submit(self._prep.texts, (batch, True, prompt), self.dimensions, False, 0, None,
+                                        limited=False)
+            parts.append(result.vectors)
+            tokens += result.total_tokens
+        log.info("%s: int8 / uint8 output ranges measured on %s (%d tokens) in %.1f s", self.name,
+                 self.calibration.source, tokens, time.perf_counter() - started)
+        return torch.cat(parts)
 
     async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
                     max_doc_tokens: int | None = None, route: str = "rerank") -> EmbedResult:
@@ -141,8 +203,7 @@ class Engine:
         if not pairs:
             raise InvalidRequest("there is nothing to score", param="documents")
         truncate = self.config.truncate if truncate is None else truncate
-        return await self._submit(self._prep.pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False,
-                                  False)
+        return await self._submit(self._prep.pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False)
 
     def scores(self, logits: torch.Tensor, *, raw: bool = False, activation: str | None = None) -> torch.Tensor:
         """:meth:`score`'s logits as scores: the model's declared activation, the one named, or raw."""
@@ -150,9 +211,10 @@ class Engine:
             return logits
         return apply_activation(logits, activation or self.model.classifier.activation)
 
-    async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, base64: bool) -> EmbedResult:
+    async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, encoding: int = 0,
+                      ranges: torch.Tensor | None = None, *, limited: bool = True) -> EmbedResult:
         """Tokenize on the pool (``prepare(*args)`` -> ids, or (ids, type starts)), queue every input, and
-        wait for the engine thread to finish them all."""
+        wait for the engine thread to finish them all. ``limited``: held to --max-tokens-per-request."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -164,14 +226,14 @@ class Engine:
         tokenized = time.perf_counter()
         counts = [len(x) for x in ids]
         limit = self.config.max_tokens_per_request
-        if limit is not None and sum(counts) > limit:
+        if limited and limit is not None and sum(counts) > limit:
             raise InvalidRequest(
                 f"The request holds {sum(counts)} tokens; this server accepts at most {limit} per request "
                 "(--max-tokens-per-request). Split it into smaller requests.",
                 param="input", code="request_too_large",
             )
-        rid, fut = self.worker.submit(loop, ids, type_starts, dims=dims, normalize=normalize, base64=base64,
-                                      tokenize_s=tokenized - started, queued_at=tokenized)
+        rid, fut = self.worker.submit(loop, ids, type_starts, dims=dims, normalize=normalize, encoding=encoding,
+                                      ranges=ranges, tokenize_s=tokenized - started, queued_at=tokenized)
         try:
             return await fut
         except asyncio.CancelledError:

@@ -4,11 +4,15 @@ A leaf: nothing here imports the engine's parts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
+
+
+ENCODINGS = ("base64", "int8", "uint8", "binary", "ubinary")
+INTEGER_ENCODINGS = {"int8": "int8", "uint8": "uint8", "binary": "int8", "ubinary": "uint8"}  # name -> numpy dtype
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,10 +23,16 @@ class EmbedOptions:
     """None: as the model's modules say."""
     truncate: bool | None = None
     """None: the server's setting."""
+    truncate_start: bool = False
+    """An over-long input loses its start, not its end (Cohere's ``truncate: START``): the model's start tokens,
+    then the input's last tokens, then its end tokens."""
     prompt_name: str | None = None
     """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
-    base64: bool = False
-    """Also produce each vector's little-endian float32 base64 (on the device, with the pooling)."""
+    encodings: tuple[str, ...] = ()
+    """Byte forms wanted beside the float vectors, any of :data:`ENCODINGS`: ``base64`` (little-endian float32,
+    as base64 text), ``int8`` / ``uint8`` (one byte per value, with ranges calibrated per model and width),
+    ``binary`` / ``ubinary`` (one bit per value; the width must be a multiple of 8). The first is made on the
+    device with the pooling, any others from the same vectors."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +46,16 @@ class Timings:
 class EmbedResult:
     vectors: torch.Tensor  # [n, k] float32, CPU
     token_counts: list[int]
-    base64: list[bytes] | None = None  # per input, when asked for
+    encoded: dict[str, list[bytes]] = field(default_factory=dict)  # per encoding asked for: each input's bytes
     timings: Timings = Timings()
 
     @property
     def total_tokens(self) -> int:
         return sum(self.token_counts)
+
+    @property
+    def base64(self) -> list[bytes] | None:
+        return self.encoded.get("base64")
 
 
 class StepObserver:
@@ -76,6 +90,7 @@ class EngineInfo:
     device: str
     commit: str | None  # the Hub commit served, None for a local folder
     tokenizer_workers: int
+    prompts: tuple[str, ...] = ()  # the names of the model's prompts that are not empty
 
 
 class ServedEngine(Protocol):

@@ -155,6 +155,7 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
         labels=tuple(classifier.labels) if classifier is not None else None,
         dtype=str(dtype).removeprefix("torch."), quantize=config.model.quantize, device=str(device),
         commit=source.commit, tokenizer_workers=config.tokenizer_workers,
+        prompts=tuple(n for n, text in model.spec.prompts.items() if text),
     )
     hf = model.hf_config
     log.info("architecture: %s -> %s", (hf.get("architectures") or [hf.get("model_type")])[0],

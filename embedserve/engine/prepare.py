@@ -80,8 +80,10 @@ class Preparer:
                                  param="prompt_name")
         return spec.prompts[name]
 
-    def texts(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "") -> list[list[int]]:
-        """A request's input: texts (each after ``prompt``) or token-id lists -> token ids."""
+    def texts(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "",
+              from_start: bool = False) -> list[list[int]]:
+        """A request's input: texts (each after ``prompt``) or token-id lists -> token ids. ``from_start``: an
+        over-long input loses its start rather than its end."""
         texts = [x for x in inputs if isinstance(x, str)]
         if texts and len(texts) != len(inputs):
             raise InvalidRequest("input must be all strings or all token-id lists, not a mix", param="input")
@@ -98,7 +100,7 @@ class Preparer:
         if texts:
             if prompt:
                 texts = [prompt + t for t in texts]
-            ids = self.tokenizer.encode(texts, truncate=truncate)
+            ids = self.tokenizer.encode(texts, truncate=truncate, from_start=from_start)
             if self.text_ids_may_overflow:
                 rows = self.id_limit
                 for i, x in enumerate(ids):
@@ -128,6 +130,6 @@ class Preparer:
             if len(x) > self.max_length:
                 if not truncate:
                     raise ContextLengthExceeded(self.max_length, len(x), index=i)
-                x = x[: self.max_length]
+                x = x[-self.max_length :] if from_start else x[: self.max_length]
             out.append(x)
         return out

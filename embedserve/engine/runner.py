@@ -4,12 +4,13 @@ Only the engine thread calls it. :meth:`Runner.launch` stages a step and queues 
 without waiting for it; :meth:`Runner.collect` waits for that step's results. On CUDA that is what lets the
 engine pack and stage the next step while this one runs:
 
-- staging: the token ids, positions, sequence offsets (query and key), dims, normalise flags and base64
-  offsets are written into one pinned host buffer and copied to the device with one non-blocking copy;
+- staging: the token ids, positions, sequence offsets (query and key), dims, normalise flags, each row's wire
+  encoding and its offsets are written into one pinned host buffer and copied to the device with one non-blocking copy;
 - the forward pass reads its attention bookkeeping from host lengths: nothing in it waits on the device;
 - one pool+encode launch turns the packed hidden states into final float32 rows and, for rows whose request
-  asked for base64, their little-endian float32 base64 text (offsets computed on the host);
-- the rows and the base64 bytes are copied back into pinned host memory without waiting, and an event marks
+  asked for one, their wire encoding (offsets computed on the host): little-endian float32 base64, or int8 /
+  uint8 / binary / ubinary with the request's calibrated ranges (one small float copy when a step has any);
+- the rows and the encoded bytes are copied back into pinned host memory without waiting, and an event marks
   when they have landed.
 
 On the CPU the same code runs with plain host tensors and no copies. With sentence-transformers Dense
@@ -31,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from embedserve.kernels.pool_encode import IMPLS, b64_lengths_host
+from embedserve.kernels.pool_encode import IMPLS, encoded_lengths_host
 from embedserve.kernels.pooling import pool
 from embedserve.models.sentence import LoadedModel
 
@@ -43,11 +44,11 @@ _ALIGN = 4  # int32 elements: each staged segment starts on a 16-byte boundary
 @dataclass
 class StepOutput:
     vectors: torch.Tensor  # [B, D] float32, CPU; row i final up to dims[i]
-    b64: bytes  # every base64 row, back to back
-    offsets: list[int]  # [B+1]: row i's base64 is b64[offsets[i]:offsets[i+1]] (empty if not asked)
+    encoded: bytes  # every row's encoding, back to back
+    offsets: list[int]  # [B+1]: row i's is encoded[offsets[i]:offsets[i+1]] (empty if not asked)
 
-    def base64_row(self, i: int) -> bytes:
-        return self.b64[self.offsets[i] : self.offsets[i + 1]]
+    def encoded_row(self, i: int) -> bytes:
+        return self.encoded[self.offsets[i] : self.offsets[i + 1]]
 
 
 @dataclass
@@ -55,7 +56,7 @@ class StepHandle:
     """A launched step. Its results are in host memory once ``event`` has completed (None: already there)."""
 
     vectors: torch.Tensor  # [B, D] float32 on the host
-    b64: torch.Tensor  # [N] uint8 on the host
+    encoded: torch.Tensor  # [N] uint8 on the host
     offsets: list[int]
     event: Any = None  # torch.cuda.Event
 
@@ -85,9 +86,11 @@ class _Staged:
     cu_k: torch.Tensor | None  # [B+1] int32, when chunks attend to cached keys
     dims: torch.Tensor  # [B] int32
     normalize: torch.Tensor  # [B] int32 (0/1)
-    b64_offsets: torch.Tensor  # [B+1] int32
+    encodings: torch.Tensor  # [B] int32: pool_encode.ENCODINGS codes, 0 for none
+    range_rows: torch.Tensor  # [B] int32: which of the step's ranges a quantized row uses
+    enc_offsets: torch.Tensor  # [B+1] int32
     lengths: list[int]
-    offsets: list[int]  # base64 offsets, host
+    offsets: list[int]  # the encodings' offsets, host
     max_seqlen: int
     token_types: torch.Tensor | None = None  # [T] int32: 1 from each pair's second text on
 
@@ -113,7 +116,8 @@ class Runner:
     # -- staging ------------------------------------------------------------------------------------------------
     def _stage(
         self, inputs: Sequence[Sequence[int]], dims: Sequence[int], normalize: Sequence[bool],
-        want: Sequence[bool], starts: list[int] | None, type_starts: Sequence[int] | None = None,
+        codes: Sequence[int], range_rows: Sequence[int], starts: list[int] | None,
+        type_starts: Sequence[int] | None = None,
     ) -> _Staged:
         """Everything the device needs for a step, in one int32 buffer and one copy. Each segment starts on a
         16-byte boundary, whatever the step's token and input counts: Triton specialises a kernel on its
@@ -121,13 +125,13 @@ class Runner:
         B = len(inputs)
         lengths = [len(x) for x in inputs]
         T = sum(lengths)
-        offsets = [0, *itertools.accumulate(b64_lengths_host(dims, want))]
+        offsets = [0, *itertools.accumulate(encoded_lengths_host(dims, codes))]
         nk = B + 1 if starts is not None else 0
         nt = T if type_starts is not None else 0
         at: dict[str, int] = {}
         size = 0
         for name, n in (("ids", T), ("pos", T), ("cu", B + 1), ("cu_k", nk), ("dims", B), ("norm", B),
-                        ("off", B + 1), ("types", nt)):
+                        ("enc", B), ("rrow", B), ("off", B + 1), ("types", nt)):
             at[name] = size
             size += -(-n // _ALIGN) * _ALIGN
         host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
@@ -149,6 +153,8 @@ class Runner:
             np.cumsum(np.asarray(lengths) + np.asarray(starts), out=cu_k[1:])
         seg("dims", B)[:] = dims
         seg("norm", B)[:] = normalize
+        seg("enc", B)[:] = codes
+        seg("rrow", B)[:] = range_rows
         seg("off", B + 1)[:] = offsets
         if type_starts is not None:
             # Token type 1 from the second text of a pair on; a single text's start is its length.
@@ -161,7 +167,8 @@ class Runner:
         return _Staged(
             ids=view("ids", T), positions=view("pos", T), cu=view("cu", B + 1),
             cu_k=view("cu_k", nk) if starts is not None else None,
-            dims=view("dims", B), normalize=view("norm", B), b64_offsets=view("off", B + 1), lengths=lengths,
+            dims=view("dims", B), normalize=view("norm", B), encodings=view("enc", B), range_rows=view("rrow", B),
+            enc_offsets=view("off", B + 1), lengths=lengths,
             offsets=offsets, max_seqlen=max(lengths),
             token_types=view("types", T) if type_starts is not None else None,
         )
@@ -210,6 +217,21 @@ class Runner:
                 del self._long[c.key]
         return rows
 
+    def _ranges_table(self, ranges: Sequence[torch.Tensor | None] | None, B: int
+                      ) -> tuple[torch.Tensor | None, list[int]]:
+        """The distinct ranges of a step's int8 / uint8 rows as one ``[R, 2, D]`` float32 tensor on the device
+        (None when the step has none), and each row's index into it."""
+        rows, distinct = [0] * B, {}
+        for i, r in enumerate(ranges or ()):
+            if r is not None:
+                rows[i] = distinct.setdefault(id(r), (len(distinct), r))[0]
+        if not distinct:
+            return None, rows
+        table = torch.zeros(len(distinct), 2, self.model.dimensions, pin_memory=self._cuda)
+        for j, r in distinct.values():
+            table[j, :, : r.shape[1]] = r
+        return table.to(self.device, non_blocking=True), rows
+
     # -- a step ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(
@@ -217,23 +239,28 @@ class Runner:
         inputs: Sequence[Sequence[int]],
         dims: Sequence[int],
         normalize: Sequence[bool],
-        want_base64: Sequence[bool] | None = None,
+        encodings: Sequence[int] | None = None,
         chunks: Sequence[Chunk | None] | None = None,
         type_starts: Sequence[int] | None = None,
+        ranges: Sequence[torch.Tensor | None] | None = None,
     ) -> StepHandle:
-        """Stage one packed step and queue its work on the device. With ``chunks``, some inputs are chunks of
-        long ones; their rows are meaningful only on their final chunk. ``type_starts``: for (query, document)
-        pairs, where each input's second text begins (token type 1 from there)."""
+        """Stage one packed step and queue its work on the device. ``encodings``: each row's wire encoding
+        (:data:`~embedserve.kernels.pool_encode.ENCODINGS` codes, 0 for none), with ``ranges``: the ``[2, dims]``
+        ranges of each int8 / uint8 row (None for the others). With ``chunks``, some inputs are chunks of long
+        ones; their rows are meaningful only on their final chunk. ``type_starts``: for (query, document) pairs,
+        where each input's second text begins (token type 1 from there)."""
         m = self.model
         dev = self.device
         B = len(inputs)
-        want = list(want_base64) if want_base64 is not None else [False] * B
+        codes = list(encodings) if encodings is not None else [0] * B
+        table, range_rows = self._ranges_table(ranges, B)
         if chunks is not None and all(c is None for c in chunks):
             chunks = None
         snapshot = self._snapshot(chunks) if chunks is not None else []
         try:
-            st = self._stage(inputs, dims, normalize, want, [c.start if c else 0 for c in chunks] if chunks else None,
-                             type_starts)
+            st = self._stage(inputs, dims, normalize, codes, range_rows,
+                             [c.start if c else 0 for c in chunks] if chunks else None, type_starts)
+            enc = dict(offsets=st.enc_offsets, total=st.offsets[-1], ranges=table, range_rows=st.range_rows)
             if chunks is not None:
                 caches = []
                 for c in chunks:
@@ -248,19 +275,17 @@ class Runner:
             else:
                 extra = {} if st.token_types is None else {"token_types": st.token_types}
                 hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths, **extra)  # [T, H]
-            total = st.offsets[-1]
             if m.head is not None:
-                # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no base64. The
+                # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no bytes. The
                 # head reads each sequence's first or last token; a long input's row counts on its final chunk.
-                vectors, b64 = m.head(hidden, st.cu), torch.empty(0, dtype=torch.uint8, device=dev)
+                vectors, encoded = m.head(hidden, st.cu), torch.empty(0, dtype=torch.uint8, device=dev)
                 for c in chunks or ():
                     if c is not None and c.final:
                         del self._long[c.key]
             elif chunks is None and not len(m.dense):
                 # The common case: one launch pools, cuts, normalises and encodes.
-                vectors, b64, _ = self._pool_encode(
-                    hidden, st.cu, m.spec.pooling, st.dims, st.normalize, None, offsets=st.b64_offsets, total=total
-                )
+                vectors, encoded, _ = self._pool_encode(hidden, st.cu, m.spec.pooling, st.dims, st.normalize,
+                                                        st.encodings, **enc)
             else:
                 # Pooled rows first (chunks carry state across steps; Dense layers sit between pooling and the
                 # cut), then the same kernel finishes them as one-token segments.
@@ -273,18 +298,16 @@ class Runner:
                     for layer in m.dense:
                         x = layer(x)  # [B, D]
                 ones = torch.arange(B + 1, dtype=torch.int32, device=dev)
-                vectors, b64, _ = self._pool_encode(
-                    x, ones, "cls", st.dims, st.normalize, None, offsets=st.b64_offsets, total=total
-                )
+                vectors, encoded, _ = self._pool_encode(x, ones, "cls", st.dims, st.normalize, st.encodings, **enc)
             if not self._cuda:
-                return StepHandle(vectors, b64, st.offsets)
+                return StepHandle(vectors, encoded, st.offsets)
             host_vec = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
             host_vec.copy_(vectors, non_blocking=True)
-            host_b64 = torch.empty(b64.shape, dtype=b64.dtype, pin_memory=True)
-            host_b64.copy_(b64, non_blocking=True)
+            host_enc = torch.empty(encoded.shape, dtype=encoded.dtype, pin_memory=True)
+            host_enc.copy_(encoded, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return StepHandle(host_vec, host_b64, st.offsets, event)
+            return StepHandle(host_vec, host_enc, st.offsets, event)
         except BaseException:
             self._restore(snapshot)  # the long inputs are where they were: the step may be retried
             raise
@@ -293,7 +316,7 @@ class Runner:
         """Wait for a launched step's results (a device error of the step surfaces here or at a later launch)."""
         if handle.event is not None:
             handle.event.synchronize()
-        return StepOutput(handle.vectors, handle.b64.numpy().tobytes(), handle.offsets)
+        return StepOutput(handle.vectors, handle.encoded.numpy().tobytes(), handle.offsets)
 
     def run(self, *args, **kw) -> StepOutput:
         """:meth:`launch` one step (same arguments) and wait for it."""

@@ -96,6 +96,9 @@ class Tokenizer:
         self._cut = RustTokenizer.from_str(serialized)
         self._cut.no_padding()
         self._cut.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+        self._cut_start = RustTokenizer.from_str(serialized)  # keeps the end (Cohere's truncate: START)
+        self._cut_start.no_padding()
+        self._cut_start.enable_truncation(max_length=max_length, strategy="longest_first", direction="left")
         self.num_special = len(self._full.encode("", add_special_tokens=True).ids)
         pre = self._full.pre_tokenizer
         self._pieces = pre.pre_tokenize_str if pre is not None else (lambda text: [(text, (0, len(text)))])
@@ -125,6 +128,23 @@ class Tokenizer:
                 return text[: space if 0 <= space < end else end], True
             seen += len(e.ids)
         return text, False
+
+    def bounded_tail(self, text: str) -> str:
+        """The end of ``text`` that decides its last ``max_length`` tokens: the text itself within its budget;
+        else a tail starting at a word boundary, doubled until it holds a margin more tokens than that (the
+        tokens at its start, which may split differently from the whole text's, are the ones truncation drops),
+        so that no more than about twice what is kept is ever tokenized."""
+        size = self.char_budget
+        while size < len(text):
+            _check_abandoned()
+            start = len(text) - size
+            space = _next_space(text, start, self._spaces)
+            tail = text[space if start <= space < start + size // 2 else start :]
+            read = tail.lower() if self.do_lower_case else tail
+            if len(self._full.encode(read, add_special_tokens=False).ids) > self.max_length + _MARGIN:
+                return tail
+            size *= 2
+        return text
 
     def use_template(self, prefix: str, suffix: str) -> None:
         """Pairs become ``prefix`` + the formatted middle + ``suffix`` (a causal-LM reranker's prompt): the fixed
@@ -312,8 +332,15 @@ class Tokenizer:
             out.append(e)
         return out[0], out[1]
 
-    def encode(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
-        """Token ids with special tokens for each text; over-long ones truncated or refused."""
+    def encode(self, texts: Sequence[str], *, truncate: bool, from_start: bool = False) -> list[list[int]]:
+        """Token ids with special tokens for each text; over-long ones truncated or refused. ``from_start``: an
+        over-long text loses its start instead of its end (transformers' ``truncation_side="left"``): the special
+        tokens, then its last tokens."""
+        if truncate and from_start:
+            tails = [self.bounded_tail(t) for t in texts]
+            if self.do_lower_case:
+                tails = [t.lower() for t in tails]
+            return [e.ids for e in self._cut_start.encode_batch(tails, add_special_tokens=True)]
         cut = [self.bounded(t) for t in texts]
         texts = [t for t, _ in cut]
         if self.do_lower_case:

@@ -36,6 +36,7 @@ from embedserve.engine.runner import Chunk, StepHandle
 from embedserve.engine.scheduler import Entry, Step, Work
 from embedserve.engine.turns import DeviceTurns
 from embedserve.errors import EmbedServeError, EngineError, EngineFailed, InputTooLarge, ShuttingDown
+from embedserve.kernels.pool_encode import ENCODING_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class _Pending:
     dims: int
     normalize: bool
     token_counts: list[int]
-    base64: list[bytes] | None
+    encoded: list[bytes] | None  # per input, when the request asked for an encoding
+    encoding: int  # its pool_encode.ENCODINGS code (0: none)
+    ranges: torch.Tensor | None  # [2, dims]: int8 / uint8's calibrated ranges
     tokenize_s: float
     queued_at: float
     started_at: float | None = None
@@ -142,9 +145,10 @@ class Worker:
             return st.waiting_inputs, st.waiting_tokens, st.running_inputs, st.dropped_inputs
 
     def submit(self, loop: asyncio.AbstractEventLoop, ids: list[list[int]], type_starts: list[int] | None, *,
-               dims: int, normalize: bool, base64: bool, tokenize_s: float, queued_at: float
-               ) -> tuple[int, asyncio.Future]:
-        """Queue every input of a request: (its id, the future its :class:`EmbedResult` resolves on ``loop``)."""
+               dims: int, normalize: bool, encoding: int = 0, ranges: torch.Tensor | None = None,
+               tokenize_s: float, queued_at: float) -> tuple[int, asyncio.Future]:
+        """Queue every input of a request: (its id, the future its :class:`EmbedResult` resolves on ``loop``).
+        ``encoding``: the bytes each row also comes with (an ENCODINGS code; 0 none), ``ranges`` for int8 / uint8."""
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -156,7 +160,7 @@ class Worker:
             self.scheduler.add(rid, entries)  # may raise Overloaded
             self._pending[rid] = _Pending(
                 loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, [len(x) for x in ids],
-                [b""] * len(ids) if base64 else None, tokenize_s, queued_at,
+                [b""] * len(ids) if encoding else None, encoding, ranges, tokenize_s, queued_at,
                 type_starts=type_starts if self.token_types else None,
             )
             self._cond.notify()
@@ -228,17 +232,18 @@ class Worker:
             inputs,
             [p.dims if p else dims for p in plan],
             [p.normalize if p else False for p in plan],
-            [bool(p and p.base64 is not None) for p in plan],
+            [p.encoding if p else 0 for p in plan],
             chunks if any(chunks) else None,
             type_starts,
+            [p.ranges if p else None for p in plan],
         )
 
-    def _forward(self, inputs, dims, normalize, want_b64, chunks, type_starts=None) -> StepHandle:
+    def _forward(self, inputs, dims, normalize, encodings, chunks, type_starts=None, ranges=None) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self._fault_kind)
         # With several models on the device, the others' steps wait for this one, in turn.
         with self._turns.turn(self.name) if self._turns is not None else contextlib.nullcontext():
-            return self.runner.launch(inputs, dims, normalize, want_b64, chunks, type_starts)
+            return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
         """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""
@@ -270,7 +275,7 @@ class Worker:
             self._raise_if_fatal(exc, f.step)
             self._fail_step(f.step, f.plan, exc, f.started)
             return
-        rows = {i: (out.vectors[i], out.base64_row(i)) for i in range(len(f.step.items))}
+        rows = {i: (out.vectors[i], out.encoded_row(i)) for i in range(len(f.step.items))}
         self._finish(f.step, f.plan, rows, {}, f.started)
 
     def _split_after_oom(self, step: Step, plan: list[_Pending | None], started: float) -> None:
@@ -287,7 +292,7 @@ class Worker:
             items = [step.items[i] for i in indices]
             out = self.runner.collect(self._forward(*self._step_args(items, [plan[i] for i in indices],
                                                                      self.dimensions)))
-            return [(out.vectors[j], out.base64_row(j)) for j in range(len(indices))]
+            return [(out.vectors[j], out.encoded_row(j)) for j in range(len(indices))]
 
         rows, failed = run_in_parts(len(step.items), run, group=lambda i: step.items[i].entry.request_id,
                                     kind=lambda exc: self._raise_if_fatal(exc, step),
@@ -323,10 +328,10 @@ class Worker:
         with self._cond:
             for i, (w, p) in enumerate(zip(step.items, plan)):
                 if p is not None and w.final and i in rows and w.entry.request_id not in failures:
-                    row, text = rows[i]
+                    row, data = rows[i]
                     p.rows[w.entry.index] = row
-                    if p.base64 is not None:
-                        p.base64[w.entry.index] = text
+                    if p.encoded is not None:
+                        p.encoded[w.entry.index] = data
             finished = self.scheduler.complete(step)
             doomed = []
             for rid, err in failures.items():
@@ -340,7 +345,9 @@ class Worker:
             _answer(p, _set_exception, err)
         for p in done:
             timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
-            _answer(p, _set_result, EmbedResult(p.rows[:, : p.dims], p.token_counts, p.base64, timings))
+            _answer(p, _set_result, EmbedResult(
+                p.rows[:, : p.dims], p.token_counts,
+                {ENCODING_NAMES[p.encoding]: p.encoded} if p.encoded is not None else {}, timings))
 
     def _die(self, exc: BaseException, failing: list[Step]) -> None:
         """The engine cannot go on: answer every request it holds (500 for the steps that failed, 503 for the

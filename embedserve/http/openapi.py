@@ -21,8 +21,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 import embedserve
-from embedserve.http import routes, tei
+from embedserve.http import cohere, routes, tei
 from embedserve.protocol import (
+    CohereEmbedByType,
+    CohereEmbedFloats,
+    CohereEmbedRequest,
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorBody,
@@ -77,6 +80,8 @@ class Operation:
 
 
 _EMBED_EXAMPLE = {"model": "all-MiniLM-L6-v2", "input": ["The food was delicious.", "A quick brown fox."]}
+_COHERE_EXAMPLE = {"model": "all-MiniLM-L6-v2", "texts": ["The food was delicious."],
+                   "input_type": "search_document", "embedding_types": ["float", "int8", "ubinary"]}
 _RERANK_EXAMPLE = {"model": "reranker", "query": "What is the capital of France?",
                    "documents": ["Paris is the capital of France.", "Berlin is in Germany."], "top_n": 2}
 _TEI_RERANK_EXAMPLE = {"query": "What is the capital of France?",
@@ -95,6 +100,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("/embeddings", "POST", routes.embeddings, "Create embeddings (OpenAI, without /v1)", "embeddings",
               EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding",),
               example=_EMBED_EXAMPLE),
+    Operation("/v2/embed", "POST", cohere.embed, "Embed (Cohere v2)", "embeddings", CohereEmbedRequest,
+              CohereEmbedByType, errors=_ENGINE, routed=True, kinds=("embedding",), example=_COHERE_EXAMPLE,
+              description="Cohere's embed API: several output types from one forward pass, input_type picking "
+                          "the model's prompt, truncate NONE / START / END."),
+    Operation("/v1/embed", "POST", cohere.embed, "Embed (Cohere v1)", "embeddings", CohereEmbedRequest,
+              (CohereEmbedFloats, CohereEmbedByType), errors=_ENGINE, routed=True, kinds=("embedding",),
+              example=_COHERE_EXAMPLE, description="As /v2/embed; without embedding_types the answer is v1's "
+                                                   "embeddings_floats."),
     Operation("/v1/rerank", "POST", routes.rerank, "Rerank documents (Cohere / Jina)", "rerank",
               RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank",), example=_RERANK_EXAMPLE,
               description="Scores each document against the query with a cross-encoder; results best first."),

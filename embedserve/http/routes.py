@@ -9,23 +9,24 @@ import uuid
 from typing import Awaitable
 
 import msgspec
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from embedserve.engine.interface import EmbedOptions
+from embedserve.engine.interface import INTEGER_ENCODINGS, EmbedOptions
 from embedserve.errors import PayloadTooLarge, Unauthorized, WrongModelKind
 from embedserve.http.errors import ClientGone
 from embedserve.http.state import Service
 from embedserve.protocol import (
+    BilledUnits,
+    CohereMeta,
     EmbeddingItem,
     EmbeddingResponse,
     ModelCard,
-    BilledUnits,
     ModelList,
     RerankDocument,
-    RerankMeta,
     RerankResponse,
     RerankResult,
     RerankUsage,
@@ -100,15 +101,23 @@ async def until_disconnect(request: Request, work: Awaitable):
     raise ClientGone
 
 
+def integer_rows(rows: list[bytes], name: str) -> list[list[int]]:
+    """An integer output type's bytes per input as lists of ints, in one numpy conversion."""
+    width = len(rows[0])
+    return np.frombuffer(b"".join(rows), dtype=INTEGER_ENCODINGS[name]).reshape(len(rows), width).tolist()
+
+
 def encode_embeddings(
-    vectors, token_counts: list[int], fmt: str, model: str, ready_base64: list[bytes] | None = None
+    vectors, token_counts: list[int], fmt: str, model: str, encoded: dict[str, list[bytes]] | None = None
 ) -> bytes:
     """``vectors [n, k]`` float32 -> response JSON. base64 is little-endian float32, built without a float loop:
-    spliced as made by the engine's pool+encode kernel when it made it, else encoded row by row here."""
-    if fmt == "base64" and ready_base64 is not None:
-        items = [
-            EmbeddingItem(index=i, embedding=msgspec.Raw(b'"' + text + b'"')) for i, text in enumerate(ready_base64)
-        ]
+    spliced as made by the engine's pool+encode kernel when it made it, else encoded row by row here. The integer
+    types are the engine's bytes as integers."""
+    ready = (encoded or {}).get(fmt)
+    if fmt in INTEGER_ENCODINGS:
+        items = [EmbeddingItem(index=i, embedding=row) for i, row in enumerate(integer_rows(ready, fmt))]
+    elif fmt == "base64" and ready is not None:
+        items = [EmbeddingItem(index=i, embedding=msgspec.Raw(b'"' + text + b'"')) for i, text in enumerate(ready)]
     elif fmt == "base64":
         rows = vectors.numpy().astype("<f4", copy=False)
         items = [
@@ -133,12 +142,12 @@ async def embeddings(request: Request) -> Response:
     fmt = req.encoding_format or "float"
     options = EmbedOptions(
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
-        base64=fmt == "base64",
+        encodings=() if fmt == "float" else (fmt,),
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
     result = await until_disconnect(request, engine.embed(inputs, options))
     headers = record_result(svc, request, len(inputs), result, engine)
-    args = (result.vectors, result.token_counts, fmt, name, result.base64)
+    args = (result.vectors, result.token_counts, fmt, name, result.encoded)
     if result.vectors.numel() > ENCODE_INLINE_FLOATS:
         body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
     else:
@@ -192,7 +201,7 @@ async def rerank(request: Request) -> Response:
         total = result.total_tokens
         body = RerankResponse(id=str(uuid.uuid4()), model=name, results=results,
                               usage=RerankUsage(total_tokens=total, prompt_tokens=total),
-                              meta=RerankMeta(billed_units=BilledUnits(search_units=1)))
+                              meta=CohereMeta(billed_units=BilledUnits(search_units=1)))
     return Response(encoder.encode(body), media_type="application/json", headers=headers)
 
 

@@ -165,9 +165,9 @@ def test_tokenisation_runs_off_the_event_loop(engine):
     seen = []
     real = engine.tokenizer.encode
 
-    def spy(texts, *, truncate):
+    def spy(texts, **kw):
         seen.append(threading.current_thread().name)
-        return real(texts, truncate=truncate)
+        return real(texts, **kw)
 
     engine.tokenizer.encode = spy
     asyncio.run(engine.embed(["hello"]))
@@ -346,7 +346,7 @@ def test_two_steps_in_flight_give_the_vectors_of_one_at_a_time(tiny_dir):
         e.runner.collect = spy
 
         async def go(e=e):
-            return await asyncio.gather(*(e.embed([t], EmbedOptions(base64=True)) for t in texts))
+            return await asyncio.gather(*(e.embed([t], EmbedOptions(encodings=("base64",))) for t in texts))
 
         try:
             results = asyncio.run(go())
@@ -565,9 +565,9 @@ def test_a_kernel_that_refuses_the_device_at_warm_up_is_named_with_its_flag(tiny
 
 def test_every_staged_segment_starts_on_16_bytes_whatever_the_step(engine):
     """Triton specialises its kernels on pointer alignment: the step's views (ids, positions, cu_seqlens, the
-    key offsets, dims, normalize flags, base64 offsets, token types) must start 16-byte aligned for every
-    token and input count, or steps of new shapes compile new variants under traffic (issue 25). The packed
-    values are checked too."""
+    key offsets, dims, normalize flags, encodings, range rows, their offsets, token types) must start 16-byte
+    aligned for every token and input count, or steps of new shapes compile new variants under traffic (issue
+    25). The packed values are checked too."""
     import random
 
     rng = random.Random(3)
@@ -576,11 +576,16 @@ def test_every_staged_segment_starts_on_16_bytes_whatever_the_step(engine):
         inputs = [[rng.randint(5, 99) for _ in range(rng.randint(1, 23))] for _ in range(B)]
         starts = [rng.randint(0, 7) for _ in range(B)] if rng.random() < 0.5 else None
         types = [rng.randint(0, len(x)) for x in inputs] if rng.random() < 0.5 else None
-        st = engine.runner._stage(inputs, [4] * B, [True] * B, [rng.random() < 0.5 for _ in range(B)], starts, types)
-        views = [st.ids, st.positions, st.cu, st.dims, st.normalize, st.b64_offsets]
+        codes = [rng.randint(0, 5) for _ in range(B)]
+        rows = [rng.randint(0, 2) for _ in range(B)]
+        st = engine.runner._stage(inputs, [8] * B, [True] * B, codes, rows, starts, types)
+        views = [st.ids, st.positions, st.cu, st.dims, st.normalize, st.encodings, st.range_rows, st.enc_offsets]
         views += [v for v in (st.cu_k, st.token_types) if v is not None]
         assert all(v.data_ptr() % 16 == 0 for v in views), [v.data_ptr() % 16 for v in views]
         assert st.ids.tolist() == [t for x in inputs for t in x]
+        assert st.encodings.tolist() == codes and st.range_rows.tolist() == rows
+        sizes = [{0: 0, 1: 44, 2: 8, 3: 8, 4: 1, 5: 1}[c] for c in codes]  # base64 of 32 bytes: 44 characters
+        assert st.enc_offsets.tolist() == st.offsets == [0, *itertools.accumulate(sizes)]
         lengths = [len(x) for x in inputs]
         assert st.cu.tolist() == [0, *itertools.accumulate(lengths)]
         first = [0 if starts is None else starts[i] for i in range(B)]
@@ -627,8 +632,11 @@ def test_steps_of_every_shape_launch_the_one_triton_variant_the_warm_up_compiled
     try:
         for _ in range(50):
             texts = ["word " * rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
-            options = EmbedOptions(dimensions=rng.choice([None, 4, 8, 12]), normalize=rng.choice([None, False]),
-                                   base64=rng.random() < 0.5)
+            dims = rng.choice([None, 4, 8, 12])
+            encodings = rng.choice([(), ("base64",), ("int8",), ("uint8", "binary"), ("ubinary",)])
+            if (dims or engine.dimensions) % 8 and {"binary", "ubinary"} & set(encodings):
+                encodings = ("int8",)
+            options = EmbedOptions(dimensions=dims, normalize=rng.choice([None, False]), encodings=encodings)
             asyncio.run(engine.embed(texts, options))
     finally:
         engine.shutdown()

@@ -51,11 +51,11 @@ def test_a_step_is_launched_without_waiting_on_the_device(bert_dir, dtype):
         handle = engine.runner.launch(*args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert handle.event is not None and handle.vectors.is_pinned() and handle.b64.is_pinned()
+    assert handle.event is not None and handle.vectors.is_pinned() and handle.encoded.is_pinned()
     out = engine.runner.collect(handle)
     ref = engine.runner.run(*args)  # the same step again, waited for
     torch.testing.assert_close(out.vectors, ref.vectors)
-    assert out.b64 == ref.b64 and len(out.b64) > 0
+    assert out.encoded == ref.encoded and len(out.encoded) > 0
 
 
 def test_chunks_over_their_key_cache_launch_without_waiting(qwen_dir):
@@ -90,7 +90,7 @@ def test_two_steps_in_flight_on_the_gpu_match_one_at_a_time(bert_dir):
         e.start()
 
         async def go(e=e):
-            return await asyncio.gather(*(e.embed([t], EmbedOptions(base64=True)) for t in texts))
+            return await asyncio.gather(*(e.embed([t], EmbedOptions(encodings=("base64",))) for t in texts))
 
         try:
             vectors[depth] = torch.cat([r.vectors for r in asyncio.run(go())])
@@ -110,7 +110,7 @@ def test_a_gpu_other_than_the_first(bert_dir):
     e.warmup()
     e.start()
     try:
-        got = asyncio.run(e.embed(["on another GPU"], EmbedOptions(base64=True)))
+        got = asyncio.run(e.embed(["on another GPU"], EmbedOptions(encodings=("base64",))))
     finally:
         e.shutdown()
     ref = Engine(EngineConfig(model=model_config(bert_dir, dtype="bfloat16")))

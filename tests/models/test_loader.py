@@ -214,7 +214,7 @@ def test_dense_head_and_sentence_configs_are_read(copy):
         engine = Engine(EngineConfig(model=model_config(copy, pool_kernel=kernel)))
         engine.start()
         try:
-            result = asyncio.run(engine.embed(texts, EmbedOptions(base64=True)))
+            result = asyncio.run(engine.embed(texts, EmbedOptions(encodings=("base64",))))
         finally:
             engine.shutdown()
         assert torch.nn.functional.cosine_similarity(result.vectors, ref).min() >= 0.99999, kernel

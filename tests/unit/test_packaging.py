@@ -141,6 +141,8 @@ def test_regular_wheel_install_imports_embedserve_kernels(tmp_path, other_kernel
     names = zipfile.ZipFile(wheel).namelist()
     assert "embedserve/kernels/attention.py" in names
     assert not any(n.startswith("kernels/") for n in names)
+    # the package data the server reads at start-up: the cl100k table and the int8 output calibration texts
+    assert {"embedserve/data/cl100k_base.tiktoken.gz", "embedserve/data/calibration.txt"} <= set(names)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", "--target", str(target), str(wheel)],
         check=True,

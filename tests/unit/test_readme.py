@@ -17,7 +17,7 @@ def serve_flags() -> set[str]:
 
 
 def test_every_serve_flag_is_in_the_flags_table_with_its_variable():
-    table = dict(re.findall(r"^\| `(--[a-z-]+)` \| `(EMBEDSERVE_[A-Z_]+)` \|", README, re.M))
+    table = dict(re.findall(r"^\| `(--[a-z0-9-]+)` \| `(EMBEDSERVE_[A-Z0-9_]+)` \|", README, re.M))
     flags = serve_flags()
     negations = {f for f in flags if f.startswith("--no-") and "--" + f[5:] in flags}
     assert set(table) == flags - negations

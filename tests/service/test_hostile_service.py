@@ -36,16 +36,19 @@ def peak_kb(server) -> int:
 
 def grows(server, fn) -> tuple[object, float]:
     """(fn's result, how many MB it raised the server's peak memory by), /health polled all along."""
-    before, health, done = peak_kb(server), [], threading.Event()
+    before, health, done, polling = peak_kb(server), [], threading.Event(), threading.Event()
 
     def poll() -> None:
         with httpx.Client(timeout=10) as c:
             while not done.is_set():
                 health.append(c.get(server.url + "/health").status_code)
+                polling.set()
                 done.wait(0.05)
 
     t = threading.Thread(target=poll)
     t.start()
+    # The poller answers once before fn starts: a fast fn must not finish before the first poll (seen under load).
+    polling.wait(30)
     try:
         result = fn()
     finally:

@@ -136,8 +136,8 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--revision", help="Hub ids: the branch, tag or commit to serve; default: main")
     f.add("--config", help="a TOML file of [[model]] tables (name, model, and per model: revision, dtype, quantize, "
           "kind, device, attention, max_batch_tokens, max_batch_requests, chunk_tokens, max_kv_tokens, truncate, "
-          "int8_calibration, prompts = {NAME = TEXT}, default_prompt_name); its models are served after any "
-          "--model ones, each with these flags for what it does not set",
+          "int8_calibration, late_chunking_overlap, long_input, prompts = {NAME = TEXT}, default_prompt_name); its "
+          "models are served after any --model ones, each with these flags for what it does not set",
           metavar="FILE")
     f.add("--served-model-name", help="name listed by /v1/models and returned in responses; default: "
           "the Hub id, or the model directory's name")
@@ -163,6 +163,13 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           help="how token-id inputs are read: "
           "cl100k = OpenAI tiktoken ids (what OpenAI clients send), decoded to text; model = ids of the served "
           "model's own tokenizer, used as given")
+    f.add("--long-input", choices=("truncate", "error", "mean"),
+          help="an input longer than the model: truncate, error (400), or mean (embedded as consecutive windows "
+          "whose vectors are averaged, weighted by tokens); a request's long_input (or truncate) wins. Default: as "
+          "--truncate says")
+    f.add("--late-chunking-overlap", type=int, metavar="TOKENS",
+          help="late chunking: tokens each window of a document longer than the model repeats from the one before "
+          "(a request's late_chunking_overlap wins). Default: min(256, the model's maximum / 4)")
     f.add("--int8-calibration", metavar="FILE",
           help="the texts (one per line) whose vectors set the int8 and uint8 output types' per-dimension ranges "
           "(measured once per model and width, on the first such request); default: a built-in set of 1,200 "
@@ -360,6 +367,8 @@ def _engine_config(args: argparse.Namespace, model: str, *, revision: str | None
         ),
         truncate=args.truncate,
         int8_calibration=args.int8_calibration,
+        late_chunking_overlap=args.late_chunking_overlap,
+        long_input=args.long_input,
         token_ids=args.token_ids,
         max_tokens_per_request=args.max_tokens_per_request,
         max_input_tokens=args.max_input_tokens,

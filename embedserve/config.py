@@ -118,6 +118,11 @@ class EngineConfig:
     fault_kind: str = "error"
     """Testing only: how that pass fails: "error" (that step's requests get 500), "fatal" (as a lost CUDA
     context: the engine stops and the process exits), "oom" (as torch.OutOfMemoryError: the step is split)."""
+    long_input: str | None = None
+    """An input longer than the model: "truncate", "error" or "mean" (windows averaged); None: as --truncate."""
+    late_chunking_overlap: int | None = None
+    """Tokens each window of a late-chunked document longer than the model repeats from the one before; None:
+    min(256, the model's maximum // 4)."""
     int8_calibration: str | None = None
     """The int8 / uint8 output types' calibration texts: a file of one text per line; None: the built-in set."""
     token_ids: str = "cl100k"
@@ -128,6 +133,10 @@ class EngineConfig:
         _positive("tokenizer_workers", self.tokenizer_workers)
         _positive("max_tokens_per_request", self.max_tokens_per_request)
         _positive("max_input_tokens", self.max_input_tokens)
+        if self.long_input not in (None, "truncate", "error", "mean"):
+            raise ConfigError(f"long_input must be truncate, error or mean, got {self.long_input!r}")
+        if self.late_chunking_overlap is not None and self.late_chunking_overlap < 0:
+            raise ConfigError(f"late_chunking_overlap must be 0 or more, got {self.late_chunking_overlap}")
         if self.fault_kind not in FAULT_KINDS:
             raise ConfigError(f"fault_kind must be one of {', '.join(FAULT_KINDS)}, got {self.fault_kind!r}")
         if self.token_ids not in TOKEN_ID_POLICIES:

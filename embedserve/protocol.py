@@ -29,6 +29,22 @@ _IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems":
 _PAIR = {"type": "array", "items": _STR, "minItems": 2, "maxItems": 2}
 
 
+# Fields of both embedding routes (OpenAI's and TEI's /embed).
+_LATE_CHUNKING = Annotated[bool | None, msgspec.Meta(
+    description="The inputs are consecutive chunks of one document (texts): it runs whole, in overlapping windows if "
+                "longer than the model, and each chunk's vector is the mean of its own tokens' final states, so "
+                "that it knows its context (late chunking). One vector per input, in order; usage counts the "
+                "document's tokens.")]
+_LATE_OVERLAP = Annotated[int | None, msgspec.Meta(
+    description="Late chunking, a document longer than the model: tokens each window repeats from the one before; "
+                "default: the server's --late-chunking-overlap.", extra_json_schema={"minimum": 0})]
+_LONG_INPUT = Annotated[str | None, msgspec.Meta(
+    description="An input longer than the model: truncate (cut), error (400), or mean (embedded as consecutive "
+                "windows whose vectors are averaged, weighted by their tokens, then normalised); default: as "
+                "truncate says, else the server's --long-input.",
+    extra_json_schema={"enum": ["truncate", "error", "mean", None]})]
+
+
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     input: _loose("What to embed: a text, texts, or token ids (one input or several).",
                   _STR, _STRS, _IDS, {"type": "array", "items": _IDS, "minItems": 1})
@@ -51,6 +67,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
         description="L2-normalise; default: as the model's sentence-transformers modules say.")] = None
     prompt_name: Annotated[str | None, msgspec.Meta(
         description="One of the model's prompts, prepended to each text.")] = None
+    late_chunking: _LATE_CHUNKING = None
+    late_chunking_overlap: _LATE_OVERLAP = None
+    long_input: _LONG_INPUT = None
 
 
 class EmbeddingItem(msgspec.Struct, kw_only=True):
@@ -178,9 +197,13 @@ class TeiEmbedRequest(msgspec.Struct, kw_only=True):
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: Annotated[str | None, msgspec.Meta(
-        description="Right (the default) only.", extra_json_schema={"enum": ["Right", "right", None]})] = None
+        description="Right (the default): an over-long input loses its end; Left: its start.",
+        extra_json_schema={"enum": ["Right", "right", "Left", "left", None]})] = None
     prompt_name: str | None = None
     dimensions: Annotated[int | None, msgspec.Meta(extra_json_schema={"minimum": 1})] = None
+    late_chunking: _LATE_CHUNKING = None
+    late_chunking_overlap: _LATE_OVERLAP = None
+    long_input: _LONG_INPUT = None
 
 
 class TeiTokenizeRequest(msgspec.Struct, kw_only=True):
@@ -409,7 +432,16 @@ def decode_request(body: bytes) -> EmbeddingRequest:
             param="encoding_format",
         )
     check_dimensions(req.dimensions)
+    check_late(req.late_chunking_overlap, req.long_input)
     return req
+
+
+def check_late(overlap: int | None, long_input: str | None) -> None:
+    if overlap is not None and overlap < 0:
+        raise InvalidRequest(f"late_chunking_overlap must be 0 or more, got {overlap}", param="late_chunking_overlap")
+    if long_input not in (None, "truncate", "error", "mean"):
+        raise InvalidRequest(f"long_input must be one of truncate, error, mean, got {quoted(long_input)}",
+                             param="long_input")
 
 
 def _is_int(x: object) -> bool:

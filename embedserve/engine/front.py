@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from embedserve.config import EngineConfig
+from embedserve.engine import late
 from embedserve.engine.calibration import OutputCalibration
 from embedserve.engine.interface import ENCODINGS, EmbedOptions, EmbedResult, StepObserver
 from embedserve.engine.loading import load
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 # the largest body always fit.
 MAX_PENDING_CHARS = 64 * 1024 * 1024
 MAX_TOKENS_PER_ANSWER = 65_536  # /tokenize: tokens in one answer (about 4 MB of JSON); 400 beyond
+LONG_INPUT = ("truncate", "error", "mean")  # what an input longer than the model gets
 
 
 def _size(items: Sequence) -> int:
@@ -91,6 +93,8 @@ class Engine:
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
         self._pending_chars = 0  # waiting for or on the tokenisation pool (event-loop thread only)
         self.calibration = OutputCalibration.load(config.int8_calibration)
+        overlap = config.late_chunking_overlap
+        self.late_chunking_overlap = min(256, self.max_length // 4) if overlap is None else overlap
         self._calibrated: asyncio.Future | None = None  # the calibration texts' raw vectors [n, D]
         self._ranges: dict[tuple[int, bool], torch.Tensor] = {}  # (width, normalised) -> [2, width]
         if self.kind == "embedding":
@@ -137,7 +141,16 @@ class Engine:
         normalize = options.normalize
         if normalize is None:
             normalize = self.model.spec.normalize or options.dimensions is not None
-        truncate = self.config.truncate if options.truncate is None else options.truncate
+        if options.long_input is not None:
+            long_input = options.long_input
+        elif options.truncate is not None:
+            long_input = "truncate" if options.truncate else "error"
+        else:
+            long_input = self.config.long_input or ("truncate" if self.config.truncate else "error")
+        if long_input not in LONG_INPUT:
+            raise InvalidRequest(f"long_input must be one of {', '.join(LONG_INPUT)}, got {long_input!r}",
+                                 param="long_input")
+        truncate = long_input == "truncate"
 
         prompt = self.prompt(options.prompt_name)
         encodings = options.encodings
@@ -151,13 +164,46 @@ class Engine:
         ranges = await self._output_ranges(dims, normalize) if {"int8", "uint8"} & set(encodings) else None
         first = encodings[0] if encodings else None
         code = ENCODING_CODES[first] if first else 0
-        args = (inputs, truncate, prompt, options.truncate_start)
-        result = await self._submit(self._prep.texts, args, dims, normalize, code,
-                                    ranges if first in ("int8", "uint8") else None)
+        ranges_first = ranges if first in ("int8", "uint8") else None
+        if long_input == "mean" and not options.late_chunking:
+            return await self._embed_mean(inputs, prompt, dims, normalize, encodings, ranges)
+        if options.late_chunking:
+            overlap = options.late_chunking_overlap
+            if overlap is None:
+                overlap = self.late_chunking_overlap
+            result = await self._submit(self._prep.document, (inputs, prompt, overlap), dims, normalize, code,
+                                        ranges_first)
+        else:
+            args = (inputs, truncate, prompt, options.truncate_start)
+            result = await self._submit(self._prep.texts, args, dims, normalize, code, ranges_first)
         if len(encodings) > 1:  # the device made the first; the others from the same vectors, on the host
             more = {name: encode_rows(result.vectors, name, ranges) for name in encodings[1:]}
             result = dataclasses.replace(result, encoded={**result.encoded, **more})
         return result
+
+    async def _embed_mean(self, inputs, prompt: str, dims: int, normalize: bool, encodings: tuple[str, ...],
+                          ranges: torch.Tensor | None) -> EmbedResult:
+        """``long_input: mean``: an over-long input runs as consecutive windows, each pooled as the model pools
+        (its Dense layers included, before Normalize); its vector is their mean weighted by each window's tokens,
+        then cut and normalised as any other. Inputs that fit are one window: their vectors as usual."""
+        owners: list[int] = []
+
+        def prepare(inputs, prompt):
+            runs, found = self._prep.windows(inputs, prompt)
+            owners.extend(found)
+            return runs
+
+        result = await self._submit(prepare, (inputs, prompt), self.dimensions, False)
+        owner = torch.tensor(owners)
+        weights = torch.tensor(result.token_counts, dtype=torch.float32)
+        sums = torch.zeros(len(inputs), self.dimensions).index_add_(0, owner, result.vectors * weights[:, None])
+        total = torch.zeros(len(inputs)).index_add_(0, owner, weights)
+        vectors = (sums / total[:, None])[:, :dims]
+        if normalize:
+            vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        counts = torch.zeros(len(inputs), dtype=torch.long).index_add_(0, owner, weights.long()).tolist()
+        encoded = {name: encode_rows(vectors, name, ranges) for name in encodings}
+        return EmbedResult(vectors, counts, encoded, result.timings)
 
     async def _output_ranges(self, dims: int, normalize: bool) -> torch.Tensor:
         """int8 / uint8's per-dimension ``[2, dims]`` ranges for vectors cut to ``dims`` (and normalised or not):
@@ -222,7 +268,11 @@ class Engine:
         except asyncio.CancelledError:
             log.info("request cancelled while tokenizing %d inputs: nothing was queued", len(args[0]))
             raise
-        ids, type_starts = prepared if isinstance(prepared, tuple) else (prepared, None)
+        spans = chunk_tokens = None
+        if isinstance(prepared, late.Plan):
+            ids, type_starts, spans, chunk_tokens = prepared.inputs, None, prepared.spans, prepared.chunk_tokens
+        else:
+            ids, type_starts = prepared if isinstance(prepared, tuple) else (prepared, None)
         tokenized = time.perf_counter()
         counts = [len(x) for x in ids]
         limit = self.config.max_tokens_per_request
@@ -233,7 +283,8 @@ class Engine:
                 param="input", code="request_too_large",
             )
         rid, fut = self.worker.submit(loop, ids, type_starts, dims=dims, normalize=normalize, encoding=encoding,
-                                      ranges=ranges, tokenize_s=tokenized - started, queued_at=tokenized)
+                                      ranges=ranges, tokenize_s=tokenized - started, queued_at=tokenized,
+                                      spans=spans, chunk_tokens=chunk_tokens)
         try:
             return await fut
         except asyncio.CancelledError:

@@ -23,11 +23,19 @@ class EmbedOptions:
     """None: as the model's modules say."""
     truncate: bool | None = None
     """None: the server's setting."""
+    long_input: str | None = None
+    """An input longer than the model: "truncate", "error" (a 400) or "mean" (consecutive windows, their vectors'
+    mean weighted by tokens); None: as ``truncate`` says, else the server's --long-input."""
     truncate_start: bool = False
     """An over-long input loses its start, not its end (Cohere's ``truncate: START``): the model's start tokens,
     then the input's last tokens, then its end tokens."""
     prompt_name: str | None = None
     """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
+    late_chunking: bool = False
+    """The inputs are consecutive chunks of one document: it runs whole (in overlapping windows if longer than the
+    model), and each chunk's vector is the mean of its own tokens' final states (:mod:`embedserve.engine.late`)."""
+    late_chunking_overlap: int | None = None
+    """Tokens a window repeats from the one before; None: the server's --late-chunking-overlap."""
     encodings: tuple[str, ...] = ()
     """Byte forms wanted beside the float vectors, any of :data:`ENCODINGS`: ``base64`` (little-endian float32,
     as base64 text), ``int8`` / ``uint8`` (one byte per value, with ranges calibrated per model and width),

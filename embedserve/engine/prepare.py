@@ -3,17 +3,21 @@ document) pairs -> token ids the model can take, or a 400 that says which input 
 
 Texts are cut to the model's maximum or refused (``truncate``); ids are checked against the embedding table (on
 CUDA an id past it is a device-side assert that would take the process down); OpenAI's cl100k ids are decoded to
-text first (``--token-ids cl100k``).
+text first (``--token-ids cl100k``). A late-chunked request's texts become one document (:mod:`.late`).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from embedserve.engine import late
 from embedserve.engine.loading import Loaded
 from embedserve.engine.token_ids import cl100k
 from embedserve.errors import ContextLengthExceeded, InvalidRequest, quoted
 from embedserve.models.classifier import ChatTemplate
+
+# A late-chunked document is read whole: at most this many times the characters of one input's window.
+LATE_DOCUMENT_WINDOWS = 64
 
 
 class Preparer:
@@ -80,36 +84,93 @@ class Preparer:
                                  param="prompt_name")
         return spec.prompts[name]
 
-    def texts(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "",
-              from_start: bool = False) -> list[list[int]]:
-        """A request's input: texts (each after ``prompt``) or token-id lists -> token ids. ``from_start``: an
-        over-long input loses its start rather than its end."""
+    def windows(self, inputs: Sequence[str | Sequence[int]], prompt: str) -> tuple[list[list[int]], list[int]]:
+        """``long_input: mean``: each input as :meth:`texts` makes it when it fits; an over-long text cut into
+        consecutive windows of ``max - start and end tokens`` of its tokens, each run as start + window + end.
+        Returns the runs and, for each, the input it belongs to."""
+        texts = self._read(inputs)
+        if texts is None:
+            raise InvalidRequest("long_input mean cuts texts into windows: send text, not the model's token ids",
+                                 param="long_input")
+        ids = self.texts(texts, False, prompt, long_ok=True)
+        start, end = self.tokenizer.ends
+        width = self.max_length - len(start) - len(end)
+        limit = LATE_DOCUMENT_WINDOWS * self.tokenizer.char_budget
+        runs, owners = [], []
+        for i, x in enumerate(ids):
+            if x is not None:
+                runs.append(x)
+                owners.append(i)
+                continue
+            if len(prompt) + len(texts[i]) > limit:
+                raise InvalidRequest(f"input[{i}] holds {len(texts[i])} characters; long_input mean reads at most "
+                                     f"{limit} for one input of this model", param="input")
+            tokens = self.tokenizer.plain([prompt + texts[i]])[0]
+            for lo in range(0, len(tokens), width):
+                runs.append(start + tokens[lo : lo + width] + end)
+                owners.append(i)
+        self._check_rows(runs, owners)
+        return runs, owners
+
+    def _check_rows(self, ids: Sequence[Sequence[int] | None], owners: Sequence[int] | None = None) -> None:
+        """A tokenizer that knows more tokens than the embedding table has rows: any such id is a 400."""
+        if not self.text_ids_may_overflow:
+            return
+        rows = self.id_limit
+        for i, x in enumerate(ids):
+            bad = next((t for t in x or () if t >= rows), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"input[{owners[i] if owners else i}] tokenizes to id {bad}, past the {rows} rows of the served "
+                    "model's embedding table (its tokenizer knows more tokens than its weights)", param="input",
+                )
+
+    def _read(self, inputs: Sequence[str | Sequence[int]]) -> list[str] | None:
+        """The input as texts: texts as they are, OpenAI's cl100k ids decoded to the text they encode; None for ids
+        in the model's own vocabulary (--token-ids model). Ids are checked first: each a non-empty list of ints."""
         texts = [x for x in inputs if isinstance(x, str)]
         if texts and len(texts) != len(inputs):
             raise InvalidRequest("input must be all strings or all token-id lists, not a mix", param="input")
-        if not texts:
-            # Checked here, on the tokenisation pool: a request may carry millions of ids.
-            for i, x in enumerate(inputs):
-                if not x:
-                    raise InvalidRequest(f"input[{i}] is an empty token-id array", param="input")
-                if not all(type(t) is int for t in x):  # JSON true/false are bools, not token ids
-                    raise InvalidRequest(f"input[{i}] must be an array of integer token ids", param="input")
-        if not texts and self.token_ids == "cl100k":
-            decoder = cl100k()
-            texts = [decoder.decode(list(x), index=i) for i, x in enumerate(inputs)]
+        if texts:
+            return texts
+        # Checked here, on the tokenisation pool: a request may carry millions of ids.
+        for i, x in enumerate(inputs):
+            if not x:
+                raise InvalidRequest(f"input[{i}] is an empty token-id array", param="input")
+            if not all(type(t) is int for t in x):  # JSON true/false are bools, not token ids
+                raise InvalidRequest(f"input[{i}] must be an array of integer token ids", param="input")
+        if self.token_ids != "cl100k":
+            return None
+        decoder = cl100k()
+        return [decoder.decode(list(x), index=i) for i, x in enumerate(inputs)]
+
+    def document(self, inputs: Sequence[str | Sequence[int]], prompt: str, overlap: int) -> late.Plan:
+        """A late-chunked request: its inputs are one document's consecutive chunks (texts) -> the runs and
+        spans of :func:`embedserve.engine.late.plan`."""
+        if not all(isinstance(x, str) for x in inputs):
+            raise InvalidRequest("late_chunking joins texts into one document: send the chunks as strings, not "
+                                 "token ids", param="late_chunking")
+        limit = LATE_DOCUMENT_WINDOWS * self.tokenizer.char_budget
+        chars = len(prompt) + sum(len(x) for x in inputs)
+        if chars > limit:
+            raise InvalidRequest(f"the late-chunked document holds {chars} characters; this server reads at most "
+                                 f"{limit} for one document of this model", param="input")
+        start, end = self.tokenizer.ends
+        return late.plan(self.tokenizer.plain(list(inputs)), prompt=self.tokenizer.plain([prompt])[0] if prompt
+                         else [], start=start, end=end, max_length=self.max_length, overlap=overlap,
+                         windows=not self.model.encoder.causal)
+
+    def texts(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "",
+              from_start: bool = False, long_ok: bool = False) -> list[list[int] | None]:
+        """A request's input: texts (each after ``prompt``) or token-id lists -> token ids. ``from_start``: an
+        over-long input loses its start rather than its end. ``long_ok`` (texts, no truncation): an over-long
+        text gives None instead of a 400."""
+        texts = self._read(inputs)
         if texts:
             if prompt:
                 texts = [prompt + t for t in texts]
-            ids = self.tokenizer.encode(texts, truncate=truncate, from_start=from_start)
-            if self.text_ids_may_overflow:
-                rows = self.id_limit
-                for i, x in enumerate(ids):
-                    bad = next((t for t in x if t >= rows), None)
-                    if bad is not None:
-                        raise InvalidRequest(
-                            f"input[{i}] tokenizes to id {bad}, past the {rows} rows of the served model's "
-                            "embedding table (its tokenizer knows more tokens than its weights)", param="input",
-                        )
+            ids = self.tokenizer.encode(texts, truncate=truncate, from_start=from_start, long_ok=long_ok)
+            self._check_rows(ids)
             return ids
         if prompt:
             raise InvalidRequest(

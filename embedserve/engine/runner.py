@@ -46,9 +46,16 @@ class StepOutput:
     vectors: torch.Tensor  # [B, D] float32, CPU; row i final up to dims[i]
     encoded: bytes  # every row's encoding, back to back
     offsets: list[int]  # [B+1]: row i's is encoded[offsets[i]:offsets[i+1]] (empty if not asked)
+    pieces: torch.Tensor | None = None  # [P, H] float32: the span sums of inputs that asked for spans
+    piece_offsets: list[int] | None = None  # [B+1]: input i's spans' sums are pieces[piece_offsets[i]:...]
 
     def encoded_row(self, i: int) -> bytes:
         return self.encoded[self.offsets[i] : self.offsets[i + 1]]
+
+    def pieces_of(self, i: int) -> torch.Tensor | None:
+        if self.pieces is None:
+            return None
+        return self.pieces[self.piece_offsets[i] : self.piece_offsets[i + 1]]
 
 
 @dataclass
@@ -59,6 +66,8 @@ class StepHandle:
     encoded: torch.Tensor  # [N] uint8 on the host
     offsets: list[int]
     event: Any = None  # torch.cuda.Event
+    pieces: torch.Tensor | None = None  # [P, H] float32 on the host
+    piece_offsets: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,12 +252,15 @@ class Runner:
         chunks: Sequence[Chunk | None] | None = None,
         type_starts: Sequence[int] | None = None,
         ranges: Sequence[torch.Tensor | None] | None = None,
+        spans: Sequence[Sequence[tuple[int, int, int]] | None] | None = None,
     ) -> StepHandle:
         """Stage one packed step and queue its work on the device. ``encodings``: each row's wire encoding
         (:data:`~embedserve.kernels.pool_encode.ENCODINGS` codes, 0 for none), with ``ranges``: the ``[2, dims]``
         ranges of each int8 / uint8 row (None for the others). With ``chunks``, some inputs are chunks of long
         ones; their rows are meaningful only on their final chunk. ``type_starts``: for (query, document) pairs,
-        where each input's second text begins (token type 1 from there)."""
+        where each input's second text begins (token type 1 from there). ``spans``: for a late-chunked
+        document's inputs, token ranges ``(lo, hi, _)`` in the input's own positions whose final hidden states are
+        summed (fp32, before any Dense layer), each over the part of it this step runs."""
         m = self.model
         dev = self.device
         B = len(inputs)
@@ -275,6 +287,7 @@ class Runner:
             else:
                 extra = {} if st.token_types is None else {"token_types": st.token_types}
                 hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths, **extra)  # [T, H]
+            pieces, piece_offsets = self._span_sums(hidden, st.lengths, chunks, spans)
             if m.head is not None:
                 # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no bytes. The
                 # head reads each sequence's first or last token; a long input's row counts on its final chunk.
@@ -293,21 +306,17 @@ class Runner:
                     x = self._pool_chunks(hidden, st.cu, chunks, st.lengths)
                 else:
                     x = pool(hidden, st.cu, m.spec.pooling)
-                if len(m.dense):
-                    x = x.to(m.dtype)
-                    for layer in m.dense:
-                        x = layer(x)  # [B, D]
-                ones = torch.arange(B + 1, dtype=torch.int32, device=dev)
-                vectors, encoded, _ = self._pool_encode(x, ones, "cls", st.dims, st.normalize, st.encodings, **enc)
+                vectors, encoded = self._dense_and_finish(x, st, enc)
             if not self._cuda:
-                return StepHandle(vectors, encoded, st.offsets)
-            host_vec = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
-            host_vec.copy_(vectors, non_blocking=True)
-            host_enc = torch.empty(encoded.shape, dtype=encoded.dtype, pin_memory=True)
-            host_enc.copy_(encoded, non_blocking=True)
+                return StepHandle(vectors, encoded, st.offsets, None, pieces, piece_offsets)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t is not None else None
+                    for t in (vectors, encoded, pieces)]
+            for h, t in zip(host, (vectors, encoded, pieces)):
+                if t is not None:
+                    h.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return StepHandle(host_vec, host_enc, st.offsets, event)
+            return StepHandle(host[0], host[1], st.offsets, event, host[2], piece_offsets)
         except BaseException:
             self._restore(snapshot)  # the long inputs are where they were: the step may be retried
             raise
@@ -316,7 +325,56 @@ class Runner:
         """Wait for a launched step's results (a device error of the step surfaces here or at a later launch)."""
         if handle.event is not None:
             handle.event.synchronize()
-        return StepOutput(handle.vectors, handle.encoded.numpy().tobytes(), handle.offsets)
+        return StepOutput(handle.vectors, handle.encoded.numpy().tobytes(), handle.offsets, handle.pieces,
+                          handle.piece_offsets)
+
+    def _dense_and_finish(self, x: torch.Tensor, st: _Staged, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled ``[B, H]`` rows through the model's Dense layers, then cut, normalised and encoded by the
+        pool+encode kernel as one-token segments."""
+        m = self.model
+        if len(m.dense):
+            x = x.to(m.dtype)
+            for layer in m.dense:
+                x = layer(x)  # [B, D]
+        ones = torch.arange(x.shape[0] + 1, dtype=torch.int32, device=self.device)
+        vectors, encoded, _ = self._pool_encode(x, ones, "cls", st.dims, st.normalize, st.encodings, **enc)
+        return vectors, encoded
+
+    def _span_sums(self, hidden: torch.Tensor, lengths: list[int], chunks: Sequence[Chunk | None] | None,
+                   spans) -> tuple[torch.Tensor | None, list[int] | None]:
+        """Each span's sum of final hidden states over the tokens of it this step holds: ``[P, H]`` float32, one
+        row per span of every input that has spans (zero where the step holds none of it), and each input's
+        first row."""
+        if not spans or not any(spans):
+            return None, None
+        tokens, rows, offsets, at = [], [], [0], 0
+        for i, input_spans in enumerate(spans):
+            begin = chunks[i].start if chunks is not None and chunks[i] is not None else 0
+            for j, (lo, hi, _) in enumerate(input_spans or ()):
+                a, b = max(lo, begin), min(hi, begin + lengths[i])
+                if a < b:
+                    tokens.append(np.arange(at + a - begin, at + b - begin))
+                    rows.append(np.full(b - a, offsets[-1] + j))
+            offsets.append(offsets[-1] + len(input_spans or ()))
+            at += lengths[i]
+        sums = torch.zeros(offsets[-1], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        if tokens:
+            index = torch.from_numpy(np.concatenate(tokens)).to(hidden.device)
+            target = torch.from_numpy(np.concatenate(rows)).to(hidden.device)
+            sums.index_add_(0, target, hidden.index_select(0, index).float())
+        return sums, offsets
+
+    @torch.inference_mode()
+    def finish(self, x: torch.Tensor, dims: Sequence[int], normalize: Sequence[bool], encodings: Sequence[int],
+               ranges: Sequence[torch.Tensor | None]) -> StepOutput:
+        """Rows pooled elsewhere (a late-chunked document's chunk means, ``[n, H]`` fp32 on the host) through
+        the Dense layers, the cut, normalisation and encoding, waited for."""
+        n = x.shape[0]
+        table, range_rows = self._ranges_table(ranges, n)
+        st = self._stage([[0]] * n, dims, normalize, encodings, range_rows, None)
+        enc = dict(offsets=st.enc_offsets, total=st.offsets[-1], ranges=table, range_rows=st.range_rows)
+        vectors, encoded = self._dense_and_finish(x.to(self.device), st, enc)
+        return StepOutput(vectors.cpu(), encoded.cpu().numpy().tobytes(), st.offsets)
 
     def run(self, *args, **kw) -> StepOutput:
         """:meth:`launch` one step (same arguments) and wait for it."""

@@ -14,6 +14,7 @@ whitespace, so the tokens kept are those of the whole text.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -105,6 +106,24 @@ class Tokenizer:
         # Where words end for this tokenizer: every tokenizer splits at a space; newlines and tabs only count
         # where the pre-tokenizer drops them (BERT); SentencePiece keeps them inside its pieces.
         self._spaces = _SPACES if [p for p, _ in self._pieces("a\n\tb")] == ["a", "b"] else (" ",)
+
+    @functools.cached_property
+    def ends(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after a text (BERT: [CLS] and [SEP]; none for a
+        tokenizer that adds none)."""
+        bare = self._full.encode("a", add_special_tokens=False).ids
+        full = self._full.encode("a", add_special_tokens=True).ids
+        for i in range(len(full) - len(bare) + 1):
+            if full[i : i + len(bare)] == bare:
+                return full[:i], full[i + len(bare) :]
+        raise ModelLoadError("the tokenizer's special tokens do not wrap a text's own tokens: late chunking cannot "
+                             "tell its start and end tokens apart")
+
+    def plain(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's tokens without special tokens, never truncated (the caller bounds the characters)."""
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        return [e.ids for e in self._full.encode_batch(list(texts), add_special_tokens=False)]
 
     @property
     def char_budget(self) -> int:
@@ -332,10 +351,11 @@ class Tokenizer:
             out.append(e)
         return out[0], out[1]
 
-    def encode(self, texts: Sequence[str], *, truncate: bool, from_start: bool = False) -> list[list[int]]:
-        """Token ids with special tokens for each text; over-long ones truncated or refused. ``from_start``: an
-        over-long text loses its start instead of its end (transformers' ``truncation_side="left"``): the special
-        tokens, then its last tokens."""
+    def encode(self, texts: Sequence[str], *, truncate: bool, from_start: bool = False, long_ok: bool = False
+               ) -> list[list[int] | None]:
+        """Token ids with special tokens for each text; over-long ones truncated, refused, or (``long_ok``) None.
+        ``from_start``: an over-long text loses its start instead of its end (transformers'
+        ``truncation_side="left"``): the special tokens, then its last tokens."""
         if truncate and from_start:
             tails = [self.bounded_tail(t) for t in texts]
             if self.do_lower_case:
@@ -349,6 +369,8 @@ class Tokenizer:
             return [e.ids for e in self._cut.encode_batch(texts, add_special_tokens=True)]
         ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=True)]
         for i, x in enumerate(ids):
-            if len(x) > self.max_length:
-                raise ContextLengthExceeded(self.max_length, len(x), index=i, at_least=cut[i][1])
+            if len(x) > self.max_length or cut[i][1]:
+                if not long_ok:
+                    raise ContextLengthExceeded(self.max_length, len(x), index=i, at_least=cut[i][1])
+                ids[i] = None  # the caller reads it whole another way
         return ids

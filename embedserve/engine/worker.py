@@ -59,6 +59,8 @@ class _Pending:
     queued_at: float
     started_at: float | None = None
     type_starts: list[int] | None = None  # pairs: where each input's second text starts
+    spans: list[list[tuple[int, int, int]]] | None = None  # late chunking: per input run, (lo, hi, chunk)
+    sums: torch.Tensor | None = None  # late chunking: [chunks, H] fp32, each chunk's sum of states so far
 
 
 @dataclass
@@ -146,9 +148,12 @@ class Worker:
 
     def submit(self, loop: asyncio.AbstractEventLoop, ids: list[list[int]], type_starts: list[int] | None, *,
                dims: int, normalize: bool, encoding: int = 0, ranges: torch.Tensor | None = None,
-               tokenize_s: float, queued_at: float) -> tuple[int, asyncio.Future]:
+               tokenize_s: float, queued_at: float, spans: list[list[tuple[int, int, int]]] | None = None,
+               chunk_tokens: list[int] | None = None) -> tuple[int, asyncio.Future]:
         """Queue every input of a request: (its id, the future its :class:`EmbedResult` resolves on ``loop``).
-        ``encoding``: the bytes each row also comes with (an ENCODINGS code; 0 none), ``ranges`` for int8 / uint8."""
+        ``encoding``: the bytes each row also comes with (an ENCODINGS code; 0 none), ``ranges`` for int8 / uint8.
+        ``spans`` (late chunking): the inputs are one document's runs; the answer has a row per chunk, the mean
+        of the states over its spans, and ``chunk_tokens`` as its token counts."""
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -158,10 +163,12 @@ class Worker:
             if self._dead is not None:
                 raise EngineFailed("The inference engine stopped after a device error; retry on another replica.")
             self.scheduler.add(rid, entries)  # may raise Overloaded
+            rows = len(chunk_tokens) if spans is not None else len(ids)
             self._pending[rid] = _Pending(
-                loop, fut, torch.empty(len(ids), self.dimensions), dims, normalize, [len(x) for x in ids],
-                [b""] * len(ids) if encoding else None, encoding, ranges, tokenize_s, queued_at,
-                type_starts=type_starts if self.token_types else None,
+                loop, fut, torch.empty(rows, self.dimensions), dims, normalize,
+                list(chunk_tokens) if spans is not None else [len(x) for x in ids],
+                [b""] * rows if encoding else None, encoding, ranges, tokenize_s, queued_at,
+                type_starts=type_starts if self.token_types else None, spans=spans,
             )
             self._cond.notify()
         return rid, fut
@@ -236,14 +243,16 @@ class Worker:
             chunks if any(chunks) else None,
             type_starts,
             [p.ranges if p else None for p in plan],
+            [p.spans[w.entry.index] if p and p.spans else None for w, p in zip(items, plan)],
         )
 
-    def _forward(self, inputs, dims, normalize, encodings, chunks, type_starts=None, ranges=None) -> StepHandle:
+    def _forward(self, inputs, dims, normalize, encodings, chunks, type_starts=None, ranges=None,
+                 spans=None) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self._fault_kind)
         # With several models on the device, the others' steps wait for this one, in turn.
         with self._turns.turn(self.name) if self._turns is not None else contextlib.nullcontext():
-            return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges)
+            return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges, spans)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
         """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""
@@ -275,7 +284,7 @@ class Worker:
             self._raise_if_fatal(exc, f.step)
             self._fail_step(f.step, f.plan, exc, f.started)
             return
-        rows = {i: (out.vectors[i], out.encoded_row(i)) for i in range(len(f.step.items))}
+        rows = {i: (out.vectors[i], out.encoded_row(i), out.pieces_of(i)) for i in range(len(f.step.items))}
         self._finish(f.step, f.plan, rows, {}, f.started)
 
     def _split_after_oom(self, step: Step, plan: list[_Pending | None], started: float) -> None:
@@ -292,7 +301,7 @@ class Worker:
             items = [step.items[i] for i in indices]
             out = self.runner.collect(self._forward(*self._step_args(items, [plan[i] for i in indices],
                                                                      self.dimensions)))
-            return [(out.vectors[j], out.encoded_row(j)) for j in range(len(indices))]
+            return [(out.vectors[j], out.encoded_row(j), out.pieces_of(j)) for j in range(len(indices))]
 
         rows, failed = run_in_parts(len(step.items), run, group=lambda i: step.items[i].entry.request_id,
                                     kind=lambda exc: self._raise_if_fatal(exc, step),
@@ -318,7 +327,7 @@ class Worker:
         self._finish(step, plan, {}, {e.request_id: err for e in step.entries}, started)
 
     def _finish(
-        self, step: Step, plan: list[_Pending | None], rows: dict[int, tuple[torch.Tensor, bytes]],
+        self, step: Step, plan: list[_Pending | None], rows: dict[int, tuple[torch.Tensor, bytes, torch.Tensor | None]],
         failures: dict[int, EmbedServeError], started: float,
     ) -> None:
         """Retire a step: its rows into their requests, finished requests answered, failed ones refused."""
@@ -327,8 +336,15 @@ class Worker:
             self.observer.step(len(rows), sum(step.items[i].length for i in rows), finished_at - started)
         with self._cond:
             for i, (w, p) in enumerate(zip(step.items, plan)):
-                if p is not None and w.final and i in rows and w.entry.request_id not in failures:
-                    row, data = rows[i]
+                if p is None or i not in rows or w.entry.request_id in failures:
+                    continue
+                row, data, pieces = rows[i]
+                if p.spans is not None:  # late chunking: every step's part of each span, into its chunk
+                    if p.sums is None:
+                        p.sums = torch.zeros(len(p.token_counts), pieces.shape[1])
+                    targets = [c for _, _, c in p.spans[w.entry.index]]
+                    p.sums.index_add_(0, torch.tensor(targets, dtype=torch.long), pieces)
+                elif w.final:
                     p.rows[w.entry.index] = row
                     if p.encoded is not None:
                         p.encoded[w.entry.index] = data
@@ -344,10 +360,29 @@ class Worker:
         for p, err in doomed:
             _answer(p, _set_exception, err)
         for p in done:
+            if p.spans is not None and not self._finish_document(p):
+                continue
             timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
             _answer(p, _set_result, EmbedResult(
                 p.rows[:, : p.dims], p.token_counts,
                 {ENCODING_NAMES[p.encoding]: p.encoded} if p.encoded is not None else {}, timings))
+
+    def _finish_document(self, p: _Pending) -> bool:
+        """A late-chunked document's chunk vectors: each chunk's mean state through the Dense layers, the cut,
+        normalisation and encoding. False (and the request answered with the error) if that fails."""
+        n = len(p.token_counts)
+        means = p.sums / torch.tensor(p.token_counts, dtype=torch.float32).unsqueeze(1)
+        try:
+            out = self.runner.finish(means, [p.dims] * n, [p.normalize] * n, [p.encoding] * n, [p.ranges] * n)
+        except Exception as exc:
+            self._raise_if_fatal(exc, Step([]))
+            log.error("finishing a late-chunked document of %d chunks failed", n, exc_info=exc)
+            _answer(p, _set_exception, _engine_error(exc))
+            return False
+        p.rows = out.vectors
+        if p.encoded is not None:
+            p.encoded = [out.encoded_row(i) for i in range(n)]
+        return True
 
     def _die(self, exc: BaseException, failing: list[Step]) -> None:
         """The engine cannot go on: answer every request it holds (500 for the steps that failed, 503 for the

@@ -142,7 +142,8 @@ async def embeddings(request: Request) -> Response:
     fmt = req.encoding_format or "float"
     options = EmbedOptions(
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
-        encodings=() if fmt == "float" else (fmt,),
+        encodings=() if fmt == "float" else (fmt,), late_chunking=bool(req.late_chunking),
+        late_chunking_overlap=req.late_chunking_overlap, long_input=req.long_input,
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
     result = await until_disconnect(request, engine.embed(inputs, options))

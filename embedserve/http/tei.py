@@ -33,6 +33,7 @@ from embedserve.protocol import (
     TeiTokenizeRequest,
     check_count,
     check_dimensions,
+    check_late,
     decode_tei,
     encoder,
     tei_predict_inputs,
@@ -58,12 +59,15 @@ async def embed(request: Request) -> Response:
     if engine.info.kind != "embedding":
         raise WrongModelKind("embed", engine.info.kind, "embedding")
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
-    if req.truncation_direction not in (None, "right", "Right"):
-        raise InvalidRequest("truncation_direction: only Right is supported (inputs are cut at their end)",
-                             param="truncation_direction")
+    if req.truncation_direction not in (None, "right", "Right", "left", "Left"):
+        raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
+                             "start)", param="truncation_direction")
     check_dimensions(req.dimensions)
+    check_late(req.late_chunking_overlap, req.long_input)
     options = EmbedOptions(dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate,
-                           prompt_name=req.prompt_name)
+                           truncate_start=req.truncation_direction in ("left", "Left"), prompt_name=req.prompt_name,
+                           late_chunking=bool(req.late_chunking), late_chunking_overlap=req.late_chunking_overlap,
+                           long_input=req.long_input)
     result = await until_disconnect(request, engine.embed(texts, options))
     headers = record_result(svc, request, len(texts), result, engine)
     if result.vectors.numel() > ENCODE_INLINE_FLOATS:

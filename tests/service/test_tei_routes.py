@@ -56,7 +56,15 @@ def test_embed_route_options(server, st_embed):
     got = np.asarray(r.json())
     want = st_embed(TEXTS)[:, :8]
     np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=2e-5)
-    assert post(server, "/embed", {"inputs": "x", "truncation_direction": "Left"}).status_code == 400
+    r = post(server, "/embed", {"inputs": "x", "truncation_direction": "Middle"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncation_direction"
+    # Left cuts an over-long input's start: what Cohere's truncate START gives (tested against transformers there)
+    long = " ".join(["alpha beta gamma"] * 200) + " omega"
+    left = post(server, "/embed", {"inputs": long, "truncation_direction": "Left"}).json()[0]
+    start = post(server, "/v2/embed", {"texts": [long], "truncate": "START"}).json()["embeddings"]["float"][0]
+    right = post(server, "/embed", {"inputs": long}).json()[0]
+    np.testing.assert_allclose(left, start, atol=1e-6)
+    assert not np.allclose(left, right, atol=1e-3)
     for bad in ({}, {"inputs": []}, {"inputs": [1, 2]}, {"inputs": "x", "dimensions": 0}):
         r = post(server, "/embed", bad)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (bad, r.text)

@@ -108,10 +108,18 @@ def main() -> None:
             return time.perf_counter() - t0, tokens
 
         async def late_all():
-            return sum((await engine.embed(d, EmbedOptions(late_chunking=True))).total_tokens for d in docs)
+            return sum([(await engine.embed(d, EmbedOptions(late_chunking=True))).total_tokens for d in docs])
 
         async def plain_all():
-            return sum((await engine.embed(d)).total_tokens for d in docs)
+            return sum([(await engine.embed(d)).total_tokens for d in docs])
+
+        async def late_no_overlap():
+            options = EmbedOptions(late_chunking=True, late_chunking_overlap=0)
+            return sum([(await engine.embed(d, options)).total_tokens for d in docs])
+
+        async def whole_once():  # the document as one input, its windows averaged: embedded once, no overlap
+            options = EmbedOptions(long_input="mean")
+            return sum([(await engine.embed(["".join(d)], options)).total_tokens for d in docs])
 
         plain_tokens = asyncio.run(plain_all())  # warm; also the tokens sentence-transformers embeds
 
@@ -120,24 +128,33 @@ def main() -> None:
                 st.encode(d, batch_size=32)
             return plain_tokens
 
-        rates: dict[str, list[float]] = {"late": [], "plain": [], "st": []}
-        for _ in range(args.repeats):  # the three in turn, so the host's drift reaches each alike
-            for name, fn in (("late", lambda: asyncio.run(late_all())), ("plain", lambda: asyncio.run(plain_all())),
-                             ("st", st_all)):
+        runs = {"late": lambda: asyncio.run(late_all()), "plain": lambda: asyncio.run(plain_all()), "st": st_all,
+                "late0": lambda: asyncio.run(late_no_overlap()), "once": lambda: asyncio.run(whole_once())}
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):  # each in turn, so the host's drift reaches each alike
+            for name, fn in runs.items():
                 seconds, tokens = timed(fn)
                 rates[name].append(tokens / seconds)
         late_tokens = asyncio.run(late_all())
+        once_tokens = asyncio.run(whole_once())
         med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"8 documents of 32 chunks; {args.repeats} runs each (medians), fp32")
         print(f"late-chunked, 1 request per document: {med['late']:.0f} tok/s ({late_tokens / len(docs):.0f} document "
               f"tokens each)")
         print(f"the same texts as 32 plain inputs:    {med['plain']:.0f} tok/s ({plain_tokens / len(docs):.0f} tokens "
               f"each)")
+        print(f"late-chunked with overlap 0:          {med['late0']:.0f} tok/s")
+        print(f"the document as one input, long_input mean (its windows, no overlap): {med['once']:.0f} tok/s "
+              f"({once_tokens / len(docs):.0f} tokens each)")
         print(f"sentence-transformers encode, 32:     {med['st']:.0f} tok/s")
         late_s, plain_s = late_tokens / med["late"], plain_tokens / med["plain"]
         print(f"late / plain: {med['late'] / med['plain']:.2f}x; late / sentence-transformers: "
               f"{med['late'] / med['st']:.2f}x (tokens/s); a document late-chunked takes {late_s / plain_s:.2f}x the "
               "time of its chunks as plain inputs")
+        once_s = once_tokens / med["once"]
+        late0_s = late_tokens / med["late0"]  # the same document tokens, fewer window tokens
+        print(f"a document late-chunked / the document as one input: {late_s / once_s:.2f}x the time (overlap 64), "
+              f"{late0_s / once_s:.2f}x (overlap 0)")
 
         corpus, queries = documents()
         alone = ranks(engine, corpus, queries, late=False)

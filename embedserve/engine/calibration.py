@@ -10,11 +10,20 @@ matter little; that there is real text (and not one word repeated) matters a lot
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Awaitable, Callable
+
+import torch
 
 from embedserve.errors import ConfigError
+from embedserve.kernels.quantize import ranges_of
+
+log = logging.getLogger(__name__)
 
 BUILT_IN = "the built-in set (embedserve/data/calibration.txt)"
 
@@ -86,3 +95,37 @@ class OutputCalibration:
         if not texts:
             raise ConfigError(f"int8_calibration: {path} holds no text (one text per line)")
         return cls(texts, f"{source}: {len(texts)} texts")
+
+
+class OutputRanges:
+    """int8 / uint8's per-dimension ranges for one model: the minimum and maximum over the calibration texts'
+    vectors, embedded once (on the first request that needs them, through ``embed``: texts -> their full-width
+    vectors before normalisation, as a request without ``prompt_name`` would embed them), and each (width,
+    normalised) pair cut from those once and cached. Event-loop thread only."""
+
+    def __init__(self, calibration: OutputCalibration, name: str,
+                 embed: Callable[[tuple[str, ...]], Awaitable[tuple[torch.Tensor, int]]]) -> None:
+        self.calibration, self.name, self._embed = calibration, name, embed
+        self._vectors: asyncio.Future | None = None  # [n, D]: the calibration texts' raw vectors
+        self._ranges: dict[tuple[int, bool], torch.Tensor] = {}
+
+    async def get(self, dims: int, normalize: bool) -> torch.Tensor:
+        """``[2, dims]``: each dimension's low and high end for vectors cut to ``dims``, normalised or not."""
+        key = (dims, normalize)
+        if key not in self._ranges:
+            pending = self._vectors
+            if pending is None or (pending.done() and (pending.cancelled() or pending.exception() is not None)):
+                self._vectors = asyncio.ensure_future(self._measure())  # a failed one is tried again
+            raw = await asyncio.shield(self._vectors)  # a client that goes away leaves it running for the next
+            v = raw[:, :dims]
+            if normalize:
+                v = v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            self._ranges[key] = ranges_of(v)
+        return self._ranges[key]
+
+    async def _measure(self) -> torch.Tensor:
+        started = time.perf_counter()
+        vectors, tokens = await self._embed(self.calibration.texts)
+        log.info("%s: int8 / uint8 output ranges measured on %s (%d tokens) in %.1f s", self.name,
+                 self.calibration.source, tokens, time.perf_counter() - started)
+        return vectors

@@ -21,7 +21,7 @@ import torch
 
 from embedserve.config import EngineConfig
 from embedserve.engine import late
-from embedserve.engine.calibration import OutputCalibration
+from embedserve.engine.calibration import OutputCalibration, OutputRanges
 from embedserve.engine.interface import ENCODINGS, EmbedOptions, EmbedResult, StepObserver
 from embedserve.engine.loading import load
 from embedserve.engine.prepare import Preparer
@@ -32,7 +32,6 @@ from embedserve.engine.worker import Worker
 from embedserve.errors import InvalidRequest, Overloaded, WrongModelKind
 from embedserve.kernels.pool_encode import ENCODINGS as ENCODING_CODES
 from embedserve.kernels.pool_encode import encode_rows
-from embedserve.kernels.quantize import ranges_of
 from embedserve.models.classifier import apply_activation
 
 log = logging.getLogger(__name__)
@@ -92,14 +91,13 @@ class Engine:
                              fault_kind=config.fault_kind, on_fatal=on_fatal, turns=turns)
         self._tok_pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="embedserve-tokenize")
         self._pending_chars = 0  # waiting for or on the tokenisation pool (event-loop thread only)
-        self.calibration = OutputCalibration.load(config.int8_calibration)
         overlap = config.late_chunking_overlap
         self.late_chunking_overlap = min(256, self.max_length // 4) if overlap is None else overlap
-        self._calibrated: asyncio.Future | None = None  # the calibration texts' raw vectors [n, D]
-        self._ranges: dict[tuple[int, bool], torch.Tensor] = {}  # (width, normalised) -> [2, width]
+        calibration = OutputCalibration.load(config.int8_calibration)
+        self.output_ranges = OutputRanges(calibration, self.name, self._calibration_vectors)
         if self.kind == "embedding":
             log.info("%s: int8 / uint8 output ranges calibrate on %s, on the first request for them", self.name,
-                     self.calibration.source)
+                     calibration.source)
 
     @property
     def dimensions(self) -> int:
@@ -161,7 +159,7 @@ class Engine:
         if dims % 8 and {"binary", "ubinary"} & set(encodings):
             raise InvalidRequest(f"binary and ubinary output pack 8 values per byte: the width must be a multiple "
                                  f"of 8, and this request's is {dims}", param="dimensions")
-        ranges = await self._output_ranges(dims, normalize) if {"int8", "uint8"} & set(encodings) else None
+        ranges = await self.output_ranges.get(dims, normalize) if {"int8", "uint8"} & set(encodings) else None
         first = encodings[0] if encodings else None
         code = ENCODING_CODES[first] if first else 0
         ranges_first = ranges if first in ("int8", "uint8") else None
@@ -205,39 +203,17 @@ class Engine:
         encoded = {name: encode_rows(vectors, name, ranges) for name in encodings}
         return EmbedResult(vectors, counts, encoded, result.timings)
 
-    async def _output_ranges(self, dims: int, normalize: bool) -> torch.Tensor:
-        """int8 / uint8's per-dimension ``[2, dims]`` ranges for vectors cut to ``dims`` (and normalised or not):
-        the minimum and maximum over the calibration texts' vectors, embedded once per model as a request without
-        ``prompt_name`` would embed them; each (width, normalised) pair computed once from those and cached."""
-        key = (dims, normalize)
-        if key not in self._ranges:
-            failed = self._calibrated is not None and self._calibrated.done() and (
-                self._calibrated.cancelled() or self._calibrated.exception() is not None)
-            if self._calibrated is None or failed:  # a failed calibration is tried again by the next request
-                self._calibrated = asyncio.ensure_future(self._calibrate())
-            raw = await asyncio.shield(self._calibrated)  # a client that goes away leaves it running for the next
-            v = raw[:, :dims]
-            if normalize:
-                v = v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
-            self._ranges[key] = ranges_of(v)
-        return self._ranges[key]
-
-    async def _calibrate(self) -> torch.Tensor:
-        """The calibration texts' full-width vectors before normalisation, queued at most half the queue at a
-        time."""
-        started = time.perf_counter()
-        texts, prompt = self.calibration.texts, self.prompt(None)
+    async def _calibration_vectors(self, texts: tuple[str, ...]) -> tuple[torch.Tensor, int]:
+        """Texts' full-width vectors before normalisation, as a request without ``prompt_name`` would embed them,
+        queued at most half the queue at a time; and their tokens."""
         parts, tokens = [], 0
         size = max(1, self.info.max_queue // 2)
         for i in range(0, len(texts), size):
-            batch = texts[i : i + size]
-            result = await self._submit(self._prep.texts, (batch, True, prompt), self.dimensions, False, 0, None,
-                                        limited=False)
+            args = (texts[i : i + size], True, self.prompt(None))
+            result = await self._submit(self._prep.texts, args, self.dimensions, False, limited=False)
             parts.append(result.vectors)
             tokens += result.total_tokens
-        log.info("%s: int8 / uint8 output ranges measured on %s (%d tokens) in %.1f s", self.name,
-                 self.calibration.source, tokens, time.perf_counter() - started)
-        return torch.cat(parts)
+        return torch.cat(parts), tokens
 
     async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
                     max_doc_tokens: int | None = None, route: str = "rerank") -> EmbedResult:

@@ -68,7 +68,7 @@ def test_every_encoding_is_the_quantize_rules_on_the_engines_own_vectors(tiny_di
     calib_file = tmp_path / "calibration.txt"
     calib = mixed_texts(40, seed=5)
     calib_file.write_text("\n".join(calib) + "\n")
-    caplog.set_level(logging.INFO, logger="embedserve.engine.front")
+    caplog.set_level(logging.INFO, logger="embedserve.engine")
     engine = Engine(EngineConfig(model=model_config(tiny_dir, pool_kernel=pool_kernel),
                                  int8_calibration=str(calib_file)))
     engine.start()

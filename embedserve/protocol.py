@@ -14,7 +14,7 @@ import msgspec
 
 from embedserve.errors import InvalidRequest, clip, quoted
 
-ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
+ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary", "sparse")
 
 
 def _loose(description: str, *shapes: dict) -> Any:
@@ -29,6 +29,8 @@ _IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems":
 _PAIR = {"type": "array", "items": _STR, "minItems": 2, "maxItems": 2}
 
 
+_SPARSE_TOP_K = Annotated[int | None, msgspec.Meta(
+    description="Sparse output (SPLADE): keep each vector's k largest weights.", extra_json_schema={"minimum": 1})]
 # Fields of both embedding routes (OpenAI's and TEI's /embed).
 _LATE_CHUNKING = Annotated[bool | None, msgspec.Meta(
     description="The inputs are consecutive chunks of one document (texts): it runs whole, in overlapping windows if "
@@ -53,7 +55,8 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
         description="float (default); base64: standard base64 of the little-endian float32 bytes; int8 / uint8: one "
                     "integer per value, scaled to the value's range over the server's calibration texts "
                     "(-128..127 / 0..255); binary / ubinary: one bit per value (value > 0), most significant "
-                    "bit first, 8 to an integer (-128..127 / 0..255): the width must be a multiple of 8.",
+                    "bit first, 8 to an integer (-128..127 / 0..255): the width must be a multiple of 8; sparse "
+                    "(a SPLADE model's only format): {indices, values}, the nonzero weights by token id.",
         extra_json_schema={"enum": [*ENCODING_FORMATS, None]})] = None
     dimensions: Annotated[int | None, msgspec.Meta(
         description="Keep the first k values, then L2-renormalise; 1 to the model's width.",
@@ -70,6 +73,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     late_chunking: _LATE_CHUNKING = None
     late_chunking_overlap: _LATE_OVERLAP = None
     long_input: _LONG_INPUT = None
+    sparse_top_k: _SPARSE_TOP_K = None
 
 
 class EmbeddingItem(msgspec.Struct, kw_only=True):
@@ -79,7 +83,10 @@ class EmbeddingItem(msgspec.Struct, kw_only=True):
     embedding: _loose("The vector: floats; with encoding_format base64 a string of its little-endian float32 "
                       "bytes; with int8, uint8, binary or ubinary a list of integers.",
                       {"type": "array", "items": {"type": "number"}}, {"type": "string", "contentEncoding": "base64"},
-                      {"type": "array", "items": {"type": "integer", "minimum": -128, "maximum": 255}})
+                      {"type": "array", "items": {"type": "integer", "minimum": -128, "maximum": 255}},
+                      {"type": "object", "properties": {"indices": {"type": "array", "items": {"type": "integer"}},
+                                                        "values": {"type": "array", "items": {"type": "number"}}},
+                       "required": ["indices", "values"]})
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -99,7 +106,7 @@ class ModelCard(msgspec.Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "embedserve"
-    kind: str | None = None  # embedding, rerank or classify (null while loading)
+    kind: str | None = None  # embedding, sparse, rerank or classify (null while loading)
     dimensions: int | None = None  # vector width, or the number of labels
 
 
@@ -204,6 +211,23 @@ class TeiEmbedRequest(msgspec.Struct, kw_only=True):
     late_chunking: _LATE_CHUNKING = None
     late_chunking_overlap: _LATE_OVERLAP = None
     long_input: _LONG_INPUT = None
+
+
+class TeiSparseRequest(msgspec.Struct, kw_only=True):
+    """TEI's /embed_sparse."""
+
+    inputs: _loose("A text or texts.", _STR, _STRS)
+    truncate: bool | None = None
+    truncation_direction: Annotated[str | None, msgspec.Meta(
+        description="Right (the default): an over-long input loses its end; Left: its start.",
+        extra_json_schema={"enum": ["Right", "right", "Left", "left", None]})] = None
+    prompt_name: str | None = None
+    sparse_top_k: _SPARSE_TOP_K = None
+
+
+class TeiSparseValue(msgspec.Struct, kw_only=True):
+    index: int
+    value: float
 
 
 class TeiTokenizeRequest(msgspec.Struct, kw_only=True):

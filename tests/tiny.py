@@ -498,3 +498,31 @@ def build_tiny_logit_score_reranker(directory: Path, *, template: str | None = R
         edit("sentence_bert_config.json", lambda c: c["modality_config"].pop("message", None))
     if activation is not None:
         edit("config_sentence_transformers.json", lambda c: c.update(activation_fn=activation))
+
+
+def build_tiny_splade(directory: Path, *, pooling: str = "max", activation: str = "relu", seed: int = 0,
+                      untied: bool = False):
+    """A random BERT masked LM (MiniLM's vocabulary and tokenizer) saved as a sentence-transformers SparseEncoder
+    (MLMTransformer + SpladePooling) by sentence-transformers itself; returns that SparseEncoder, the reference.
+    ``untied``: the MLM head keeps its own decoder rows instead of the input embeddings'."""
+    import transformers
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=37, max_position_embeddings=512,
+                                     tie_word_embeddings=not untied)
+    model = transformers.BertForMaskedLM(config)
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_(-1.0, 1.0)  # many logits below 0: relu leaves a sparse vector
+    raw = directory.parent / f"{directory.name}-mlm"
+    raw.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(raw)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_DIR / name, raw / name)
+    encoder = SparseEncoder(modules=[MLMTransformer(str(raw)), SpladePooling(pooling_strategy=pooling,
+                                                                             activation_function=activation)],
+                            device="cpu")
+    encoder.save(str(directory))
+    return encoder

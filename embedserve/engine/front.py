@@ -127,10 +127,13 @@ class Engine:
     # -- the async front ------------------------------------------------------------------------------
     async def embed(self, inputs: Sequence[str | Sequence[int]], options: EmbedOptions = EmbedOptions()) -> EmbedResult:
         """Embed a request's inputs (texts, or token ids in the model's vocabulary)."""
-        if self.kind != "embedding":
-            raise WrongModelKind("embeddings", self.kind, "embedding")
+        wanted = "sparse" if options.sparse else "embedding"
+        if self.kind != wanted:
+            raise WrongModelKind("sparse embeddings" if options.sparse else "embeddings", self.kind, wanted)
         if not inputs:
             raise InvalidRequest("input must not be empty", param="input")
+        if options.sparse:
+            return await self._embed_sparse(inputs, options)
         dims = options.dimensions or self.dimensions
         if not 1 <= dims <= self.dimensions:
             raise InvalidRequest(
@@ -177,6 +180,27 @@ class Engine:
         if len(encodings) > 1:  # the device made the first; the others from the same vectors, on the host
             more = {name: encode_rows(result.vectors, name, ranges) for name in encodings[1:]}
             result = dataclasses.replace(result, encoded={**result.encoded, **more})
+        return result
+
+    async def _embed_sparse(self, inputs, options: EmbedOptions) -> EmbedResult:
+        """A SPLADE model's vectors: each input's nonzero weights (the ``top_k`` largest, if asked), by token id."""
+        for field, value in (("encoding_format", options.encodings), ("dimensions", options.dimensions),
+                             ("late_chunking", options.late_chunking), ("long_input", options.long_input == "mean")):
+            if value:
+                raise InvalidRequest(f"{field} does not apply to a SPLADE model's sparse vectors", param=field)
+        if options.top_k is not None and options.top_k < 1:
+            raise InvalidRequest(f"sparse_top_k must be a positive integer, got {options.top_k}", param="sparse_top_k")
+        truncate = self.config.truncate if options.truncate is None else options.truncate
+        args = (inputs, truncate, self.prompt(options.prompt_name), options.truncate_start)
+        result = await self._submit(self._prep.texts, args, self.dimensions, False)
+        if options.top_k is not None:
+            kept = []
+            for ids, weights in result.sparse:
+                if len(ids) > options.top_k:
+                    top = weights.topk(options.top_k).indices.sort().values
+                    ids, weights = ids[top], weights[top]
+                kept.append((ids, weights))
+            result = dataclasses.replace(result, sparse=kept)
         return result
 
     async def _embed_mean(self, inputs, prompt: str, dims: int, normalize: bool, encodings: tuple[str, ...],

@@ -31,6 +31,9 @@ class EmbedOptions:
     then the input's last tokens, then its end tokens."""
     prompt_name: str | None = None
     """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
+    sparse: bool = False
+    """A SPLADE model's sparse vectors (its only output); ``top_k``: keep each vector's k largest weights."""
+    top_k: int | None = None
     late_chunking: bool = False
     """The inputs are consecutive chunks of one document: it runs whole (in overlapping windows if longer than the
     model), and each chunk's vector is the mean of its own tokens' final states (:mod:`embedserve.engine.late`)."""
@@ -56,6 +59,8 @@ class EmbedResult:
     token_counts: list[int]
     encoded: dict[str, list[bytes]] = field(default_factory=dict)  # per encoding asked for: each input's bytes
     timings: Timings = Timings()
+    # SPLADE: per input, its nonzero (token ids ascending, weights); ``vectors`` is then empty
+    sparse: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -84,7 +89,7 @@ class EngineInfo:
     layer describes the model from this (``/info``, ``/v1/models``, metrics), never from the engine's parts."""
 
     name: str
-    kind: str  # embedding, rerank or classify
+    kind: str  # embedding, sparse, rerank or classify
     dimensions: int
     max_input_length: int  # tokens
     max_batch_tokens: int

@@ -151,7 +151,7 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
     info = EngineInfo(
         name=name, kind=model.kind, dimensions=model.dimensions, max_input_length=max_length,
         max_batch_tokens=budgets.max_batch_tokens, max_batch_requests=sc.max_batch_requests, max_queue=sc.max_queue,
-        id_limit=id_limit, pooling=model.spec.pooling if classifier is None else None,
+        id_limit=id_limit, pooling=("splade" if model.sparse else model.spec.pooling) if classifier is None else None,
         labels=tuple(classifier.labels) if classifier is not None else None,
         dtype=str(dtype).removeprefix("torch."), quantize=config.model.quantize, device=str(device),
         commit=source.commit, tokenizer_workers=config.tokenizer_workers,

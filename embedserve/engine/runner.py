@@ -34,6 +34,7 @@ import torch
 
 from embedserve.kernels.pool_encode import IMPLS, encoded_lengths_host
 from embedserve.kernels.pooling import pool
+from embedserve.kernels.sparse import splade_pool
 from embedserve.models.sentence import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,11 @@ class Runner:
                 for c in chunks or ():
                     if c is not None and c.final:
                         del self._long[c.key]
+            elif m.sparse is not None:
+                # SPLADE: [B, V] weights, the masked-LM logits made and pooled a block of tokens at a time.
+                vectors = splade_pool(hidden, m.sparse.head, st.cu, m.dimensions, m.sparse.spec.mode,
+                                      m.sparse.spec.activation, impl=self.pool_backend)
+                encoded = torch.empty(0, dtype=torch.uint8, device=dev)
             elif chunks is None and not len(m.dense):
                 # The common case: one launch pools, cuts, normalises and encodes.
                 vectors, encoded, _ = self._pool_encode(hidden, st.cu, m.spec.pooling, st.dims, st.normalize,

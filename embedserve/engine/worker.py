@@ -60,6 +60,7 @@ class _Pending:
     started_at: float | None = None
     type_starts: list[int] | None = None  # pairs: where each input's second text starts
     spans: list[list[tuple[int, int, int]]] | None = None  # late chunking: per input run, (lo, hi, chunk)
+    sparse: list | None = None  # SPLADE: per input, (ids, weights) of its nonzero weights
     sums: torch.Tensor | None = None  # late chunking: [chunks, H] fp32, each chunk's sum of states so far
 
 
@@ -111,6 +112,7 @@ class Worker:
         self.dimensions = loaded.model.dimensions
         self.max_batch_tokens = loaded.budgets.max_batch_tokens
         self.token_types = loaded.token_types  # pairs carry token types into the step
+        self.sparse = loaded.model.sparse is not None
         self.name = name
         self.observer = observer
         self._on_fatal = on_fatal
@@ -164,11 +166,13 @@ class Worker:
                 raise EngineFailed("The inference engine stopped after a device error; retry on another replica.")
             self.scheduler.add(rid, entries)  # may raise Overloaded
             rows = len(chunk_tokens) if spans is not None else len(ids)
+            width = 0 if self.sparse else self.dimensions  # SPLADE rows are kept as their nonzeros only
             self._pending[rid] = _Pending(
-                loop, fut, torch.empty(rows, self.dimensions), dims, normalize,
+                loop, fut, torch.empty(rows, width), dims, normalize,
                 list(chunk_tokens) if spans is not None else [len(x) for x in ids],
                 [b""] * rows if encoding else None, encoding, ranges, tokenize_s, queued_at,
                 type_starts=type_starts if self.token_types else None, spans=spans,
+                sparse=[None] * rows if self.sparse else None,
             )
             self._cond.notify()
         return rid, fut
@@ -344,6 +348,9 @@ class Worker:
                         p.sums = torch.zeros(len(p.token_counts), pieces.shape[1])
                     targets = [c for _, _, c in p.spans[w.entry.index]]
                     p.sums.index_add_(0, torch.tensor(targets, dtype=torch.long), pieces)
+                elif p.sparse is not None:
+                    ids = row.nonzero().squeeze(1)
+                    p.sparse[w.entry.index] = (ids, row.index_select(0, ids))
                 elif w.final:
                     p.rows[w.entry.index] = row
                     if p.encoded is not None:
@@ -365,7 +372,7 @@ class Worker:
             timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
             _answer(p, _set_result, EmbedResult(
                 p.rows[:, : p.dims], p.token_counts,
-                {ENCODING_NAMES[p.encoding]: p.encoded} if p.encoded is not None else {}, timings))
+                {ENCODING_NAMES[p.encoding]: p.encoded} if p.encoded is not None else {}, timings, p.sparse))
 
     def _finish_document(self, p: _Pending) -> bool:
         """A late-chunked document's chunk vectors: each chunk's mean state through the Dense layers, the cut,

@@ -64,8 +64,8 @@ class _QueueCollector:
         yield GaugeMetricFamily("embedserve_ready", "1 when the model is loaded and not draining",
                                 value=float(snap.ready))
         if models:
-            info = GaugeMetricFamily("embedserve_model_info", "Each served model and its kind (embedding, rerank, "
-                                     "classify); always 1", labels=["model", "kind"])
+            info = GaugeMetricFamily("embedserve_model_info", "Each served model and its kind (embedding, sparse, "
+                                     "rerank, classify); always 1", labels=["model", "kind"])
             per_model = {
                 "waiting": GaugeMetricFamily("embedserve_model_queue_inputs", "Inputs waiting, per model",
                                              labels=["model"]),

@@ -38,13 +38,15 @@ from embedserve.protocol import (
     TeiInfo,
     TeiPrediction,
     TeiPredictRequest,
+    TeiSparseRequest,
+    TeiSparseValue,
     TeiRank,
     TeiToken,
     TeiTokenizeRequest,
     encoder,
 )
 
-ALL_KINDS = ("embedding", "rerank", "classify")
+ALL_KINDS = ("embedding", "sparse", "rerank", "classify")
 
 # What each status means on this server (the error body is always OpenAI's).
 _ERRORS = {
@@ -94,11 +96,11 @@ _RANKED = (RerankResponse, list[TeiRank])
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("/v1/embeddings", "POST", routes.embeddings, "Create embeddings (OpenAI)", "embeddings",
-              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding",),
+              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding", "sparse"),
               example=_EMBED_EXAMPLE,
               description="OpenAI's embeddings API: the same vectors sentence-transformers gives for the model."),
     Operation("/embeddings", "POST", routes.embeddings, "Create embeddings (OpenAI, without /v1)", "embeddings",
-              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding",),
+              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding", "sparse"),
               example=_EMBED_EXAMPLE),
     Operation("/v2/embed", "POST", cohere.embed, "Embed (Cohere v2)", "embeddings", CohereEmbedRequest,
               CohereEmbedByType, errors=_ENGINE, routed=True, kinds=("embedding",), example=_COHERE_EXAMPLE,
@@ -120,6 +122,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("/embed", "POST", tei.embed, "Embed (TEI)", "tei", TeiEmbedRequest, list[list[float]],
               errors=_TEI, kinds=("embedding",), example={"inputs": ["The food was delicious."]},
               description="Text-embeddings-inference's embed route, answered by the default (first) model."),
+    Operation("/embed_sparse", "POST", tei.embed_sparse, "Sparse embeddings (TEI)", "tei", TeiSparseRequest,
+              list[list[TeiSparseValue]], errors=_TEI, kinds=("sparse",), example={"inputs": ["The food was good."]},
+              description="A SPLADE model's vectors: per input its nonzero weights by token id, in TEI's shape."),
     Operation("/predict", "POST", tei.predict, "Classify or score pairs (TEI)", "tei", TeiPredictRequest,
               _PREDICTIONS, errors=_TEI, kinds=("rerank", "classify"),
               example={"inputs": ["What is the capital of France?", "Paris is the capital of France."]}),
@@ -272,7 +277,7 @@ def build_spec(svc) -> dict:
 
 
 # Request bodies that name a model, and the kinds of model that can answer them.
-_NAMED = {"EmbeddingRequest": ("embedding",), "RerankRequest": ("rerank",)}
+_NAMED = {"EmbeddingRequest": ("embedding", "sparse"), "RerankRequest": ("rerank",)}
 
 
 def _name_the_models(svc, components: dict) -> None:

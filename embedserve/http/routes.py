@@ -108,13 +108,17 @@ def integer_rows(rows: list[bytes], name: str) -> list[list[int]]:
 
 
 def encode_embeddings(
-    vectors, token_counts: list[int], fmt: str, model: str, encoded: dict[str, list[bytes]] | None = None
+    vectors, token_counts: list[int], fmt: str, model: str, encoded: dict[str, list[bytes]] | None = None,
+    sparse=None,
 ) -> bytes:
     """``vectors [n, k]`` float32 -> response JSON. base64 is little-endian float32, built without a float loop:
     spliced as made by the engine's pool+encode kernel when it made it, else encoded row by row here. The integer
     types are the engine's bytes as integers."""
     ready = (encoded or {}).get(fmt)
-    if fmt in INTEGER_ENCODINGS:
+    if fmt == "sparse":
+        items = [EmbeddingItem(index=i, embedding={"indices": ids.tolist(), "values": weights.tolist()})
+                 for i, (ids, weights) in enumerate(sparse)]
+    elif fmt in INTEGER_ENCODINGS:
         items = [EmbeddingItem(index=i, embedding=row) for i, row in enumerate(integer_rows(ready, fmt))]
     elif fmt == "base64" and ready is not None:
         items = [EmbeddingItem(index=i, embedding=msgspec.Raw(b'"' + text + b'"')) for i, text in enumerate(ready)]
@@ -142,14 +146,15 @@ async def embeddings(request: Request) -> Response:
     fmt = req.encoding_format or "float"
     options = EmbedOptions(
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
-        encodings=() if fmt == "float" else (fmt,), late_chunking=bool(req.late_chunking),
+        encodings=() if fmt in ("float", "sparse") else (fmt,), late_chunking=bool(req.late_chunking),
+        sparse=fmt == "sparse", top_k=req.sparse_top_k,
         late_chunking_overlap=req.late_chunking_overlap, long_input=req.long_input,
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
     result = await until_disconnect(request, engine.embed(inputs, options))
     headers = record_result(svc, request, len(inputs), result, engine)
-    args = (result.vectors, result.token_counts, fmt, name, result.encoded)
-    if result.vectors.numel() > ENCODE_INLINE_FLOATS:
+    args = (result.vectors, result.token_counts, fmt, name, result.encoded, result.sparse)
+    if result.vectors.numel() + sum(len(ids) for ids, _ in result.sparse or ()) > ENCODE_INLINE_FLOATS:
         body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
     else:
         body = encode_embeddings(*args)

@@ -29,6 +29,8 @@ from embedserve.protocol import (
     TeiInfo,
     TeiPrediction,
     TeiPredictRequest,
+    TeiSparseRequest,
+    TeiSparseValue,
     TeiToken,
     TeiTokenizeRequest,
     check_count,
@@ -74,6 +76,24 @@ async def embed(request: Request) -> Response:
         return Response(await run_in_threadpool(encoder.encode, result.vectors.tolist()),
                         media_type="application/json", headers=headers)
     return _json(result.vectors.tolist(), headers)
+
+
+async def embed_sparse(request: Request) -> Response:
+    """A SPLADE model's sparse vectors, TEI's shape: per input, its nonzero weights ``{"index", "value"}`` by
+    token id."""
+    svc, engine = _default_model(request)
+    req = decode_tei(TeiSparseRequest, await read_body(request, svc.config.max_body_bytes))
+    texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
+    if req.truncation_direction not in (None, "right", "Right", "left", "Left"):
+        raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
+                             "start)", param="truncation_direction")
+    options = EmbedOptions(sparse=True, top_k=req.sparse_top_k, truncate=req.truncate,
+                           truncate_start=req.truncation_direction in ("left", "Left"), prompt_name=req.prompt_name)
+    result = await until_disconnect(request, engine.embed(texts, options))
+    headers = record_result(svc, request, len(texts), result, engine)
+    body = [[TeiSparseValue(index=i, value=v) for i, v in zip(ids.tolist(), weights.tolist())]
+            for ids, weights in result.sparse]
+    return _json(body, headers)
 
 
 async def predict(request: Request) -> Response:

@@ -33,6 +33,7 @@ from embedserve.models.classifier import (
 )
 from embedserve.models.encoder import Kernels
 from embedserve.models.loader import SafetensorsCheckpoint, inside, load_weights, read_json
+from embedserve.models.splade import MlmHead, SparseHead, SpladeSpec, read_splade_pooling
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class SentenceSpec:
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    splade: SpladeSpec | None = None  # a SparseEncoder folder: SPLADE pooling over the masked-LM logits
 
 
 def _pooling_mode(cfg: dict, path: Path) -> str:
@@ -106,9 +108,12 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
     pooling: str | None = None
     normalize = False
     dense: list[Path] = []
+    splade: SpladeSpec | None = None
     for module in read_json(modules_path):
         kind = module.get("type", "").rsplit(".", 1)[-1]
-        if kind == "Transformer":
+        if kind == "SpladePooling":
+            splade = read_splade_pooling(inside(directory, module.get("path", ""), modules_path.name))
+        elif kind in ("Transformer", "MLMTransformer"):
             if module.get("path", "") not in ("", "."):
                 raise ModelLoadError(f"{modules_path}: a Transformer module outside the top folder is not supported")
         elif kind == "Pooling":
@@ -123,8 +128,12 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
         else:
             raise ModelLoadError(
                 f"{modules_path}: module type {module.get('type')!r} is not supported; "
-                "supported: Transformer, Pooling, Dense, Normalize"
+                "supported: Transformer, Pooling, Dense, Normalize; MLMTransformer and SpladePooling (SPLADE)"
             )
+    if splade is not None:
+        if pooling is not None or dense or normalize:
+            raise ModelLoadError(f"{modules_path}: SpladePooling beside Pooling, Dense or Normalize is not supported")
+        return SentenceSpec(pooling="cls", splade=splade, **common)
     if pooling is None:
         raise ModelLoadError(f"{modules_path} has no Pooling module")
     return SentenceSpec(pooling=pooling, normalize=normalize, dense=tuple(dense), **common)
@@ -184,10 +193,14 @@ class LoadedModel:
     hf_config: dict
     head: nn.Module | None = None  # a sequence-classification head: the model scores instead of embedding
     classifier: ClassifierSpec | None = None
+    sparse: SparseHead | None = None  # a SPLADE model: vocabulary-wide sparse vectors
 
     @property
     def kind(self) -> str:
-        """``embedding``; ``rerank`` for a one-label cross-encoder; ``classify`` for a classifier of more labels."""
+        """``embedding``; ``sparse`` for SPLADE; ``rerank`` for a one-label cross-encoder; ``classify`` for a
+        classifier of more labels."""
+        if self.sparse is not None:
+            return "sparse"
         if self.classifier is None:
             return "embedding"
         return "rerank" if self.classifier.num_labels == 1 else "classify"
@@ -328,6 +341,18 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
     )
     encoder.eval()
     dense = nn.ModuleList(_load_dense(folder, dtype, device) for folder in recipe.spec.dense).eval()
+    sparse = None
+    if recipe.spec.splade is not None:
+        if not hasattr(encoder, "word_embeddings") or not hasattr(recipe.args, "vocab_size"):
+            raise ModelLoadError(f"{directory}: SPLADE is served for BERT-family masked LMs; this is "
+                                 f"{type(encoder).__name__}")
+        untied = "cls.predictions.decoder.weight" in checkpoint.names()
+        with torch.device("meta"):
+            mlm = MlmHead(encoder.hidden_size, recipe.args.vocab_size, recipe.hf_config, untied=untied)
+        load_weights(mlm, checkpoint, mlm.weight_maps(), ignored=(r".*",), dtype=dtype, device=device)
+        if not untied:
+            mlm.tied = encoder.word_embeddings.weight
+        sparse = SparseHead(mlm.eval(), recipe.spec.splade)
 
     dims = encoder.hidden_size
     for layer in dense:
@@ -337,6 +362,8 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
 
     if classifier is not None:
         dims = classifier.num_labels
+    if sparse is not None:
+        dims = recipe.args.vocab_size
     return LoadedModel(
         directory=directory,
         name=directory.name,
@@ -351,6 +378,7 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
         hf_config=recipe.hf_config,
         head=head,
         classifier=classifier,
+        sparse=sparse,
     )
 
 

@@ -23,7 +23,7 @@ def packed_logits(V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["max", "sum"])
 @pytest.mark.parametrize("activation", ["relu", "log1p_relu"])
 def test_the_twin_is_sentence_transformers_splade_pooling_on_the_padded_batch(mode, activation):
-    from sentence_transformers.sparse_encoder.models import SpladePooling
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
 
     V = 97
     logits, cu = packed_logits(V, seed=1)

@@ -1,0 +1,76 @@
+"""A SPLADE folder served over HTTP: TEI's /embed_sparse and /v1/embeddings' encoding_format "sparse" against
+sentence-transformers' SparseEncoder, sparse_top_k, and the errors of asking a model for the other kind."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from serving import run_server
+from tiny import build_tiny_splade
+
+TEXTS = ["what is a sparse vector", "SPLADE expands a text into weighted vocabulary terms", "a"]
+
+
+@pytest.fixture(scope="module")
+def splade(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("splade") / "tiny-splade"
+    encoder = build_tiny_splade(folder, seed=11)
+    with run_server(folder.parent, "--model", str(folder), "--served-model-name", "splade") as server:
+        yield server, encoder.encode(TEXTS, convert_to_tensor=True).to_dense()
+
+
+def post(server, route: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + route, json=body, timeout=60)
+
+
+def test_tei_embed_sparse_is_sentence_transformers(splade):
+    server, want = splade
+    r = post(server, "/embed_sparse", {"inputs": TEXTS})
+    assert r.status_code == 200, r.text
+    for got, row in zip(r.json(), want):
+        nonzero = row.nonzero().squeeze(1)
+        assert [x["index"] for x in got] == nonzero.tolist()
+        torch.testing.assert_close(torch.tensor([x["value"] for x in got]), row[nonzero], atol=1e-5, rtol=1e-5)
+    one = post(server, "/embed_sparse", {"inputs": TEXTS[0], "sparse_top_k": 5}).json()[0]
+    best = want[0].topk(5).indices.sort().values.tolist()
+    assert [x["index"] for x in one] == best
+
+
+def test_openai_route_answers_indices_and_values(splade):
+    server, want = splade
+    r = post(server, "/v1/embeddings", {"model": "splade", "input": TEXTS, "encoding_format": "sparse"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for item, row in zip(body["data"], want):
+        nonzero = row.nonzero().squeeze(1)
+        assert item["embedding"]["indices"] == nonzero.tolist()
+        torch.testing.assert_close(torch.tensor(item["embedding"]["values"]), row[nonzero], atol=1e-5, rtol=1e-5)
+    assert body["usage"]["total_tokens"] > len(TEXTS)
+    top = post(server, "/v1/embeddings", {"model": "splade", "input": TEXTS[1], "encoding_format": "sparse",
+                                         "sparse_top_k": 3}).json()["data"][0]["embedding"]
+    assert top["indices"] == want[1].topk(3).indices.sort().values.tolist()
+
+
+def test_the_wrong_kind_is_a_400_naming_it(splade, server):
+    sparse_server, _ = splade
+    r = post(sparse_server, "/v1/embeddings", {"model": "splade", "input": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind" and "sparse" in r.text
+    r = post(sparse_server, "/embed", {"inputs": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind"
+    r = post(server, "/v1/embeddings", {"model": "m", "input": "x", "encoding_format": "sparse"})
+    assert r.status_code == 400 and "kind 'embedding'" in r.text
+    r = post(server, "/embed_sparse", {"inputs": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind"
+    r = post(sparse_server, "/v1/embeddings", {"model": "splade", "input": "x", "encoding_format": "sparse",
+                                               "sparse_top_k": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sparse_top_k"
+
+
+def test_openapi_lists_embed_sparse_for_a_sparse_model(splade):
+    server, _ = splade
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/embed_sparse" in spec["paths"] and "/v1/embeddings" in spec["paths"]
+    info = httpx.get(server.url + "/info").json()
+    assert info["model_type"] == {"embedding": {"pooling": "splade"}} and info["kind"] == "sparse"

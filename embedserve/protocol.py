@@ -456,16 +456,13 @@ def decode_request(body: bytes) -> EmbeddingRequest:
             param="encoding_format",
         )
     check_dimensions(req.dimensions)
-    check_late(req.late_chunking_overlap, req.long_input)
+    check_late(req.late_chunking_overlap)
     return req
 
 
-def check_late(overlap: int | None, long_input: str | None) -> None:
+def check_late(overlap: int | None) -> None:
     if overlap is not None and overlap < 0:
         raise InvalidRequest(f"late_chunking_overlap must be 0 or more, got {overlap}", param="late_chunking_overlap")
-    if long_input not in (None, "truncate", "error", "mean"):
-        raise InvalidRequest(f"long_input must be one of truncate, error, mean, got {quoted(long_input)}",
-                             param="long_input")
 
 
 def _is_int(x: object) -> bool:

@@ -22,7 +22,7 @@ import torch
 from embedserve.config import EngineConfig
 from embedserve.engine import late
 from embedserve.engine.calibration import OutputCalibration, OutputRanges
-from embedserve.engine.interface import ENCODINGS, EmbedOptions, EmbedResult, StepObserver
+from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver
 from embedserve.engine.loading import load
 from embedserve.engine.prepare import Preparer
 from embedserve.engine.tokenizer import run_abandonable
@@ -132,8 +132,10 @@ class Engine:
             raise WrongModelKind("sparse embeddings" if options.sparse else "embeddings", self.kind, wanted)
         if not inputs:
             raise InvalidRequest("input must not be empty", param="input")
+        long_input = self._long_input(options)
+        truncate = long_input == "truncate"
         if options.sparse:
-            return await self._embed_sparse(inputs, options)
+            return await self._embed_sparse(inputs, options, truncate, long_input)
         dims = options.dimensions or self.dimensions
         if not 1 <= dims <= self.dimensions:
             raise InvalidRequest(
@@ -142,22 +144,12 @@ class Engine:
         normalize = options.normalize
         if normalize is None:
             normalize = self.model.spec.normalize or options.dimensions is not None
-        if options.long_input is not None:
-            long_input = options.long_input
-        elif options.truncate is not None:
-            long_input = "truncate" if options.truncate else "error"
-        else:
-            long_input = self.config.long_input or ("truncate" if self.config.truncate else "error")
-        if long_input not in LONG_INPUT:
-            raise InvalidRequest(f"long_input must be one of {', '.join(LONG_INPUT)}, got {long_input!r}",
-                                 param="long_input")
-        truncate = long_input == "truncate"
 
         prompt = self.prompt(options.prompt_name)
         encodings = options.encodings
         for name in encodings:
-            if name not in ENCODINGS:
-                raise InvalidRequest(f"unknown output type {name!r}; supported: {', '.join(ENCODINGS)}",
+            if name not in ENCODING_CODES:
+                raise InvalidRequest(f"unknown output type {name!r}; supported: {', '.join(ENCODING_CODES)}",
                                      param="encoding_format")
         if dims % 8 and {"binary", "ubinary"} & set(encodings):
             raise InvalidRequest(f"binary and ubinary output pack 8 values per byte: the width must be a multiple "
@@ -182,15 +174,27 @@ class Engine:
             result = dataclasses.replace(result, encoded={**result.encoded, **more})
         return result
 
-    async def _embed_sparse(self, inputs, options: EmbedOptions) -> EmbedResult:
+    def _long_input(self, options: EmbedOptions) -> str:
+        """What an over-long input gets: the request's long_input, else its truncate, else the server's."""
+        if options.long_input is not None:
+            long_input = options.long_input
+        elif options.truncate is not None:
+            long_input = "truncate" if options.truncate else "error"
+        else:
+            long_input = self.config.long_input or ("truncate" if self.config.truncate else "error")
+        if long_input not in LONG_INPUT:
+            raise InvalidRequest(f"long_input must be one of {', '.join(LONG_INPUT)}, got {long_input!r}",
+                                 param="long_input")
+        return long_input
+
+    async def _embed_sparse(self, inputs, options: EmbedOptions, truncate: bool, long_input: str) -> EmbedResult:
         """A SPLADE model's vectors: each input's nonzero weights (the ``top_k`` largest, if asked), by token id."""
         for field, value in (("encoding_format", options.encodings), ("dimensions", options.dimensions),
-                             ("late_chunking", options.late_chunking), ("long_input", options.long_input == "mean")):
+                             ("late_chunking", options.late_chunking), ("long_input", long_input == "mean")):
             if value:
                 raise InvalidRequest(f"{field} does not apply to a SPLADE model's sparse vectors", param=field)
         if options.top_k is not None and options.top_k < 1:
             raise InvalidRequest(f"sparse_top_k must be a positive integer, got {options.top_k}", param="sparse_top_k")
-        truncate = self.config.truncate if options.truncate is None else options.truncate
         args = (inputs, truncate, self.prompt(options.prompt_name), options.truncate_start)
         result = await self._submit(self._prep.texts, args, self.dimensions, False)
         if options.top_k is not None:

@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     import torch
 
 
-ENCODINGS = ("base64", "int8", "uint8", "binary", "ubinary")
 INTEGER_ENCODINGS = {"int8": "int8", "uint8": "uint8", "binary": "int8", "ubinary": "uint8"}  # name -> numpy dtype
 
 
@@ -40,7 +39,7 @@ class EmbedOptions:
     late_chunking_overlap: int | None = None
     """Tokens a window repeats from the one before; None: the server's --late-chunking-overlap."""
     encodings: tuple[str, ...] = ()
-    """Byte forms wanted beside the float vectors, any of :data:`ENCODINGS`: ``base64`` (little-endian float32,
+    """Byte forms wanted beside the float vectors, any of: ``base64`` (little-endian float32,
     as base64 text), ``int8`` / ``uint8`` (one byte per value, with ranges calibrated per model and width),
     ``binary`` / ``ubinary`` (one bit per value; the width must be a multiple of 8). The first is made on the
     device with the pooling, any others from the same vectors."""

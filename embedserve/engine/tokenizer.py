@@ -369,7 +369,7 @@ class Tokenizer:
             return [e.ids for e in self._cut.encode_batch(texts, add_special_tokens=True)]
         ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=True)]
         for i, x in enumerate(ids):
-            if len(x) > self.max_length or cut[i][1]:
+            if len(x) > self.max_length:
                 if not long_ok:
                     raise ContextLengthExceeded(self.max_length, len(x), index=i, at_least=cut[i][1])
                 ids[i] = None  # the caller reads it whole another way

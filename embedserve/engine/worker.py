@@ -331,13 +331,16 @@ class Worker:
         self._finish(step, plan, {}, {e.request_id: err for e in step.entries}, started)
 
     def _finish(
-        self, step: Step, plan: list[_Pending | None], rows: dict[int, tuple[torch.Tensor, bytes, torch.Tensor | None]],
-        failures: dict[int, EmbedServeError], started: float,
+        self, step: Step, plan: list[_Pending | None], rows: dict[int, tuple], failures: dict[int, EmbedServeError],
+        started: float,
     ) -> None:
-        """Retire a step: its rows into their requests, finished requests answered, failed ones refused."""
+        """Retire a step: its rows into their requests, finished requests answered, failed ones refused. ``rows``:
+        per item, (its row, its encoded bytes, its span sums)."""
         finished_at = time.perf_counter()
         if rows:
             self.observer.step(len(rows), sum(step.items[i].length for i in rows), finished_at - started)
+        if self.sparse:  # a SPLADE row as its nonzeros (ids, weights), found before the lock submitters wait on
+            rows = {i: (_nonzeros(row), data, pieces) for i, (row, data, pieces) in rows.items()}
         with self._cond:
             for i, (w, p) in enumerate(zip(step.items, plan)):
                 if p is None or i not in rows or w.entry.request_id in failures:
@@ -349,8 +352,7 @@ class Worker:
                     targets = [c for _, _, c in p.spans[w.entry.index]]
                     p.sums.index_add_(0, torch.tensor(targets, dtype=torch.long), pieces)
                 elif p.sparse is not None:
-                    ids = row.nonzero().squeeze(1)
-                    p.sparse[w.entry.index] = (ids, row.index_select(0, ids))
+                    p.sparse[w.entry.index] = row
                 elif w.final:
                     p.rows[w.entry.index] = row
                     if p.encoded is not None:
@@ -409,6 +411,11 @@ class Worker:
             _answer(p, _set_exception, err)
         if self._on_fatal is not None:
             self._on_fatal(exc)
+
+
+def _nonzeros(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = row.nonzero().squeeze(1)
+    return ids, row.index_select(0, ids)
 
 
 def _engine_error(exc: BaseException) -> EngineError:

@@ -65,7 +65,7 @@ async def embed(request: Request) -> Response:
         raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
                              "start)", param="truncation_direction")
     check_dimensions(req.dimensions)
-    check_late(req.late_chunking_overlap, req.long_input)
+    check_late(req.late_chunking_overlap)
     options = EmbedOptions(dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate,
                            truncate_start=req.truncation_direction in ("left", "Left"), prompt_name=req.prompt_name,
                            late_chunking=bool(req.late_chunking), late_chunking_overlap=req.late_chunking_overlap,

@@ -79,7 +79,8 @@ class WrongModelKind(InvalidRequest):
 
     def __init__(self, route: str, kind: str, wanted: str) -> None:
         names = {"embedding": "an embedding model", "rerank": "a reranker (cross-encoder)",
-                 "classify": "a sequence classifier", "sparse": "a sparse (SPLADE) model"}
+                 "classify": "a sequence classifier",
+                 "sparse": "a sparse model (SPLADE, or one with bge-m3's lexical weights)"}
         super().__init__(f"{route} needs {names[wanted]}, and the served model is {names[kind]} (kind {kind!r})",
                          code="wrong_model_kind")
 

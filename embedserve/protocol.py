@@ -30,7 +30,8 @@ _PAIR = {"type": "array", "items": _STR, "minItems": 2, "maxItems": 2}
 
 
 _SPARSE_TOP_K = Annotated[int | None, msgspec.Meta(
-    description="Sparse output (SPLADE): keep each vector's k largest weights.", extra_json_schema={"minimum": 1})]
+    description="Sparse output (SPLADE, bge-m3's lexical weights): keep each vector's k largest weights.",
+    extra_json_schema={"minimum": 1})]
 # Fields of both embedding routes (OpenAI's and TEI's /embed).
 _LATE_CHUNKING = Annotated[bool | None, msgspec.Meta(
     description="The inputs are consecutive chunks of one document (texts): it runs whole, in overlapping windows if "
@@ -56,7 +57,8 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
                     "integer per value, scaled to the value's range over the server's calibration texts "
                     "(-128..127 / 0..255); binary / ubinary: one bit per value (value > 0), most significant "
                     "bit first, 8 to an integer (-128..127 / 0..255): the width must be a multiple of 8; sparse "
-                    "(a SPLADE model's only format): {indices, values}, the nonzero weights by token id.",
+                    "(a SPLADE model's only format, and bge-m3's lexical weights): {indices, values}, the nonzero "
+                    "weights by token id.",
         extra_json_schema={"enum": [*ENCODING_FORMATS, None]})] = None
     dimensions: Annotated[int | None, msgspec.Meta(
         description="Keep the first k values, then L2-renormalise; 1 to the model's width.",
@@ -74,6 +76,13 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     late_chunking_overlap: _LATE_OVERLAP = None
     long_input: _LONG_INPUT = None
     sparse_top_k: _SPARSE_TOP_K = None
+    is_query: Annotated[bool | None, msgspec.Meta(
+        description="The inputs are queries (sentence-transformers' encode_query): the model's 'query' prompt when "
+                    "prompt_name is not given, and an inference-free sparse model's query side (no forward "
+                    "pass).")] = None
+    include_dense: Annotated[bool | None, msgspec.Meta(
+        description="With encoding_format sparse, on a model with dense and sparse outputs (bge-m3): each embedding "
+                    "is {dense, indices, values}, both from one forward pass.")] = None
 
 
 class EmbeddingItem(msgspec.Struct, kw_only=True):
@@ -85,7 +94,8 @@ class EmbeddingItem(msgspec.Struct, kw_only=True):
                       {"type": "array", "items": {"type": "number"}}, {"type": "string", "contentEncoding": "base64"},
                       {"type": "array", "items": {"type": "integer", "minimum": -128, "maximum": 255}},
                       {"type": "object", "properties": {"indices": {"type": "array", "items": {"type": "integer"}},
-                                                        "values": {"type": "array", "items": {"type": "number"}}},
+                                                        "values": {"type": "array", "items": {"type": "number"}},
+                                                        "dense": {"type": "array", "items": {"type": "number"}}},
                        "required": ["indices", "values"]})
 
 

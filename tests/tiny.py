@@ -526,3 +526,53 @@ def build_tiny_splade(directory: Path, *, pooling: str = "max", activation: str 
                             device="cpu")
     encoder.save(str(directory))
     return encoder
+
+
+def build_tiny_bge_m3(directory: Path, *, seed: int = 0):
+    """A random XLM-RoBERTa laid out as BAAI/bge-m3 publishes it (MiniLM's tokenizer): the sentence-transformers
+    modules of its dense vector (CLS, Normalize) and, beside them, ``sparse_linear.pt`` and ``colbert_linear.pt``
+    (``torch.save`` of each layer's state dict). Returns (the transformers model, the two layers)."""
+    from torch import nn
+
+    model = build_tiny_encoder(directory, "xlm-roberta", pooling="cls", normalize=True, seed=seed)
+    hidden = model.config.hidden_size
+    torch.manual_seed(seed + 1)
+    sparse_linear, colbert_linear = nn.Linear(hidden, 1), nn.Linear(hidden, hidden)
+    with torch.no_grad():
+        sparse_linear.bias.fill_(0.05)  # about half the tokens weigh more than 0
+    torch.save(sparse_linear.state_dict(), directory / "sparse_linear.pt")
+    torch.save(colbert_linear.state_dict(), directory / "colbert_linear.pt")
+    return model, sparse_linear, colbert_linear
+
+
+def flag_m3_reference(folder: Path, texts: list[str], *, colbert: bool = False):
+    """FlagEmbedding's ``BGEM3FlagModel.encode`` in float32 on the CPU: (the dense vectors ``[n, H]``, the lexical
+    weights as it gives them: per text, {token id as a string: weight}) and, with ``colbert``, each text's
+    ``[tokens - 1, C]`` colbert vectors."""
+    from FlagEmbedding import BGEM3FlagModel
+
+    model = BGEM3FlagModel(str(folder), use_fp16=False, devices="cpu")
+    out = model.encode(texts, batch_size=4, max_length=512, return_dense=True, return_sparse=True,
+                       return_colbert_vecs=colbert)
+    found = (torch.as_tensor(out["dense_vecs"]), out["lexical_weights"])
+    return found + ([torch.as_tensor(v) for v in out["colbert_vecs"]],) if colbert else found
+
+
+def build_tiny_inference_free_splade(directory: Path, *, seed: int = 0):
+    """An inference-free SPLADE folder saved by sentence-transformers: a Router whose document side is a tiny
+    random masked LM + SpladePooling (as :func:`build_tiny_splade`) and whose query side is a SparseStaticEmbedding
+    (one random weight per token, a third of them 0). Returns the SparseEncoder, the reference."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules.router import Router
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SparseStaticEmbedding, SpladePooling
+
+    build_tiny_splade(directory.parent / f"{directory.name}-doc", seed=seed)
+    mlm = MLMTransformer(str(directory.parent / f"{directory.name}-doc-mlm"))
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(len(mlm.tokenizer.get_vocab()), generator=g) * 3
+    weight[torch.rand(weight.shape, generator=g) < 1 / 3] = 0.0
+    static = SparseStaticEmbedding(tokenizer=mlm.tokenizer, weight=weight, frozen=True)
+    router = Router.for_query_document(query_modules=[static], document_modules=[mlm, SpladePooling("max")])
+    encoder = SparseEncoder(modules=[router], device="cpu")
+    encoder.save(str(directory))
+    return encoder

@@ -22,7 +22,7 @@ import torch
 from embedserve.config import EngineConfig
 from embedserve.engine import late
 from embedserve.engine.calibration import OutputCalibration, OutputRanges
-from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver
+from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
 from embedserve.engine.loading import load
 from embedserve.engine.prepare import Preparer
 from embedserve.engine.tokenizer import run_abandonable
@@ -127,15 +127,22 @@ class Engine:
     # -- the async front ------------------------------------------------------------------------------
     async def embed(self, inputs: Sequence[str | Sequence[int]], options: EmbedOptions = EmbedOptions()) -> EmbedResult:
         """Embed a request's inputs (texts, or token ids in the model's vocabulary)."""
-        wanted = "sparse" if options.sparse else "embedding"
-        if self.kind != wanted:
-            raise WrongModelKind("sparse embeddings" if options.sparse else "embeddings", self.kind, wanted)
+        if options.sparse:
+            if self.kind != "sparse" and self.model.lexical is None:
+                raise WrongModelKind("sparse embeddings", self.kind, "sparse")
+        elif self.kind != "embedding":
+            raise WrongModelKind("embeddings", self.kind, "embedding")
+        elif options.include_dense:
+            raise InvalidRequest("include_dense adds the dense vectors to sparse ones: it needs encoding_format "
+                                 "sparse", param="include_dense")
         if not inputs:
             raise InvalidRequest("input must not be empty", param="input")
         long_input = self._long_input(options)
         truncate = long_input == "truncate"
-        if options.sparse:
-            return await self._embed_sparse(inputs, options, truncate, long_input)
+        if options.query and options.prompt_name is None and "query" in self.model.spec.prompts:
+            options = dataclasses.replace(options, prompt_name="query")  # as encode_query chooses it
+        if self.kind == "sparse":
+            return await self._embed_splade(inputs, options, truncate, long_input)
         dims = options.dimensions or self.dimensions
         if not 1 <= dims <= self.dimensions:
             raise InvalidRequest(
@@ -144,6 +151,8 @@ class Engine:
         normalize = options.normalize
         if normalize is None:
             normalize = self.model.spec.normalize or options.dimensions is not None
+        if options.sparse:
+            return await self._embed_lexical(inputs, options, truncate, long_input, dims, normalize)
 
         prompt = self.prompt(options.prompt_name)
         encodings = options.encodings
@@ -187,25 +196,55 @@ class Engine:
                                  param="long_input")
         return long_input
 
-    async def _embed_sparse(self, inputs, options: EmbedOptions, truncate: bool, long_input: str) -> EmbedResult:
+    async def _embed_splade(self, inputs, options: EmbedOptions, truncate: bool, long_input: str) -> EmbedResult:
         """A SPLADE model's vectors: each input's nonzero weights (the ``top_k`` largest, if asked), by token id."""
-        for field, value in (("encoding_format", options.encodings), ("dimensions", options.dimensions),
-                             ("late_chunking", options.late_chunking), ("long_input", long_input == "mean")):
+        self._check_sparse(options, long_input, ("encoding_format", options.encodings),
+                           ("dimensions", options.dimensions), ("include_dense", options.include_dense))
+        prompt = self.prompt(options.prompt_name)
+        if self.model.sparse.query is not None and (options.query or options.prompt_name == "query"):
+            return _top_k(await self._static_query(inputs, truncate, prompt), options.top_k)
+        args = (inputs, truncate, prompt, options.truncate_start)
+        return _top_k(await self._submit(self._prep.texts, args, self.dimensions, False), options.top_k)
+
+    async def _static_query(self, inputs, truncate: bool, prompt: str) -> EmbedResult:
+        """An inference-free SPLADE model's queries: each token the query holds (once), weighted by the model's
+        query weights; no forward pass, only the tokenisation pool."""
+        weights = self.model.sparse.query
+        started = time.perf_counter()
+
+        def weigh():
+            ids = self._prep.bare(inputs, truncate, prompt)
+            rows = []
+            for x in ids:
+                held = torch.tensor(sorted({t for t in x if t < len(weights)}), dtype=torch.long)
+                w = weights[held]
+                rows.append((held[w != 0], w[w != 0]))
+            return ids, rows
+
+        ids, rows = await self._on_pool(_size(inputs), weigh)
+        return EmbedResult(torch.empty(len(ids), 0), [len(x) for x in ids],
+                           timings=Timings(tokenize_s=time.perf_counter() - started), sparse=rows)
+
+    async def _embed_lexical(self, inputs, options: EmbedOptions, truncate: bool, long_input: str, dims: int,
+                             normalize: bool) -> EmbedResult:
+        """bge-m3: each input's lexical weights by token id, and (``include_dense``) its dense vector, both from
+        one forward pass."""
+        self._check_sparse(options, long_input, ("encoding_format", options.encodings),
+                           ("dimensions", options.dimensions and not options.include_dense))
+        args = (inputs, truncate, self.prompt(options.prompt_name), options.truncate_start)
+        result = _top_k(await self._submit(self._prep.texts, args, dims, normalize, sparse=True), options.top_k)
+        if not options.include_dense:
+            result = dataclasses.replace(result, vectors=result.vectors[:, :0])
+        return result
+
+    @staticmethod
+    def _check_sparse(options: EmbedOptions, long_input: str, *fields: tuple[str, object]) -> None:
+        fields += (("late_chunking", options.late_chunking), ("long_input", long_input == "mean"))
+        for field, value in fields:
             if value:
-                raise InvalidRequest(f"{field} does not apply to a SPLADE model's sparse vectors", param=field)
+                raise InvalidRequest(f"{field} does not apply to sparse vectors", param=field)
         if options.top_k is not None and options.top_k < 1:
             raise InvalidRequest(f"sparse_top_k must be a positive integer, got {options.top_k}", param="sparse_top_k")
-        args = (inputs, truncate, self.prompt(options.prompt_name), options.truncate_start)
-        result = await self._submit(self._prep.texts, args, self.dimensions, False)
-        if options.top_k is not None:
-            kept = []
-            for ids, weights in result.sparse:
-                if len(ids) > options.top_k:
-                    top = weights.topk(options.top_k).indices.sort().values
-                    ids, weights = ids[top], weights[top]
-                kept.append((ids, weights))
-            result = dataclasses.replace(result, sparse=kept)
-        return result
 
     async def _embed_mean(self, inputs, prompt: str, dims: int, normalize: bool, encodings: tuple[str, ...],
                           ranges: torch.Tensor | None) -> EmbedResult:
@@ -262,9 +301,11 @@ class Engine:
         return apply_activation(logits, activation or self.model.classifier.activation)
 
     async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, encoding: int = 0,
-                      ranges: torch.Tensor | None = None, *, limited: bool = True) -> EmbedResult:
+                      ranges: torch.Tensor | None = None, *, limited: bool = True, sparse: bool = False
+                      ) -> EmbedResult:
         """Tokenize on the pool (``prepare(*args)`` -> ids, or (ids, type starts)), queue every input, and
-        wait for the engine thread to finish them all. ``limited``: held to --max-tokens-per-request."""
+        wait for the engine thread to finish them all. ``limited``: held to --max-tokens-per-request; ``sparse``:
+        bge-m3's lexical weights too."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -288,7 +329,7 @@ class Engine:
             )
         rid, fut = self.worker.submit(loop, ids, type_starts, dims=dims, normalize=normalize, encoding=encoding,
                                       ranges=ranges, tokenize_s=tokenized - started, queued_at=tokenized,
-                                      spans=spans, chunk_tokens=chunk_tokens)
+                                      spans=spans, chunk_tokens=chunk_tokens, sparse=sparse)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -325,5 +366,19 @@ class Engine:
     def prompt(self, name: str | None) -> str:
         """The text of one of the model's prompts (None: its default prompt, if any); unknown is a 400."""
         return self._prep.prompt(name)
+
+
+def _top_k(result: EmbedResult, k: int | None) -> EmbedResult:
+    """Each sparse vector's ``k`` largest weights (all when None), still by token id."""
+    if k is None:
+        return result
+    kept = []
+    for ids, weights in result.sparse:
+        if len(ids) > k:
+            top = weights.topk(k).indices.sort().values
+            ids, weights = ids[top], weights[top]
+        kept.append((ids, weights))
+    return dataclasses.replace(result, sparse=kept)
+
 
 __all__ = ["Engine"]

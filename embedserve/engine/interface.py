@@ -30,9 +30,14 @@ class EmbedOptions:
     then the input's last tokens, then its end tokens."""
     prompt_name: str | None = None
     """One of the model's sentence-transformers prompts; None: its default prompt, if any."""
+    query: bool = False
+    """The inputs are queries (sentence-transformers' ``encode_query``): the model's ``query`` prompt when no
+    ``prompt_name`` is given, and an inference-free SPLADE model's query side."""
     sparse: bool = False
-    """A SPLADE model's sparse vectors (its only output); ``top_k``: keep each vector's k largest weights."""
+    """Sparse vectors: a SPLADE model's (its only output) or bge-m3's lexical weights; ``top_k``: keep each
+    vector's k largest weights; ``include_dense`` (bge-m3): the dense vectors too, from the same forward."""
     top_k: int | None = None
+    include_dense: bool = False
     late_chunking: bool = False
     """The inputs are consecutive chunks of one document: it runs whole (in overlapping windows if longer than the
     model), and each chunk's vector is the mean of its own tokens' final states (:mod:`embedserve.engine.late`)."""
@@ -58,7 +63,8 @@ class EmbedResult:
     token_counts: list[int]
     encoded: dict[str, list[bytes]] = field(default_factory=dict)  # per encoding asked for: each input's bytes
     timings: Timings = Timings()
-    # SPLADE: per input, its nonzero (token ids ascending, weights); ``vectors`` is then empty
+    # sparse output: per input, its nonzero (token ids ascending, weights); ``vectors`` is then empty unless the
+    # request asked for the dense vectors too
     sparse: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
@@ -103,6 +109,7 @@ class EngineInfo:
     commit: str | None  # the Hub commit served, None for a local folder
     tokenizer_workers: int
     prompts: tuple[str, ...] = ()  # the names of the model's prompts that are not empty
+    lexical: bool = False  # an embedding model that also gives sparse vectors (bge-m3's lexical weights)
 
 
 class ServedEngine(Protocol):

@@ -122,6 +122,8 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
     budgets = resolve_budgets(sc, device_type=device.type, max_length=max_length, can_chunk=recipe.supports_chunking)
     kernels = _choose_kernels(recipe.attention_shape, budgets, config.model.attention, device, dtype, int8)
     model = build_model(recipe, dtype=dtype, device=device, kernels=kernels)
+    if model.lexical is not None:
+        model.lexical.drop(tokenizer.unweighted_ids)
     linear_plan = kernels.linear
     linear_backend = linear_plan.default + (" or torch, measured per shape" if linear_plan.probe else "")
     # Cross-encoders whose tokenizer marks a pair's second text (BERT's token type 1) get the types packed.
@@ -156,6 +158,7 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
         dtype=str(dtype).removeprefix("torch."), quantize=config.model.quantize, device=str(device),
         commit=source.commit, tokenizer_workers=config.tokenizer_workers,
         prompts=tuple(n for n, text in model.spec.prompts.items() if text),
+        lexical=model.lexical is not None,
     )
     hf = model.hf_config
     log.info("architecture: %s -> %s", (hf.get("architectures") or [hf.get("model_type")])[0],
@@ -255,4 +258,4 @@ def _head_words(m: LoadedModel, token_types: bool) -> str:
         return (f"{type(m.head).__name__} -> {m.classifier.num_labels} label(s), {m.classifier.activation}"
                 f"{', token types' if token_types else ''}")
     return (f"pooling {m.spec.pooling}{f' + {len(m.dense)} dense' if len(m.dense) else ''}"
-            f"{' + normalize' if m.spec.normalize else ''}")
+            f"{' + normalize' if m.spec.normalize else ''}{'; lexical weights (sparse_linear)' if m.lexical else ''}")

@@ -160,6 +160,16 @@ class Preparer:
                          else [], start=start, end=end, max_length=self.max_length, overlap=overlap,
                          windows=not self.model.encoder.causal)
 
+    def bare(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str) -> list[list[int]]:
+        """Texts (each after ``prompt``) as token ids without special tokens: an inference-free SPLADE model's
+        queries. Token-id inputs as :meth:`texts` takes them."""
+        texts = self._read(inputs)
+        if texts is None:
+            return self.texts(inputs, truncate, prompt)
+        ids = self.tokenizer.encode_bare([prompt + t for t in texts], truncate=truncate)
+        self._check_rows(ids)
+        return ids
+
     def texts(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str = "",
               from_start: bool = False, long_ok: bool = False) -> list[list[int] | None]:
         """A request's input: texts (each after ``prompt``) or token-id lists -> token ids. ``from_start``: an

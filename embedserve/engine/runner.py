@@ -49,6 +49,7 @@ class StepOutput:
     offsets: list[int]  # [B+1]: row i's is encoded[offsets[i]:offsets[i+1]] (empty if not asked)
     pieces: torch.Tensor | None = None  # [P, H] float32: the span sums of inputs that asked for spans
     piece_offsets: list[int] | None = None  # [B+1]: input i's spans' sums are pieces[piece_offsets[i]:...]
+    token_weights: torch.Tensor | None = None  # [T] float32: bge-m3's lexical weight of every token of the step
 
     def encoded_row(self, i: int) -> bytes:
         return self.encoded[self.offsets[i] : self.offsets[i + 1]]
@@ -69,6 +70,7 @@ class StepHandle:
     event: Any = None  # torch.cuda.Event
     pieces: torch.Tensor | None = None  # [P, H] float32 on the host
     piece_offsets: list[int] | None = None
+    token_weights: torch.Tensor | None = None  # [T] float32 on the host
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,8 @@ class Runner:
                 extra = {} if st.token_types is None else {"token_types": st.token_types}
                 hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths, **extra)  # [T, H]
             pieces, piece_offsets = self._span_sums(hidden, st.lengths, chunks, spans)
+            # bge-m3: every token's lexical weight (a dot product per token), beside the dense rows
+            weights = m.lexical(hidden, st.ids) if m.lexical is not None else None
             if m.head is not None:
                 # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no bytes. The
                 # head reads each sequence's first or last token; a long input's row counts on its final chunk.
@@ -314,15 +318,15 @@ class Runner:
                     x = pool(hidden, st.cu, m.spec.pooling)
                 vectors, encoded = self._dense_and_finish(x, st, enc)
             if not self._cuda:
-                return StepHandle(vectors, encoded, st.offsets, None, pieces, piece_offsets)
+                return StepHandle(vectors, encoded, st.offsets, None, pieces, piece_offsets, weights)
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t is not None else None
-                    for t in (vectors, encoded, pieces)]
-            for h, t in zip(host, (vectors, encoded, pieces)):
+                    for t in (vectors, encoded, pieces, weights)]
+            for h, t in zip(host, (vectors, encoded, pieces, weights)):
                 if t is not None:
                     h.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return StepHandle(host[0], host[1], st.offsets, event, host[2], piece_offsets)
+            return StepHandle(host[0], host[1], st.offsets, event, host[2], piece_offsets, host[3])
         except BaseException:
             self._restore(snapshot)  # the long inputs are where they were: the step may be retried
             raise
@@ -332,7 +336,7 @@ class Runner:
         if handle.event is not None:
             handle.event.synchronize()
         return StepOutput(handle.vectors, handle.encoded.numpy().tobytes(), handle.offsets, handle.pieces,
-                          handle.piece_offsets)
+                          handle.piece_offsets, handle.token_weights)
 
     def _dense_and_finish(self, x: torch.Tensor, st: _Staged, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled ``[B, H]`` rows through the model's Dense layers, then cut, normalised and encoded by the

@@ -88,6 +88,9 @@ class Tokenizer:
         self.vocab_size = len(hf)
         self.pad_token_id = hf.pad_token_id
         self.special_ids = frozenset(hf.all_special_ids)
+        # What bge-m3's lexical weights leave out (FlagEmbedding's rule): the CLS, EOS, padding and unknown tokens.
+        self.unweighted_ids = frozenset(i for i in (hf.cls_token_id, hf.eos_token_id, hf.pad_token_id,
+                                                    hf.unk_token_id) if i is not None)
 
         self._hf = hf  # renders chat templates (a chat-template reranker's pairs); the Rust copies tokenize
         serialized = hf.backend_tokenizer.to_str()
@@ -350,6 +353,17 @@ class Tokenizer:
             e.truncate(n)
             out.append(e)
         return out[0], out[1]
+
+    def encode_bare(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
+        """Token ids without special tokens (what a static query encoder reads), cut to or refused past
+        ``max_length``, as transformers' ``truncation=True, add_special_tokens=False``."""
+        cut = [self.bounded(t) for t in texts]
+        read = [t.lower() if self.do_lower_case else t for t, _ in cut]
+        ids = [e.ids for e in (self._cut if truncate else self._full).encode_batch(read, add_special_tokens=False)]
+        for i, x in enumerate(ids):
+            if len(x) > self.max_length:
+                raise ContextLengthExceeded(self.max_length, len(x), index=i, at_least=cut[i][1])
+        return ids
 
     def encode(self, texts: Sequence[str], *, truncate: bool, from_start: bool = False, long_ok: bool = False
                ) -> list[list[int] | None]:

@@ -37,6 +37,7 @@ from embedserve.engine.scheduler import Entry, Step, Work
 from embedserve.engine.turns import DeviceTurns
 from embedserve.errors import EmbedServeError, EngineError, EngineFailed, InputTooLarge, ShuttingDown
 from embedserve.kernels.pool_encode import ENCODING_NAMES
+from embedserve.models.lexical import lexical_rows
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class _Pending:
     started_at: float | None = None
     type_starts: list[int] | None = None  # pairs: where each input's second text starts
     spans: list[list[tuple[int, int, int]]] | None = None  # late chunking: per input run, (lo, hi, chunk)
-    sparse: list | None = None  # SPLADE: per input, (ids, weights) of its nonzero weights
+    sparse: list | None = None  # SPLADE, or bge-m3 asked for them: per input, (ids, weights) of its nonzero weights
     sums: torch.Tensor | None = None  # late chunking: [chunks, H] fp32, each chunk's sum of states so far
 
 
@@ -112,7 +113,8 @@ class Worker:
         self.dimensions = loaded.model.dimensions
         self.max_batch_tokens = loaded.budgets.max_batch_tokens
         self.token_types = loaded.token_types  # pairs carry token types into the step
-        self.sparse = loaded.model.sparse is not None
+        self.sparse = loaded.model.sparse is not None  # SPLADE: the rows are sparse only
+        self.lexical = loaded.model.lexical is not None  # bge-m3: each step also weighs its tokens
         self.name = name
         self.observer = observer
         self._on_fatal = on_fatal
@@ -151,11 +153,12 @@ class Worker:
     def submit(self, loop: asyncio.AbstractEventLoop, ids: list[list[int]], type_starts: list[int] | None, *,
                dims: int, normalize: bool, encoding: int = 0, ranges: torch.Tensor | None = None,
                tokenize_s: float, queued_at: float, spans: list[list[tuple[int, int, int]]] | None = None,
-               chunk_tokens: list[int] | None = None) -> tuple[int, asyncio.Future]:
+               chunk_tokens: list[int] | None = None, sparse: bool = False) -> tuple[int, asyncio.Future]:
         """Queue every input of a request: (its id, the future its :class:`EmbedResult` resolves on ``loop``).
         ``encoding``: the bytes each row also comes with (an ENCODINGS code; 0 none), ``ranges`` for int8 / uint8.
         ``spans`` (late chunking): the inputs are one document's runs; the answer has a row per chunk, the mean
-        of the states over its spans, and ``chunk_tokens`` as its token counts."""
+        of the states over its spans, and ``chunk_tokens`` as its token counts. ``sparse``: a bge-m3 request's
+        inputs also get their lexical weights (a SPLADE model's always do, and only them)."""
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -172,7 +175,7 @@ class Worker:
                 list(chunk_tokens) if spans is not None else [len(x) for x in ids],
                 [b""] * rows if encoding else None, encoding, ranges, tokenize_s, queued_at,
                 type_starts=type_starts if self.token_types else None, spans=spans,
-                sparse=[None] * rows if self.sparse else None,
+                sparse=[None] * rows if self.sparse or (sparse and self.lexical) else None,
             )
             self._cond.notify()
         return rid, fut
@@ -289,7 +292,7 @@ class Worker:
             self._fail_step(f.step, f.plan, exc, f.started)
             return
         rows = {i: (out.vectors[i], out.encoded_row(i), out.pieces_of(i)) for i in range(len(f.step.items))}
-        self._finish(f.step, f.plan, rows, {}, f.started)
+        self._finish(f.step, f.plan, rows, {}, f.started, self._weighed(f.step.items, f.plan, out))
 
     def _split_after_oom(self, step: Step, plan: list[_Pending | None], started: float) -> None:
         """The step did not fit in device memory: run it in halves (and their halves), so that only an input
@@ -301,10 +304,14 @@ class Worker:
             self._deliver(self._inflight.popleft())
         release_cached_memory(self.device)
 
+        weighed: dict[int, tuple] = {}
+
         def run(indices: list[int]) -> list[tuple[torch.Tensor, bytes]]:
             items = [step.items[i] for i in indices]
             out = self.runner.collect(self._forward(*self._step_args(items, [plan[i] for i in indices],
                                                                      self.dimensions)))
+            found = self._weighed(items, [plan[i] for i in indices], out)
+            weighed.update({indices[j]: x for j, x in found.items()})
             return [(out.vectors[j], out.encoded_row(j), out.pieces_of(j)) for j in range(len(indices))]
 
         rows, failed = run_in_parts(len(step.items), run, group=lambda i: step.items[i].entry.request_id,
@@ -322,7 +329,21 @@ class Worker:
             self.observer.step_failed(len(f.indices))
             for i in f.indices:
                 failures[step.items[i].entry.request_id] = _engine_error(f.error)
-        self._finish(step, plan, rows, failures, started)
+        self._finish(step, plan, rows, failures, started, weighed)
+
+    def _weighed(self, items: Sequence[Work], plan: Sequence[_Pending | None], out
+                 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """bge-m3: the lexical weights by token id of each input whose request asked for them (found before the
+        lock submitters wait on)."""
+        if out.token_weights is None:
+            return {}
+        whole = [i for i, (w, p) in enumerate(zip(items, plan)) if not w.chunked and p is not None
+                 and p.sparse is not None]
+        if not whole:
+            return {}
+        at = list(itertools.accumulate((w.length for w in items), initial=0))
+        weights = torch.cat([out.token_weights[at[i] : at[i + 1]] for i in whole])
+        return dict(zip(whole, lexical_rows([items[i].entry.payload for i in whole], weights)))
 
     def _fail_step(self, step: Step, plan: list[_Pending | None], exc: BaseException, started: float) -> None:
         log.error("forward pass of %d inputs (%d tokens) failed", len(step.items), step.num_tokens, exc_info=exc)
@@ -332,10 +353,10 @@ class Worker:
 
     def _finish(
         self, step: Step, plan: list[_Pending | None], rows: dict[int, tuple], failures: dict[int, EmbedServeError],
-        started: float,
+        started: float, weighed: dict[int, tuple] | None = None,
     ) -> None:
         """Retire a step: its rows into their requests, finished requests answered, failed ones refused. ``rows``:
-        per item, (its row, its encoded bytes, its span sums)."""
+        per item, (its row, its encoded bytes, its span sums); ``weighed``: per item, bge-m3's lexical weights."""
         finished_at = time.perf_counter()
         if rows:
             self.observer.step(len(rows), sum(step.items[i].length for i in rows), finished_at - started)
@@ -351,9 +372,11 @@ class Worker:
                         p.sums = torch.zeros(len(p.token_counts), pieces.shape[1])
                     targets = [c for _, _, c in p.spans[w.entry.index]]
                     p.sums.index_add_(0, torch.tensor(targets, dtype=torch.long), pieces)
-                elif p.sparse is not None:
+                elif self.sparse:
                     p.sparse[w.entry.index] = row
                 elif w.final:
+                    if p.sparse is not None:
+                        p.sparse[w.entry.index] = weighed[i]
                     p.rows[w.entry.index] = row
                     if p.encoded is not None:
                         p.encoded[w.entry.index] = data

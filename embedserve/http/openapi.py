@@ -188,7 +188,8 @@ def _served_kinds(svc, routed: bool) -> set[str] | None:
     """The kinds of model that may answer: any served one's where the body names it, else the default's."""
     if svc.engine is None:
         return None  # still loading
-    return {e.info.kind for e in svc.serving().values()} if routed else {svc.engine.info.kind}
+    engines = svc.serving().values() if routed else [svc.engine]
+    return {k for e in engines for k in (e.info.kind, "sparse" if e.info.lexical else e.info.kind)}
 
 
 def build_spec(svc) -> dict:

@@ -116,8 +116,10 @@ def encode_embeddings(
     types are the engine's bytes as integers."""
     ready = (encoded or {}).get(fmt)
     if fmt == "sparse":
-        items = [EmbeddingItem(index=i, embedding={"indices": ids.tolist(), "values": weights.tolist()})
-                 for i, (ids, weights) in enumerate(sparse)]
+        dense = vectors.tolist() if vectors.numel() else [None] * len(sparse)  # include_dense asked for them
+        items = [EmbeddingItem(index=i, embedding={"indices": ids.tolist(), "values": weights.tolist()} if d is None
+                               else {"dense": d, "indices": ids.tolist(), "values": weights.tolist()})
+                 for i, ((ids, weights), d) in enumerate(zip(sparse, dense))]
     elif fmt in INTEGER_ENCODINGS:
         items = [EmbeddingItem(index=i, embedding=row) for i, row in enumerate(integer_rows(ready, fmt))]
     elif fmt == "base64" and ready is not None:
@@ -147,8 +149,8 @@ async def embeddings(request: Request) -> Response:
     options = EmbedOptions(
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
         encodings=() if fmt in ("float", "sparse") else (fmt,), late_chunking=bool(req.late_chunking),
-        sparse=fmt == "sparse", top_k=req.sparse_top_k,
-        late_chunking_overlap=req.late_chunking_overlap, long_input=req.long_input,
+        sparse=fmt == "sparse", top_k=req.sparse_top_k, include_dense=bool(req.include_dense),
+        late_chunking_overlap=req.late_chunking_overlap, long_input=req.long_input, query=bool(req.is_query),
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
     result = await until_disconnect(request, engine.embed(inputs, options))

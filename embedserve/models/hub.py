@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 
 # What serving reads. huggingface_hub matches these with fnmatch, where "*" also crosses "/": module folders
 # (1_Pooling/config.json, 2_Dense/model.safetensors) match too.
-SERVING_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
-# Never: other runtimes' exports, and pickles (even where a safetensors copy sits beside them).
-NOT_SERVED = ["onnx/*", "openvino/*", "*.onnx", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack",
-              "*.ot", "*.gguf"]
+# bge-m3 publishes its two small heads only as torch.save state dicts: those two are fetched and read with
+# torch.load(weights_only=True) and a shape check (models/lexical.py); no other .pt file is.
+PT_HEADS = ["sparse_linear.pt", "colbert_linear.pt"]
+SERVING_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", *PT_HEADS]
+# Never: other runtimes' exports, and pickles (even where a safetensors copy sits beside them); a .pt file only
+# reaches the allowed list by the exact names above.
+NOT_SERVED = ["onnx/*", "openvino/*", "*.onnx", "*.bin", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.ot",
+              "*.gguf"]
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PROGRESS_EVERY_S = 2.0

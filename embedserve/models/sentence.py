@@ -32,8 +32,16 @@ from embedserve.models.classifier import (
     read_logit_score,
 )
 from embedserve.models.encoder import Kernels
+from embedserve.models.lexical import LexicalHead, load_lexical
 from embedserve.models.loader import SafetensorsCheckpoint, inside, load_weights, read_json
-from embedserve.models.splade import MlmHead, SparseHead, SpladeSpec, read_splade_pooling
+from embedserve.models.splade import (
+    MlmHead,
+    SparseHead,
+    SpladeSpec,
+    load_static_query,
+    read_router,
+    read_splade_pooling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,8 @@ class SentenceSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     splade: SpladeSpec | None = None  # a SparseEncoder folder: SPLADE pooling over the masked-LM logits
+    transformer: Path | None = None  # a Router folder: where its document side's Transformer is
+    static_query: Path | None = None  # a Router folder: its query side's SparseStaticEmbedding
 
 
 def _pooling_mode(cfg: dict, path: Path) -> str:
@@ -92,7 +102,8 @@ def _pooling_mode(cfg: dict, path: Path) -> str:
 def read_sentence_spec(directory: Path) -> SentenceSpec:
     modules_path = directory / "modules.json"
     st_cfg_path = directory / "config_sentence_transformers.json"
-    bert_cfg_path = directory / "sentence_bert_config.json"
+    router = _router_sides(directory)
+    bert_cfg_path = (router.transformer if router else directory) / "sentence_bert_config.json"
     st_cfg = read_json(st_cfg_path) if st_cfg_path.is_file() else {}
     bert_cfg = read_json(bert_cfg_path) if bert_cfg_path.is_file() else {}
     common = dict(
@@ -101,6 +112,9 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name") or None,
     )
+    if router is not None:
+        return SentenceSpec(pooling="cls", splade=router.splade, transformer=router.transformer,
+                            static_query=router.static_query, **common)
     if not modules_path.is_file():
         log.warning("%s has no modules.json: serving with mean pooling and no normalisation", directory)
         return SentenceSpec(**common)
@@ -137,6 +151,15 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
     if pooling is None:
         raise ModelLoadError(f"{modules_path} has no Pooling module")
     return SentenceSpec(pooling=pooling, normalize=normalize, dense=tuple(dense), **common)
+
+
+def _router_sides(directory: Path):
+    """A folder whose only module is a sentence-transformers Router: its sides (:func:`read_router`)."""
+    path = directory / "modules.json"
+    modules = read_json(path) if path.is_file() else []
+    if len(modules) == 1 and str(modules[0].get("type", "")).rsplit(".", 1)[-1] == "Router":
+        return read_router(inside(directory, modules[0].get("path", ""), path.name))
+    return None
 
 
 def _cross_encoder_spec(directory: Path) -> SentenceSpec:
@@ -194,6 +217,7 @@ class LoadedModel:
     head: nn.Module | None = None  # a sequence-classification head: the model scores instead of embedding
     classifier: ClassifierSpec | None = None
     sparse: SparseHead | None = None  # a SPLADE model: vocabulary-wide sparse vectors
+    lexical: LexicalHead | None = None  # bge-m3's lexical weights, beside its dense vector
 
     @property
     def kind(self) -> str:
@@ -271,6 +295,12 @@ def read_model(directory: str | Path, *, kind: str = "auto") -> ModelRecipe:
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelLoadError(f"model directory {directory} does not exist")
+    routed = None
+    if not (directory / "config.json").is_file() and (directory / "modules.json").is_file():
+        # A Router folder (inference-free SPLADE): its document side's Transformer folder holds the model.
+        routed = read_sentence_spec(directory)
+        if routed.transformer is not None:
+            directory = routed.transformer
     hf_config = read_json(directory / "config.json")
     scoring = registry.classifier_for(hf_config)
     score_ids: Sequence[int] | None = None
@@ -307,7 +337,7 @@ def read_model(directory: str | Path, *, kind: str = "auto") -> ModelRecipe:
             spec = _cross_encoder_spec(directory)
             classifier = ClassifierSpec(("yes",), "sigmoid", QWEN3_RERANKER)
         else:
-            spec, classifier = read_sentence_spec(directory), None
+            spec, classifier = routed or read_sentence_spec(directory), None
     return ModelRecipe(directory=directory, hf_config=hf_config, args=make_args(hf_config), encoder_cls=model_cls,
                        spec=spec, head_cls=head_cls, classifier=classifier, score_ids=score_ids)
 
@@ -352,7 +382,11 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
         load_weights(mlm, checkpoint, mlm.weight_maps(), ignored=(r".*",), dtype=dtype, device=device)
         if not untied:
             mlm.tied = encoder.word_embeddings.weight
-        sparse = SparseHead(mlm.eval(), recipe.spec.splade)
+        query = load_static_query(recipe.spec.static_query) if recipe.spec.static_query is not None else None
+        sparse = SparseHead(mlm.eval(), recipe.spec.splade, query)
+    lexical = None
+    if sparse is None and classifier is None and not model_cls.causal:
+        lexical = load_lexical(directory, encoder.hidden_size, dtype, device)
 
     dims = encoder.hidden_size
     for layer in dense:
@@ -379,6 +413,7 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
         head=head,
         classifier=classifier,
         sparse=sparse,
+        lexical=lexical,
     )
 
 

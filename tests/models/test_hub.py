@@ -31,6 +31,10 @@ def hub(folders):
     files = {p.relative_to(a).as_posix(): p.read_bytes() for p in a.rglob("*") if p.is_file()}
     extras = {"pytorch_model.bin": b"\x80pickle", "onnx/model.onnx": b"onnx", "README.md": b"# tiny"}
     hub.add("tiny/open", {**files, **extras})
+    # bge-m3's layout: its two heads only as .pt (fetched, read weights_only), beside a .pt nothing reads
+    heads = {"sparse_linear.pt": b"\x80heads", "colbert_linear.pt": b"\x80heads", "optimizer.pt": b"\x80pickle",
+             "sub/sparse_linear.pt": b"\x80pickle"}
+    hub.add("tiny/m3", {**files, **heads})
     hub.add("tiny/open", b, revision="v1")
     hub.add("tiny/gated", a, gated=True)
     hub.add("tiny/pickles", {"config.json": files["config.json"], "pytorch_model.bin": b"\x80pickle"})
@@ -64,6 +68,10 @@ def test_only_what_serving_reads_is_fetched_and_the_revision_is_pinned(fetch, fo
     assert v1.commit != main.commit and v1.directory != main.directory
     by_commit = fetch("tiny/open", v1.commit)
     assert by_commit.directory == v1.directory
+
+
+def test_bge_m3s_pt_heads_are_the_only_pt_files_fetched(fetch):
+    assert files_in(fetch("tiny/m3").directory) == SERVED | {"sparse_linear.pt", "colbert_linear.pt"}
 
 
 def test_offline_starts_come_from_the_cache_without_a_request(fetch, hub, tmp_path):

@@ -14,7 +14,7 @@ from embedserve.engine.interface import EmbedOptions
 from embedserve.errors import InvalidRequest, WrongModelKind
 from embedserve.kernels.pool_encode import triton_available
 from on_device import model_config
-from tiny import build_tiny_encoder, build_tiny_splade, long_text, mixed_texts
+from tiny import build_tiny_encoder, build_tiny_inference_free_splade, build_tiny_splade, long_text, mixed_texts
 
 TEXTS = mixed_texts(10, seed=41) + ["a", long_text(700, seed=2)]  # the last one past 512 tokens: truncated
 
@@ -72,9 +72,9 @@ def test_dense_and_sparse_requests_to_the_other_kind_name_it(tmp_path):
     sparse.start()
     dense.start()
     try:
-        with pytest.raises(WrongModelKind, match="sparse \\(SPLADE\\) model \\(kind 'sparse'\\)"):
+        with pytest.raises(WrongModelKind, match="the served model is a sparse model \\(SPLADE.*\\(kind 'sparse'\\)"):
             asyncio.run(sparse.embed(["x"]))
-        with pytest.raises(WrongModelKind, match="needs a sparse \\(SPLADE\\) model.*kind 'embedding'"):
+        with pytest.raises(WrongModelKind, match="needs a sparse model \\(SPLADE.*kind 'embedding'"):
             asyncio.run(dense.embed(["x"], EmbedOptions(sparse=True)))
         with pytest.raises(InvalidRequest) as err:
             asyncio.run(sparse.embed(["x"], EmbedOptions(sparse=True, dimensions=8)))
@@ -85,3 +85,25 @@ def test_dense_and_sparse_requests_to_the_other_kind_name_it(tmp_path):
     finally:
         sparse.shutdown()
         dense.shutdown()
+
+
+def test_an_inference_free_folder_weighs_queries_without_a_forward_and_runs_documents(tmp_path):
+    folder = tmp_path / "free"
+    encoder = build_tiny_inference_free_splade(folder, seed=15)
+    queries = ["what is a sparse vector", "a a a cat", "the best pizza in town", long_text(700, seed=3)]
+    engine = Engine(EngineConfig(model=model_config(folder)))
+    engine.start()
+    try:
+        assert engine.info.kind == "sparse"
+        want = encoder.encode_query(queries, convert_to_tensor=True).to_dense()
+        steps = engine.scheduler.stats.steps
+        for options in (EmbedOptions(sparse=True, query=True), EmbedOptions(sparse=True, prompt_name="query")):
+            got = asyncio.run(engine.embed(queries, options))
+            check(got.sparse, want)
+            assert got.token_counts[:3] == [len(encoder.tokenizer(q, add_special_tokens=False)["input_ids"])
+                                            for q in queries[:3]]
+        assert engine.scheduler.stats.steps == steps  # no forward pass ran for the queries
+        docs = asyncio.run(engine.embed(TEXTS, EmbedOptions(sparse=True)))
+        check(docs.sparse, encoder.encode_document(TEXTS, convert_to_tensor=True).to_dense())
+    finally:
+        engine.shutdown()

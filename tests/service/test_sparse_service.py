@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serving import run_server
-from tiny import build_tiny_splade
+from tiny import build_tiny_bge_m3, build_tiny_splade, flag_m3_reference
 
 TEXTS = ["what is a sparse vector", "SPLADE expands a text into weighted vocabulary terms", "a"]
 
@@ -74,3 +74,37 @@ def test_openapi_lists_embed_sparse_for_a_sparse_model(splade):
     assert "/embed_sparse" in spec["paths"] and "/v1/embeddings" in spec["paths"]
     info = httpx.get(server.url + "/info").json()
     assert info["model_type"] == {"embedding": {"pooling": "splade"}} and info["kind"] == "sparse"
+
+
+@pytest.fixture(scope="module")
+def bge_m3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m3") / "tiny-bge-m3"
+    build_tiny_bge_m3(folder, seed=14)
+    with run_server(folder.parent, "--model", str(folder), "--served-model-name", "m3") as server:
+        yield server, flag_m3_reference(folder, TEXTS)
+
+
+def test_bge_m3_dense_and_lexical_weights_in_one_request(bge_m3):
+    server, (dense, lexical) = bge_m3
+    r = post(server, "/v1/embeddings", {"model": "m3", "input": TEXTS, "encoding_format": "sparse",
+                                        "include_dense": True})
+    assert r.status_code == 200, r.text
+    for item, vector, weights in zip(r.json()["data"], dense, lexical):
+        got = item["embedding"]
+        assert set(got) == {"dense", "indices", "values"}
+        torch.testing.assert_close(torch.tensor(got["dense"]), vector, atol=1e-5, rtol=1e-4)
+        assert got["indices"] == sorted(int(k) for k in weights)
+        torch.testing.assert_close(torch.tensor(got["values"]), torch.tensor([float(weights[str(i)])
+                                                                              for i in got["indices"]]))
+    sparse = post(server, "/v1/embeddings", {"model": "m3", "input": TEXTS, "encoding_format": "sparse"}).json()
+    assert [set(item["embedding"]) for item in sparse["data"]] == [{"indices", "values"}] * len(TEXTS)
+    tei = post(server, "/embed_sparse", {"inputs": TEXTS}).json()
+    assert [[x["index"] for x in row] for row in tei] == [item["embedding"]["indices"] for item in sparse["data"]]
+    plain = post(server, "/v1/embeddings", {"model": "m3", "input": TEXTS}).json()
+    torch.testing.assert_close(torch.tensor([item["embedding"] for item in plain["data"]]), dense, atol=1e-5,
+                               rtol=1e-4)
+    r = post(server, "/v1/embeddings", {"model": "m3", "input": "x", "include_dense": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include_dense"
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "include_dense" in spec["components"]["schemas"]["EmbeddingRequest"]["properties"]
+    assert "wrong_model_kind" not in spec["paths"]["/embed_sparse"]["post"]["description"]

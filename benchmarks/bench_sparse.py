@@ -96,7 +96,8 @@ def engine_run(engine: Engine, texts: list[str], options: EmbedOptions, *, batch
         async def client():
             nonlocal total
             while queue:
-                total += (await engine.embed(queue.pop(), options)).total_tokens
+                result = await engine.embed(queue.pop(), options)
+                total += result.total_tokens  # after the await: += would read total before it
 
         await asyncio.gather(*(client() for _ in range(clients)))
         return total

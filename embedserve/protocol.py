@@ -14,7 +14,7 @@ import msgspec
 
 from embedserve.errors import InvalidRequest, clip, quoted
 
-ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary", "sparse")
+ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary", "sparse", "multi_vector")
 
 
 def _loose(description: str, *shapes: dict) -> Any:
@@ -58,7 +58,8 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
                     "(-128..127 / 0..255); binary / ubinary: one bit per value (value > 0), most significant "
                     "bit first, 8 to an integer (-128..127 / 0..255): the width must be a multiple of 8; sparse "
                     "(a SPLADE model's only format, and bge-m3's lexical weights): {indices, values}, the nonzero "
-                    "weights by token id.",
+                    "weights by token id; multi_vector (bge-m3's colbert vectors): a list of vectors per input, one "
+                    "per token after the first.",
         extra_json_schema={"enum": [*ENCODING_FORMATS, None]})] = None
     dimensions: Annotated[int | None, msgspec.Meta(
         description="Keep the first k values, then L2-renormalise; 1 to the model's width.",
@@ -81,8 +82,12 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
                     "prompt_name is not given, and an inference-free sparse model's query side (no forward "
                     "pass).")] = None
     include_dense: Annotated[bool | None, msgspec.Meta(
-        description="With encoding_format sparse, on a model with dense and sparse outputs (bge-m3): each embedding "
-                    "is {dense, indices, values}, both from one forward pass.")] = None
+        description="With encoding_format sparse or multi_vector, on a model with several outputs (bge-m3): the "
+                    "dense vector too; each embedding is then one object ({dense, indices, values}, or "
+                    "{multi_vector, dense, ...}), every output from one forward pass.")] = None
+    include_sparse: Annotated[bool | None, msgspec.Meta(
+        description="With encoding_format multi_vector (bge-m3): the lexical weights too, as indices and values in "
+                    "the same object.")] = None
 
 
 class EmbeddingItem(msgspec.Struct, kw_only=True):
@@ -95,8 +100,10 @@ class EmbeddingItem(msgspec.Struct, kw_only=True):
                       {"type": "array", "items": {"type": "integer", "minimum": -128, "maximum": 255}},
                       {"type": "object", "properties": {"indices": {"type": "array", "items": {"type": "integer"}},
                                                         "values": {"type": "array", "items": {"type": "number"}},
-                                                        "dense": {"type": "array", "items": {"type": "number"}}},
-                       "required": ["indices", "values"]})
+                                                        "dense": {"type": "array", "items": {"type": "number"}},
+                                                        "multi_vector": {"type": "array", "items": {
+                                                            "type": "array", "items": {"type": "number"}}}}},
+                      {"type": "array", "items": {"type": "array", "items": {"type": "number"}}})
 
 
 class Usage(msgspec.Struct, kw_only=True):

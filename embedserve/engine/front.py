@@ -127,14 +127,17 @@ class Engine:
     # -- the async front ------------------------------------------------------------------------------
     async def embed(self, inputs: Sequence[str | Sequence[int]], options: EmbedOptions = EmbedOptions()) -> EmbedResult:
         """Embed a request's inputs (texts, or token ids in the model's vocabulary)."""
-        if options.sparse:
-            if self.kind != "sparse" and self.model.lexical is None:
-                raise WrongModelKind("sparse embeddings", self.kind, "sparse")
-        elif self.kind != "embedding":
-            raise WrongModelKind("embeddings", self.kind, "embedding")
-        elif options.include_dense:
-            raise InvalidRequest("include_dense adds the dense vectors to sparse ones: it needs encoding_format "
-                                 "sparse", param="include_dense")
+        if (options.sparse or options.include_sparse) and self.kind != "sparse" and self.model.lexical is None:
+            raise WrongModelKind("sparse embeddings", self.kind, "sparse")
+        if (options.multi_vector or options.include_multi_vector) and self.model.colbert is None:
+            raise WrongModelKind("multi-vector embeddings", self.kind, "multi_vector")
+        if not (options.sparse or options.multi_vector):
+            if self.kind != "embedding":
+                raise WrongModelKind("embeddings", self.kind, "embedding")
+            for field in ("include_dense", "include_sparse", "include_multi_vector"):
+                if getattr(options, field):
+                    raise InvalidRequest(f"{field} adds an output to sparse or multi-vector ones: it needs "
+                                         "encoding_format sparse or multi_vector", param=field)
         if not inputs:
             raise InvalidRequest("input must not be empty", param="input")
         long_input = self._long_input(options)
@@ -151,8 +154,8 @@ class Engine:
         normalize = options.normalize
         if normalize is None:
             normalize = self.model.spec.normalize or options.dimensions is not None
-        if options.sparse:
-            return await self._embed_lexical(inputs, options, truncate, long_input, dims, normalize)
+        if options.sparse or options.multi_vector:
+            return await self._embed_heads(inputs, options, truncate, long_input, dims, normalize)
 
         prompt = self.prompt(options.prompt_name)
         encodings = options.encodings
@@ -225,14 +228,18 @@ class Engine:
         return EmbedResult(torch.empty(len(ids), 0), [len(x) for x in ids],
                            timings=Timings(tokenize_s=time.perf_counter() - started), sparse=rows)
 
-    async def _embed_lexical(self, inputs, options: EmbedOptions, truncate: bool, long_input: str, dims: int,
-                             normalize: bool) -> EmbedResult:
-        """bge-m3: each input's lexical weights by token id, and (``include_dense``) its dense vector, both from
-        one forward pass."""
+    async def _embed_heads(self, inputs, options: EmbedOptions, truncate: bool, long_input: str, dims: int,
+                           normalize: bool) -> EmbedResult:
+        """bge-m3: each input's lexical weights by token id and / or its per-token vectors, and (``include_dense``)
+        its dense vector, all from one forward pass."""
         self._check_sparse(options, long_input, ("encoding_format", options.encodings),
                            ("dimensions", options.dimensions and not options.include_dense))
+        sparse = options.sparse or options.include_sparse
+        multi = options.multi_vector or options.include_multi_vector
         args = (inputs, truncate, self.prompt(options.prompt_name), options.truncate_start)
-        result = _top_k(await self._submit(self._prep.texts, args, dims, normalize, sparse=True), options.top_k)
+        result = await self._submit(self._prep.texts, args, dims, normalize, sparse=sparse, multi=multi)
+        if sparse:
+            result = _top_k(result, options.top_k)
         if not options.include_dense:
             result = dataclasses.replace(result, vectors=result.vectors[:, :0])
         return result
@@ -242,7 +249,7 @@ class Engine:
         fields += (("late_chunking", options.late_chunking), ("long_input", long_input == "mean"))
         for field, value in fields:
             if value:
-                raise InvalidRequest(f"{field} does not apply to sparse vectors", param=field)
+                raise InvalidRequest(f"{field} does not apply to sparse or multi-vector outputs", param=field)
         if options.top_k is not None and options.top_k < 1:
             raise InvalidRequest(f"sparse_top_k must be a positive integer, got {options.top_k}", param="sparse_top_k")
 
@@ -301,11 +308,11 @@ class Engine:
         return apply_activation(logits, activation or self.model.classifier.activation)
 
     async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, encoding: int = 0,
-                      ranges: torch.Tensor | None = None, *, limited: bool = True, sparse: bool = False
-                      ) -> EmbedResult:
+                      ranges: torch.Tensor | None = None, *, limited: bool = True, sparse: bool = False,
+                      multi: bool = False) -> EmbedResult:
         """Tokenize on the pool (``prepare(*args)`` -> ids, or (ids, type starts)), queue every input, and
         wait for the engine thread to finish them all. ``limited``: held to --max-tokens-per-request; ``sparse``:
-        bge-m3's lexical weights too."""
+        bge-m3's lexical weights too; ``multi``: its per-token vectors too."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -329,7 +336,7 @@ class Engine:
             )
         rid, fut = self.worker.submit(loop, ids, type_starts, dims=dims, normalize=normalize, encoding=encoding,
                                       ranges=ranges, tokenize_s=tokenized - started, queued_at=tokenized,
-                                      spans=spans, chunk_tokens=chunk_tokens, sparse=sparse)
+                                      spans=spans, chunk_tokens=chunk_tokens, sparse=sparse, multi=multi)
         try:
             return await fut
         except asyncio.CancelledError:

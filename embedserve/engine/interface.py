@@ -38,6 +38,11 @@ class EmbedOptions:
     vector's k largest weights; ``include_dense`` (bge-m3): the dense vectors too, from the same forward."""
     top_k: int | None = None
     include_dense: bool = False
+    multi_vector: bool = False
+    """Per-token vectors (bge-m3's colbert vectors), each input's an ``[n, C]`` matrix; ``include_sparse`` /
+    ``include_multi_vector`` add the other outputs to the first one asked for, from the same forward pass."""
+    include_sparse: bool = False
+    include_multi_vector: bool = False
     late_chunking: bool = False
     """The inputs are consecutive chunks of one document: it runs whole (in overlapping windows if longer than the
     model), and each chunk's vector is the mean of its own tokens' final states (:mod:`embedserve.engine.late`)."""
@@ -66,6 +71,7 @@ class EmbedResult:
     # sparse output: per input, its nonzero (token ids ascending, weights); ``vectors`` is then empty unless the
     # request asked for the dense vectors too
     sparse: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    multi: list[torch.Tensor] | None = None  # multi-vector output: per input, its [n, C] vectors
 
     @property
     def total_tokens(self) -> int:

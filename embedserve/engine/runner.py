@@ -50,6 +50,13 @@ class StepOutput:
     pieces: torch.Tensor | None = None  # [P, H] float32: the span sums of inputs that asked for spans
     piece_offsets: list[int] | None = None  # [B+1]: input i's spans' sums are pieces[piece_offsets[i]:...]
     token_weights: torch.Tensor | None = None  # [T] float32: bge-m3's lexical weight of every token of the step
+    token_vectors: torch.Tensor | None = None  # [N, C] float32: the per-token vectors of the inputs that asked
+    vector_offsets: list[int] | None = None  # [B+1]: input i's are token_vectors[vector_offsets[i]:...]
+
+    def vectors_of(self, i: int) -> torch.Tensor | None:
+        if self.token_vectors is None or self.vector_offsets[i] == self.vector_offsets[i + 1]:
+            return None
+        return self.token_vectors[self.vector_offsets[i] : self.vector_offsets[i + 1]]
 
     def encoded_row(self, i: int) -> bytes:
         return self.encoded[self.offsets[i] : self.offsets[i + 1]]
@@ -71,6 +78,8 @@ class StepHandle:
     pieces: torch.Tensor | None = None  # [P, H] float32 on the host
     piece_offsets: list[int] | None = None
     token_weights: torch.Tensor | None = None  # [T] float32 on the host
+    token_vectors: torch.Tensor | None = None  # [N, C] float32 on the host
+    vector_offsets: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,7 @@ class Runner:
         type_starts: Sequence[int] | None = None,
         ranges: Sequence[torch.Tensor | None] | None = None,
         spans: Sequence[Sequence[tuple[int, int, int]] | None] | None = None,
+        multi: Sequence[bool] | None = None,
     ) -> StepHandle:
         """Stage one packed step and queue its work on the device. ``encodings``: each row's wire encoding
         (:data:`~embedserve.kernels.pool_encode.ENCODINGS` codes, 0 for none), with ``ranges``: the ``[2, dims]``
@@ -263,7 +273,8 @@ class Runner:
         ones; their rows are meaningful only on their final chunk. ``type_starts``: for (query, document) pairs,
         where each input's second text begins (token type 1 from there). ``spans``: for a late-chunked
         document's inputs, token ranges ``(lo, hi, _)`` in the input's own positions whose final hidden states are
-        summed (fp32, before any Dense layer), each over the part of it this step runs."""
+        summed (fp32, before any Dense layer), each over the part of it this step runs. ``multi``: which inputs
+        also want their per-token vectors (bge-m3's colbert vectors)."""
         m = self.model
         dev = self.device
         B = len(inputs)
@@ -293,6 +304,7 @@ class Runner:
             pieces, piece_offsets = self._span_sums(hidden, st.lengths, chunks, spans)
             # bge-m3: every token's lexical weight (a dot product per token), beside the dense rows
             weights = m.lexical(hidden, st.ids) if m.lexical is not None else None
+            token_vectors, vector_offsets = self._token_vectors(hidden, st.lengths, multi)
             if m.head is not None:
                 # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no bytes. The
                 # head reads each sequence's first or last token; a long input's row counts on its final chunk.
@@ -318,15 +330,17 @@ class Runner:
                     x = pool(hidden, st.cu, m.spec.pooling)
                 vectors, encoded = self._dense_and_finish(x, st, enc)
             if not self._cuda:
-                return StepHandle(vectors, encoded, st.offsets, None, pieces, piece_offsets, weights)
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t is not None else None
-                    for t in (vectors, encoded, pieces, weights)]
-            for h, t in zip(host, (vectors, encoded, pieces, weights)):
+                return StepHandle(vectors, encoded, st.offsets, None, pieces, piece_offsets, weights, token_vectors,
+                                  vector_offsets)
+            made = (vectors, encoded, pieces, weights, token_vectors)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t is not None else None for t in made]
+            for h, t in zip(host, made):
                 if t is not None:
                     h.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return StepHandle(host[0], host[1], st.offsets, event, host[2], piece_offsets, host[3])
+            return StepHandle(host[0], host[1], st.offsets, event, host[2], piece_offsets, host[3], host[4],
+                              vector_offsets)
         except BaseException:
             self._restore(snapshot)  # the long inputs are where they were: the step may be retried
             raise
@@ -336,7 +350,7 @@ class Runner:
         if handle.event is not None:
             handle.event.synchronize()
         return StepOutput(handle.vectors, handle.encoded.numpy().tobytes(), handle.offsets, handle.pieces,
-                          handle.piece_offsets, handle.token_weights)
+                          handle.piece_offsets, handle.token_weights, handle.token_vectors, handle.vector_offsets)
 
     def _dense_and_finish(self, x: torch.Tensor, st: _Staged, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled ``[B, H]`` rows through the model's Dense layers, then cut, normalised and encoded by the
@@ -349,6 +363,29 @@ class Runner:
         ones = torch.arange(x.shape[0] + 1, dtype=torch.int32, device=self.device)
         vectors, encoded, _ = self._pool_encode(x, ones, "cls", st.dims, st.normalize, st.encodings, **enc)
         return vectors, encoded
+
+    def _token_vectors(self, hidden: torch.Tensor, lengths: list[int], multi: Sequence[bool] | None
+                       ) -> tuple[torch.Tensor | None, list[int] | None]:
+        """The per-token vectors of the inputs that asked (``[N, C]`` float32, each normalised by the pool+encode
+        kernel as one-token segments), and each input's first row."""
+        head = self.model.colbert
+        if head is None or not multi or not any(multi):
+            return None, None
+        tokens, offsets, at = [], [0], 0
+        for n, wanted in zip(lengths, multi):
+            if wanted and n > head.skip_first:
+                tokens.append(np.arange(at + head.skip_first, at + n))
+            offsets.append(offsets[-1] + (max(n - head.skip_first, 0) if wanted else 0))
+            at += n
+        if not tokens:
+            return None, None
+        x = head(hidden.index_select(0, torch.from_numpy(np.concatenate(tokens)).to(hidden.device)))
+        n, dev = x.shape[0], hidden.device
+        ones = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        width = torch.full((n,), head.width, dtype=torch.int32, device=dev)
+        vectors, _, _ = self._pool_encode(x, ones, "cls", width, torch.ones(n, dtype=torch.int32, device=dev),
+                                          torch.zeros(n, dtype=torch.int32, device=dev))
+        return vectors, offsets
 
     def _span_sums(self, hidden: torch.Tensor, lengths: list[int], chunks: Sequence[Chunk | None] | None,
                    spans) -> tuple[torch.Tensor | None, list[int] | None]:

@@ -63,6 +63,7 @@ class _Pending:
     spans: list[list[tuple[int, int, int]]] | None = None  # late chunking: per input run, (lo, hi, chunk)
     sparse: list | None = None  # SPLADE, or bge-m3 asked for them: per input, (ids, weights) of its nonzero weights
     sums: torch.Tensor | None = None  # late chunking: [chunks, H] fp32, each chunk's sum of states so far
+    multi: list | None = None  # bge-m3 asked for them: per input, its [tokens - 1, C] colbert vectors
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Worker:
         self.token_types = loaded.token_types  # pairs carry token types into the step
         self.sparse = loaded.model.sparse is not None  # SPLADE: the rows are sparse only
         self.lexical = loaded.model.lexical is not None  # bge-m3: each step also weighs its tokens
+        self.colbert = loaded.model.colbert is not None  # bge-m3: per-token vectors for the inputs that ask
         self.name = name
         self.observer = observer
         self._on_fatal = on_fatal
@@ -153,12 +155,14 @@ class Worker:
     def submit(self, loop: asyncio.AbstractEventLoop, ids: list[list[int]], type_starts: list[int] | None, *,
                dims: int, normalize: bool, encoding: int = 0, ranges: torch.Tensor | None = None,
                tokenize_s: float, queued_at: float, spans: list[list[tuple[int, int, int]]] | None = None,
-               chunk_tokens: list[int] | None = None, sparse: bool = False) -> tuple[int, asyncio.Future]:
+               chunk_tokens: list[int] | None = None, sparse: bool = False, multi: bool = False
+               ) -> tuple[int, asyncio.Future]:
         """Queue every input of a request: (its id, the future its :class:`EmbedResult` resolves on ``loop``).
         ``encoding``: the bytes each row also comes with (an ENCODINGS code; 0 none), ``ranges`` for int8 / uint8.
         ``spans`` (late chunking): the inputs are one document's runs; the answer has a row per chunk, the mean
         of the states over its spans, and ``chunk_tokens`` as its token counts. ``sparse``: a bge-m3 request's
-        inputs also get their lexical weights (a SPLADE model's always do, and only them)."""
+        inputs also get their lexical weights (a SPLADE model's always do, and only them); ``multi``: their
+        per-token vectors."""
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -176,6 +180,7 @@ class Worker:
                 [b""] * rows if encoding else None, encoding, ranges, tokenize_s, queued_at,
                 type_starts=type_starts if self.token_types else None, spans=spans,
                 sparse=[None] * rows if self.sparse or (sparse and self.lexical) else None,
+                multi=[None] * rows if multi and self.colbert else None,
             )
             self._cond.notify()
         return rid, fut
@@ -251,15 +256,16 @@ class Worker:
             type_starts,
             [p.ranges if p else None for p in plan],
             [p.spans[w.entry.index] if p and p.spans else None for w, p in zip(items, plan)],
+            [p is not None and p.multi is not None for p in plan] if self.colbert else None,
         )
 
     def _forward(self, inputs, dims, normalize, encodings, chunks, type_starts=None, ranges=None,
-                 spans=None) -> StepHandle:
+                 spans=None, multi=None) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self._fault_kind)
         # With several models on the device, the others' steps wait for this one, in turn.
         with self._turns.turn(self.name) if self._turns is not None else contextlib.nullcontext():
-            return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges, spans)
+            return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges, spans, multi)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
         """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""
@@ -291,7 +297,8 @@ class Worker:
             self._raise_if_fatal(exc, f.step)
             self._fail_step(f.step, f.plan, exc, f.started)
             return
-        rows = {i: (out.vectors[i], out.encoded_row(i), out.pieces_of(i)) for i in range(len(f.step.items))}
+        rows = {i: (out.vectors[i], out.encoded_row(i), out.pieces_of(i), out.vectors_of(i))
+                for i in range(len(f.step.items))}
         self._finish(f.step, f.plan, rows, {}, f.started, self._weighed(f.step.items, f.plan, out))
 
     def _split_after_oom(self, step: Step, plan: list[_Pending | None], started: float) -> None:
@@ -312,7 +319,8 @@ class Worker:
                                                                      self.dimensions)))
             found = self._weighed(items, [plan[i] for i in indices], out)
             weighed.update({indices[j]: x for j, x in found.items()})
-            return [(out.vectors[j], out.encoded_row(j), out.pieces_of(j)) for j in range(len(indices))]
+            return [(out.vectors[j], out.encoded_row(j), out.pieces_of(j), out.vectors_of(j))
+                    for j in range(len(indices))]
 
         rows, failed = run_in_parts(len(step.items), run, group=lambda i: step.items[i].entry.request_id,
                                     kind=lambda exc: self._raise_if_fatal(exc, step),
@@ -356,17 +364,18 @@ class Worker:
         started: float, weighed: dict[int, tuple] | None = None,
     ) -> None:
         """Retire a step: its rows into their requests, finished requests answered, failed ones refused. ``rows``:
-        per item, (its row, its encoded bytes, its span sums); ``weighed``: per item, bge-m3's lexical weights."""
+        per item, (its row, its encoded bytes, its span sums, its per-token vectors); ``weighed``: per item, bge-m3's
+        lexical weights."""
         finished_at = time.perf_counter()
         if rows:
             self.observer.step(len(rows), sum(step.items[i].length for i in rows), finished_at - started)
         if self.sparse:  # a SPLADE row as its nonzeros (ids, weights), found before the lock submitters wait on
-            rows = {i: (_nonzeros(row), data, pieces) for i, (row, data, pieces) in rows.items()}
+            rows = {i: (_nonzeros(row), data, pieces, vecs) for i, (row, data, pieces, vecs) in rows.items()}
         with self._cond:
             for i, (w, p) in enumerate(zip(step.items, plan)):
                 if p is None or i not in rows or w.entry.request_id in failures:
                     continue
-                row, data, pieces = rows[i]
+                row, data, pieces, vecs = rows[i]
                 if p.spans is not None:  # late chunking: every step's part of each span, into its chunk
                     if p.sums is None:
                         p.sums = torch.zeros(len(p.token_counts), pieces.shape[1])
@@ -377,6 +386,8 @@ class Worker:
                 elif w.final:
                     if p.sparse is not None:
                         p.sparse[w.entry.index] = weighed[i]
+                    if p.multi is not None:
+                        p.multi[w.entry.index] = vecs if vecs is not None else torch.empty(0, 0)
                     p.rows[w.entry.index] = row
                     if p.encoded is not None:
                         p.encoded[w.entry.index] = data
@@ -397,7 +408,8 @@ class Worker:
             timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
             _answer(p, _set_result, EmbedResult(
                 p.rows[:, : p.dims], p.token_counts,
-                {ENCODING_NAMES[p.encoding]: p.encoded} if p.encoded is not None else {}, timings, p.sparse))
+                {ENCODING_NAMES[p.encoding]: p.encoded} if p.encoded is not None else {}, timings, p.sparse,
+                p.multi))
 
     def _finish_document(self, p: _Pending) -> bool:
         """A late-chunked document's chunk vectors: each chunk's mean state through the Dense layers, the cut,

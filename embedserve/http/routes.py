@@ -109,17 +109,14 @@ def integer_rows(rows: list[bytes], name: str) -> list[list[int]]:
 
 def encode_embeddings(
     vectors, token_counts: list[int], fmt: str, model: str, encoded: dict[str, list[bytes]] | None = None,
-    sparse=None,
+    sparse=None, multi=None,
 ) -> bytes:
     """``vectors [n, k]`` float32 -> response JSON. base64 is little-endian float32, built without a float loop:
     spliced as made by the engine's pool+encode kernel when it made it, else encoded row by row here. The integer
     types are the engine's bytes as integers."""
     ready = (encoded or {}).get(fmt)
-    if fmt == "sparse":
-        dense = vectors.tolist() if vectors.numel() else [None] * len(sparse)  # include_dense asked for them
-        items = [EmbeddingItem(index=i, embedding={"indices": ids.tolist(), "values": weights.tolist()} if d is None
-                               else {"dense": d, "indices": ids.tolist(), "values": weights.tolist()})
-                 for i, ((ids, weights), d) in enumerate(zip(sparse, dense))]
+    if fmt in ("sparse", "multi_vector"):
+        items = [EmbeddingItem(index=i, embedding=one) for i, one in enumerate(_outputs(fmt, vectors, sparse, multi))]
     elif fmt in INTEGER_ENCODINGS:
         items = [EmbeddingItem(index=i, embedding=row) for i, row in enumerate(integer_rows(ready, fmt))]
     elif fmt == "base64" and ready is not None:
@@ -138,6 +135,24 @@ def encode_embeddings(
     )
 
 
+def _outputs(fmt: str, vectors, sparse, multi) -> list:
+    """Each input's sparse or multi-vector output, as it stands alone or, with others asked for beside it, as one
+    object: {multi_vector, dense, indices, values}."""
+    n = len(sparse if sparse is not None else multi)
+    dense = vectors.tolist() if vectors.numel() else None  # include_dense asked for them
+    out = []
+    for i in range(n):
+        one = {}
+        if multi is not None:
+            one["multi_vector"] = multi[i].tolist()
+        if dense is not None:
+            one["dense"] = dense[i]
+        if sparse is not None:
+            one["indices"], one["values"] = sparse[i][0].tolist(), sparse[i][1].tolist()
+        out.append(one["multi_vector"] if fmt == "multi_vector" and len(one) == 1 else one)
+    return out
+
+
 async def embeddings(request: Request) -> Response:
     svc = service(request)
     check_auth(request, svc)
@@ -148,15 +163,19 @@ async def embeddings(request: Request) -> Response:
     fmt = req.encoding_format or "float"
     options = EmbedOptions(
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
-        encodings=() if fmt in ("float", "sparse") else (fmt,), late_chunking=bool(req.late_chunking),
+        encodings=() if fmt in ("float", "sparse", "multi_vector") else (fmt,),
+        late_chunking=bool(req.late_chunking),
         sparse=fmt == "sparse", top_k=req.sparse_top_k, include_dense=bool(req.include_dense),
+        multi_vector=fmt == "multi_vector", include_sparse=bool(req.include_sparse),
         late_chunking_overlap=req.late_chunking_overlap, long_input=req.long_input, query=bool(req.is_query),
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
     result = await until_disconnect(request, engine.embed(inputs, options))
     headers = record_result(svc, request, len(inputs), result, engine)
-    args = (result.vectors, result.token_counts, fmt, name, result.encoded, result.sparse)
-    if result.vectors.numel() + sum(len(ids) for ids, _ in result.sparse or ()) > ENCODE_INLINE_FLOATS:
+    args = (result.vectors, result.token_counts, fmt, name, result.encoded, result.sparse, result.multi)
+    size = (result.vectors.numel() + sum(len(ids) for ids, _ in result.sparse or ())
+            + sum(m.numel() for m in result.multi or ()))
+    if size > ENCODE_INLINE_FLOATS:
         body = await run_in_threadpool(encode_embeddings, *args)  # a big answer: keep the event loop free
     else:
         body = encode_embeddings(*args)

@@ -33,6 +33,7 @@ from embedserve.models.classifier import (
 )
 from embedserve.models.encoder import Kernels
 from embedserve.models.lexical import LexicalHead, load_lexical
+from embedserve.models.multivector import TokenVectors, load_colbert
 from embedserve.models.loader import SafetensorsCheckpoint, inside, load_weights, read_json
 from embedserve.models.splade import (
     MlmHead,
@@ -218,6 +219,7 @@ class LoadedModel:
     classifier: ClassifierSpec | None = None
     sparse: SparseHead | None = None  # a SPLADE model: vocabulary-wide sparse vectors
     lexical: LexicalHead | None = None  # bge-m3's lexical weights, beside its dense vector
+    colbert: TokenVectors | None = None  # bge-m3's colbert vectors (one per token), beside its dense vector
 
     @property
     def kind(self) -> str:
@@ -384,9 +386,10 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
             mlm.tied = encoder.word_embeddings.weight
         query = load_static_query(recipe.spec.static_query) if recipe.spec.static_query is not None else None
         sparse = SparseHead(mlm.eval(), recipe.spec.splade, query)
-    lexical = None
+    lexical = colbert = None
     if sparse is None and classifier is None and not model_cls.causal:
         lexical = load_lexical(directory, encoder.hidden_size, dtype, device)
+        colbert = load_colbert(directory, encoder.hidden_size, dtype, device)
 
     dims = encoder.hidden_size
     for layer in dense:
@@ -414,6 +417,7 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
         classifier=classifier,
         sparse=sparse,
         lexical=lexical,
+        colbert=colbert,
     )
 
 

@@ -81,11 +81,11 @@ def bge_m3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("m3") / "tiny-bge-m3"
     build_tiny_bge_m3(folder, seed=14)
     with run_server(folder.parent, "--model", str(folder), "--served-model-name", "m3") as server:
-        yield server, flag_m3_reference(folder, TEXTS)
+        yield server, flag_m3_reference(folder, TEXTS, colbert=True)
 
 
 def test_bge_m3_dense_and_lexical_weights_in_one_request(bge_m3):
-    server, (dense, lexical) = bge_m3
+    server, (dense, lexical, _) = bge_m3
     r = post(server, "/v1/embeddings", {"model": "m3", "input": TEXTS, "encoding_format": "sparse",
                                         "include_dense": True})
     assert r.status_code == 200, r.text
@@ -108,3 +108,22 @@ def test_bge_m3_dense_and_lexical_weights_in_one_request(bge_m3):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "include_dense" in spec["components"]["schemas"]["EmbeddingRequest"]["properties"]
     assert "wrong_model_kind" not in spec["paths"]["/embed_sparse"]["post"]["description"]
+
+
+def test_bge_m3_colbert_vectors_and_all_three_outputs_over_http(bge_m3, server):
+    m3, (dense, lexical, colbert) = bge_m3
+    r = post(m3, "/v1/embeddings", {"model": "m3", "input": TEXTS, "encoding_format": "multi_vector"})
+    assert r.status_code == 200, r.text
+    for item, want in zip(r.json()["data"], colbert):
+        torch.testing.assert_close(torch.tensor(item["embedding"]), want, atol=1e-5, rtol=1e-4)
+    r = post(m3, "/v1/embeddings", {"model": "m3", "input": TEXTS, "encoding_format": "multi_vector",
+                                    "include_dense": True, "include_sparse": True})
+    assert r.status_code == 200, r.text
+    for item, vectors, vector, weights in zip(r.json()["data"], colbert, dense, lexical):
+        got = item["embedding"]
+        assert set(got) == {"multi_vector", "dense", "indices", "values"}
+        torch.testing.assert_close(torch.tensor(got["multi_vector"]), vectors, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(got["dense"]), vector, atol=1e-5, rtol=1e-4)
+        assert got["indices"] == sorted(int(k) for k in weights)
+    r = post(server, "/v1/embeddings", {"model": "m", "input": "x", "encoding_format": "multi_vector"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind"

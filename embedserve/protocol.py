@@ -85,9 +85,18 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
         description="With encoding_format sparse or multi_vector, on a model with several outputs (bge-m3): the "
                     "dense vector too; each embedding is then one object ({dense, indices, values}, or "
                     "{multi_vector, dense, ...}), every output from one forward pass.")] = None
+    multi_vector_format: Annotated[str | None, msgspec.Meta(
+        description="With encoding_format multi_vector: float (default: a list of vectors) or base64: {shape: [n, "
+                    "d], base64: the little-endian float32 bytes of the [n, d] matrix, row after row}.",
+        extra_json_schema={"enum": ["float", "base64", None]})] = None
     include_sparse: Annotated[bool | None, msgspec.Meta(
         description="With encoding_format multi_vector (bge-m3): the lexical weights too, as indices and values in "
                     "the same object.")] = None
+
+
+_MATRIX = {"type": "object", "properties": {"shape": {"type": "array", "items": {"type": "integer"}},
+                                           "base64": {"type": "string", "contentEncoding": "base64"}},
+           "required": ["shape", "base64"]}
 
 
 class EmbeddingItem(msgspec.Struct, kw_only=True):
@@ -95,15 +104,17 @@ class EmbeddingItem(msgspec.Struct, kw_only=True):
     index: int
     # list[float], or msgspec.Raw holding the base64 string already encoded (only ever encoded, never decoded)
     embedding: _loose("The vector: floats; with encoding_format base64 a string of its little-endian float32 "
-                      "bytes; with int8, uint8, binary or ubinary a list of integers.",
+                      "bytes; with int8, uint8, binary or ubinary a list of integers; with sparse {indices, values}; "
+                      "with multi_vector a list of vectors, or {shape, base64}; with outputs included beside the "
+                      "first, one object holding each (multi_vector, dense, indices and values).",
                       {"type": "array", "items": {"type": "number"}}, {"type": "string", "contentEncoding": "base64"},
                       {"type": "array", "items": {"type": "integer", "minimum": -128, "maximum": 255}},
                       {"type": "object", "properties": {"indices": {"type": "array", "items": {"type": "integer"}},
                                                         "values": {"type": "array", "items": {"type": "number"}},
                                                         "dense": {"type": "array", "items": {"type": "number"}},
-                                                        "multi_vector": {"type": "array", "items": {
-                                                            "type": "array", "items": {"type": "number"}}}}},
-                      {"type": "array", "items": {"type": "array", "items": {"type": "number"}}})
+                                                        "multi_vector": {}}},
+                      {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                      _MATRIX)
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -240,6 +251,17 @@ class TeiSparseRequest(msgspec.Struct, kw_only=True):
         extra_json_schema={"enum": ["Right", "right", "Left", "left", None]})] = None
     prompt_name: str | None = None
     sparse_top_k: _SPARSE_TOP_K = None
+
+
+class TeiEmbedAllRequest(msgspec.Struct, kw_only=True):
+    """TEI's /embed_all: every token's vector (here: a multi-vector model's)."""
+
+    inputs: _loose("A text or texts.", _STR, _STRS)
+    truncate: bool | None = None
+    truncation_direction: Annotated[str | None, msgspec.Meta(
+        description="Right (the default): an over-long input loses its end; Left: its start.",
+        extra_json_schema={"enum": ["Right", "right", "Left", "left", None]})] = None
+    prompt_name: str | None = None
 
 
 class TeiSparseValue(msgspec.Struct, kw_only=True):

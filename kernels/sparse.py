@@ -10,12 +10,14 @@ maximum starts from 0 and an absent token contributes nothing either way.
 The logits of a whole step ([T, V] with V about 30,000) would be hundreds of MB, so they are made and pooled a
 block of tokens at a time: :func:`splade_pool` takes the hidden states and the head and keeps only
 ``[block, V]`` logits at once. Each block's pooling is one call of ``pool_block`` (:data:`IMPLS`): the pure-torch
-twin (the CPU path and the oracle) or a Triton kernel (one program per sequence and vocabulary tile, reading each
-logit once; the CUDA path, checked on CPU tensors under ``TRITON_INTERPRET=1``).
+twin (the CPU path and the oracle; for max pooling it reduces each sequence's raw logits first and activates only
+the maxima, the activation being non-decreasing) or a Triton kernel (one program per sequence and vocabulary tile,
+reading each logit once; the CUDA path, checked on CPU tensors under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Callable
 
 import torch
@@ -37,21 +39,47 @@ def _check(mode: str, activation: str) -> None:
         raise ValueError(f"unknown SPLADE activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
+def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    x = torch.log1p(torch.relu(x.float()))
+    return torch.log1p(x) if activation == "log1p_relu" else x
+
+
+def _max_block(logits: torch.Tensor, cu_seqlens: torch.Tensor, start: int, out: torch.Tensor, activation: str
+               ) -> None:
+    """Max pooling: the activation never decreases, so a sequence's largest weight is the activation of its
+    largest logit; each sequence's logits are reduced first (one pass) and only ``[B, V]`` values activated. The
+    block's one-token sequences go together."""
+    n = logits.shape[0]
+    cu = cu_seqlens.tolist()
+    singles, single_rows = [], []
+    for b in range(bisect.bisect_right(cu, start) - 1, len(cu) - 1):
+        lo, hi = max(cu[b], start), min(cu[b + 1], start + n)
+        if lo >= start + n:
+            break
+        if hi - lo == 1:
+            singles.append(b)
+            single_rows.append(lo - start)
+        elif hi > lo:
+            torch.maximum(out[b], _activate(logits[lo - start : hi - start].amax(0), activation), out=out[b])
+    if singles:
+        index = torch.tensor(singles, device=out.device)
+        rows = _activate(logits[torch.tensor(single_rows, device=logits.device)], activation)
+        out.index_copy_(0, index, torch.maximum(out.index_select(0, index), rows))
+
+
 def pool_block_torch(logits: torch.Tensor, cu_seqlens: torch.Tensor, start: int, out: torch.Tensor, mode: str,
                      activation: str) -> None:
     """Pool the block of tokens ``[start, start + len(logits))`` of the packed step into ``out [B, V]`` float32
     (combined with what earlier blocks left there). ``cu_seqlens [B+1]``: the step's sequence offsets."""
     _check(mode, activation)
-    x = torch.log1p(torch.relu(logits.float()))
-    if activation == "log1p_relu":
-        x = torch.log1p(x)
+    if mode == "max":
+        _max_block(logits, cu_seqlens, start, out, activation)
+        return
+    x = _activate(logits, activation)
     n = x.shape[0]
     positions = torch.arange(start, start + n, device=x.device)
     seg = torch.searchsorted(cu_seqlens.to(x.device).long(), positions, right=True) - 1  # each token's sequence
-    if mode == "max":
-        out.scatter_reduce_(0, seg.unsqueeze(1).expand_as(x), x, reduce="amax", include_self=True)
-    else:
-        out.index_add_(0, seg, x)
+    out.index_add_(0, seg, x)
 
 
 if triton is not None:

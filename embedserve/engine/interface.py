@@ -116,6 +116,7 @@ class EngineInfo:
     tokenizer_workers: int
     prompts: tuple[str, ...] = ()  # the names of the model's prompts that are not empty
     lexical: bool = False  # an embedding model that also gives sparse vectors (bge-m3's lexical weights)
+    multi_vector: bool = False  # ... and per-token vectors (bge-m3's colbert vectors)
 
 
 class ServedEngine(Protocol):

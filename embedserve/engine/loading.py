@@ -158,7 +158,7 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
         dtype=str(dtype).removeprefix("torch."), quantize=config.model.quantize, device=str(device),
         commit=source.commit, tokenizer_workers=config.tokenizer_workers,
         prompts=tuple(n for n, text in model.spec.prompts.items() if text),
-        lexical=model.lexical is not None,
+        lexical=model.lexical is not None, multi_vector=model.colbert is not None,
     )
     hf = model.hf_config
     log.info("architecture: %s -> %s", (hf.get("architectures") or [hf.get("model_type")])[0],

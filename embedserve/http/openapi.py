@@ -34,6 +34,7 @@ from embedserve.protocol import (
     RerankResponse,
     Status,
     TeiDecodeRequest,
+    TeiEmbedAllRequest,
     TeiEmbedRequest,
     TeiInfo,
     TeiPrediction,
@@ -46,7 +47,7 @@ from embedserve.protocol import (
     encoder,
 )
 
-ALL_KINDS = ("embedding", "sparse", "rerank", "classify")
+ALL_KINDS = ("embedding", "sparse", "multi_vector", "rerank", "classify")
 
 # What each status means on this server (the error body is always OpenAI's).
 _ERRORS = {
@@ -125,6 +126,11 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("/embed_sparse", "POST", tei.embed_sparse, "Sparse embeddings (TEI)", "tei", TeiSparseRequest,
               list[list[TeiSparseValue]], errors=_TEI, kinds=("sparse",), example={"inputs": ["The food was good."]},
               description="A SPLADE model's vectors: per input its nonzero weights by token id, in TEI's shape."),
+    Operation("/embed_all", "POST", tei.embed_all, "Token vectors (TEI)", "tei", TeiEmbedAllRequest,
+              list[list[list[float]]], errors=_TEI, kinds=("multi_vector",),
+              example={"inputs": ["The food was good."]},
+              description="A multi-vector model's per-token vectors (bge-m3's colbert vectors), in TEI's shape: per "
+                          "input, a list of vectors."),
     Operation("/predict", "POST", tei.predict, "Classify or score pairs (TEI)", "tei", TeiPredictRequest,
               _PREDICTIONS, errors=_TEI, kinds=("rerank", "classify"),
               example={"inputs": ["What is the capital of France?", "Paris is the capital of France."]}),
@@ -189,7 +195,8 @@ def _served_kinds(svc, routed: bool) -> set[str] | None:
     if svc.engine is None:
         return None  # still loading
     engines = svc.serving().values() if routed else [svc.engine]
-    return {k for e in engines for k in (e.info.kind, "sparse" if e.info.lexical else e.info.kind)}
+    return {k for e in engines for k in (e.info.kind, "sparse" if e.info.lexical else e.info.kind,
+                                         "multi_vector" if e.info.multi_vector else e.info.kind)}
 
 
 def build_spec(svc) -> dict:

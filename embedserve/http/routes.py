@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedserve.engine.interface import INTEGER_ENCODINGS, EmbedOptions
-from embedserve.errors import PayloadTooLarge, Unauthorized, WrongModelKind
+from embedserve.errors import InvalidRequest, PayloadTooLarge, Unauthorized, WrongModelKind, quoted
 from embedserve.http.errors import ClientGone
 from embedserve.http.state import Service
 from embedserve.protocol import (
@@ -109,14 +109,15 @@ def integer_rows(rows: list[bytes], name: str) -> list[list[int]]:
 
 def encode_embeddings(
     vectors, token_counts: list[int], fmt: str, model: str, encoded: dict[str, list[bytes]] | None = None,
-    sparse=None, multi=None,
+    sparse=None, multi=None, matrix: str = "float",
 ) -> bytes:
     """``vectors [n, k]`` float32 -> response JSON. base64 is little-endian float32, built without a float loop:
     spliced as made by the engine's pool+encode kernel when it made it, else encoded row by row here. The integer
     types are the engine's bytes as integers."""
     ready = (encoded or {}).get(fmt)
     if fmt in ("sparse", "multi_vector"):
-        items = [EmbeddingItem(index=i, embedding=one) for i, one in enumerate(_outputs(fmt, vectors, sparse, multi))]
+        items = [EmbeddingItem(index=i, embedding=one)
+                 for i, one in enumerate(_outputs(fmt, vectors, sparse, multi, matrix))]
     elif fmt in INTEGER_ENCODINGS:
         items = [EmbeddingItem(index=i, embedding=row) for i, row in enumerate(integer_rows(ready, fmt))]
     elif fmt == "base64" and ready is not None:
@@ -135,22 +136,33 @@ def encode_embeddings(
     )
 
 
-def _outputs(fmt: str, vectors, sparse, multi) -> list:
+def _outputs(fmt: str, vectors, sparse, multi, matrix: str) -> list:
     """Each input's sparse or multi-vector output, as it stands alone or, with others asked for beside it, as one
-    object: {multi_vector, dense, indices, values}."""
+    object: {multi_vector, dense, indices, values}. ``matrix`` base64: each input's vectors as {shape, base64}
+    (the little-endian float32 bytes of the matrix, row after row)."""
     n = len(sparse if sparse is not None else multi)
     dense = vectors.tolist() if vectors.numel() else None  # include_dense asked for them
     out = []
     for i in range(n):
         one = {}
         if multi is not None:
-            one["multi_vector"] = multi[i].tolist()
+            m = multi[i]
+            one["multi_vector"] = m.tolist() if matrix == "float" else {
+                "shape": list(m.shape), "base64": msgspec.Raw(b'"' + base64.b64encode(
+                    m.numpy().astype("<f4", copy=False).tobytes()) + b'"')}
         if dense is not None:
             one["dense"] = dense[i]
         if sparse is not None:
             one["indices"], one["values"] = sparse[i][0].tolist(), sparse[i][1].tolist()
         out.append(one["multi_vector"] if fmt == "multi_vector" and len(one) == 1 else one)
     return out
+
+
+def _matrix_format(value: str | None) -> str:
+    if value not in (None, "float", "base64"):
+        raise InvalidRequest(f"multi_vector_format must be float or base64, got {quoted(value)}",
+                             param="multi_vector_format")
+    return value or "float"
 
 
 async def embeddings(request: Request) -> Response:
@@ -161,6 +173,7 @@ async def embeddings(request: Request) -> Response:
     name, engine = svc.pick(req.model)
     inputs = parse_input(req.input, max_items=svc.config.max_inputs_per_request)
     fmt = req.encoding_format or "float"
+    matrix = _matrix_format(req.multi_vector_format)
     options = EmbedOptions(
         dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate, prompt_name=req.prompt_name,
         encodings=() if fmt in ("float", "sparse", "multi_vector") else (fmt,),
@@ -172,7 +185,7 @@ async def embeddings(request: Request) -> Response:
     request.scope["state"]["access"]["inputs"] = len(inputs)
     result = await until_disconnect(request, engine.embed(inputs, options))
     headers = record_result(svc, request, len(inputs), result, engine)
-    args = (result.vectors, result.token_counts, fmt, name, result.encoded, result.sparse, result.multi)
+    args = (result.vectors, result.token_counts, fmt, name, result.encoded, result.sparse, result.multi, matrix)
     size = (result.vectors.numel() + sum(len(ids) for ids, _ in result.sparse or ())
             + sum(m.numel() for m in result.multi or ()))
     if size > ENCODE_INLINE_FLOATS:

@@ -25,6 +25,7 @@ from embedserve.http.routes import (
 )
 from embedserve.protocol import (
     TeiDecodeRequest,
+    TeiEmbedAllRequest,
     TeiEmbedRequest,
     TeiInfo,
     TeiPrediction,
@@ -94,6 +95,27 @@ async def embed_sparse(request: Request) -> Response:
     body = [[TeiSparseValue(index=i, value=v) for i, v in zip(ids.tolist(), weights.tolist())]
             for ids, weights in result.sparse]
     return _json(body, headers)
+
+
+async def embed_all(request: Request) -> Response:
+    """A multi-vector model's per-token vectors (bge-m3's colbert vectors), TEI's shape: per input, its vectors."""
+    svc, engine = _default_model(request)
+    req = decode_tei(TeiEmbedAllRequest, await read_body(request, svc.config.max_body_bytes))
+    texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
+    if req.truncation_direction not in (None, "right", "Right", "left", "Left"):
+        raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
+                             "start)", param="truncation_direction")
+    options = EmbedOptions(multi_vector=True, truncate=req.truncate, prompt_name=req.prompt_name,
+                           truncate_start=req.truncation_direction in ("left", "Left"))
+    result = await until_disconnect(request, engine.embed(texts, options))
+    headers = record_result(svc, request, len(texts), result, engine)
+
+    def body() -> bytes:
+        return encoder.encode([m.tolist() for m in result.multi])
+
+    big = sum(m.numel() for m in result.multi) > ENCODE_INLINE_FLOATS  # then off the event loop
+    return Response(await run_in_threadpool(body) if big else body(), media_type="application/json",
+                    headers=headers)
 
 
 async def predict(request: Request) -> Response:

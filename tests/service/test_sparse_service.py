@@ -127,3 +127,27 @@ def test_bge_m3_colbert_vectors_and_all_three_outputs_over_http(bge_m3, server):
         assert got["indices"] == sorted(int(k) for k in weights)
     r = post(server, "/v1/embeddings", {"model": "m", "input": "x", "encoding_format": "multi_vector"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind"
+
+
+def test_bge_m3_vectors_as_base64_matrices_and_teis_embed_all(bge_m3):
+    import base64
+
+    import numpy as np
+
+    m3, (_, _, colbert) = bge_m3
+    r = post(m3, "/v1/embeddings", {"model": "m3", "input": TEXTS, "encoding_format": "multi_vector",
+                                    "multi_vector_format": "base64", "include_dense": True})
+    assert r.status_code == 200, r.text
+    for item, want in zip(r.json()["data"], colbert):
+        matrix = item["embedding"]["multi_vector"]
+        assert matrix["shape"] == list(want.shape)
+        got = np.frombuffer(base64.b64decode(matrix["base64"]), dtype="<f4").reshape(matrix["shape"])
+        torch.testing.assert_close(torch.from_numpy(got.copy()), want, atol=1e-5, rtol=1e-4)
+        assert len(item["embedding"]["dense"]) == 36
+    tei = post(m3, "/embed_all", {"inputs": TEXTS})
+    assert tei.status_code == 200, tei.text
+    for got, want in zip(tei.json(), colbert):
+        torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-4)
+    r = post(m3, "/v1/embeddings", {"model": "m3", "input": "x", "encoding_format": "multi_vector",
+                                    "multi_vector_format": "hex"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "multi_vector_format"

@@ -1,0 +1,93 @@
+"""Multi-vector outputs: bge-m3-style colbert vectors against FlagEmbedding's ``BGEM3FlagModel.encode`` (same
+process, same threads, same texts: the shared mixed corpus, fp32), and the bytes of an answer as JSON floats
+against base64 matrices.
+
+    python benchmarks/bench_multi_vector.py [--texts 256] [--repeats 5]
+
+The model is all-MiniLM-L6-v2's real encoder with fresh ``sparse_linear.pt`` and ``colbert_linear.pt`` beside it
+(bge-m3's layout, :func:`bench_sparse.minilm_with_lexical_head`); speed does not depend on the heads' values.
+embedserve runs 32-text requests, 4 at a time: the vectors alone, and all three outputs in one request;
+FlagEmbedding ``encode`` batches 32 with ``return_colbert_vecs`` (and all three). Prints tokens/s medians, the ratios,
+and the answer sizes, with the CPU line first. PyLate's ColBERT folders are not served yet, so pylate is no peer here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sparse import engine_run, minilm_with_lexical_head, tokens_per_s  # noqa: E402
+from corpus import mixed_corpus  # noqa: E402
+from timing import cpu_line  # noqa: E402
+
+from embedserve.config import EngineConfig, ModelConfig  # noqa: E402
+from embedserve.engine.front import Engine  # noqa: E402
+from embedserve.engine.interface import EmbedOptions  # noqa: E402
+from embedserve.http.routes import encode_embeddings  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--texts", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    print(cpu_line())
+    texts = mixed_corpus(args.texts, seed=19)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = minilm_with_lexical_head(Path(tmp) / "m3")
+        engine = Engine(EngineConfig(model=ModelConfig(path=str(folder), dtype="float32")))
+        engine.warmup()
+        engine.start()
+        try:
+            runs = {"dense": EmbedOptions(), "vectors": EmbedOptions(multi_vector=True),
+                    "all": EmbedOptions(multi_vector=True, include_dense=True, include_sparse=True)}
+            rates: dict[str, list[float]] = {name: [] for name in runs}
+            tokens = 0
+            for options in runs.values():
+                tokens = engine_run(engine, texts, options)  # warm-up; the same tokens each time
+            for _ in range(args.repeats):  # in turn, so the host's drift reaches each alike
+                for name, options in runs.items():
+                    t0 = time.perf_counter()
+                    engine_run(engine, texts, options)
+                    rates[name].append(tokens / (time.perf_counter() - t0))
+            answer = asyncio.run(engine.embed(texts[:32], EmbedOptions(multi_vector=True)))
+        finally:
+            engine.shutdown()
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        print(f"{len(texts)} texts, {tokens} tokens, fp32, medians of {args.repeats}; 32-text requests x 4 clients")
+        print(f"  embedserve dense alone:                         {med['dense']:8.0f} tok/s")
+        print(f"  embedserve colbert vectors:                     {med['vectors']:8.0f} tok/s  "
+              f"({med['vectors'] / med['dense']:.2f}x dense alone)")
+        print(f"  embedserve vectors + dense + sparse, 1 request: {med['all']:8.0f} tok/s  "
+              f"({med['all'] / med['dense']:.2f}x dense alone)")
+        args_json = (answer.vectors, answer.token_counts, "multi_vector", "m3", {}, None, answer.multi)
+        floats = len(encode_embeddings(*args_json, matrix="float"))
+        packed = len(encode_embeddings(*args_json, matrix="base64"))
+        count = sum(m.shape[0] for m in answer.multi)
+        width = answer.multi[0].shape[1]
+        print(f"  one 32-text answer ({count} vectors of {width}): JSON floats {floats / 1e6:.2f} MB, base64 "
+              f"matrices {packed / 1e6:.2f} MB ({floats / packed:.2f}x smaller)")
+        try:
+            from FlagEmbedding import BGEM3FlagModel
+        except ImportError:
+            print("  FlagEmbedding is not installed: no peer rows")
+            return
+        flag = BGEM3FlagModel(str(folder), use_fp16=False, devices="cpu")
+        vectors = tokens_per_s(lambda: flag.encode(texts, batch_size=32, max_length=256, return_dense=False,
+                                                   return_colbert_vecs=True), tokens, args.repeats)
+        every = tokens_per_s(lambda: flag.encode(texts, batch_size=32, max_length=256, return_dense=True,
+                                                 return_sparse=True, return_colbert_vecs=True), tokens, args.repeats)
+        print(f"  FlagEmbedding colbert vectors, batch 32:        {vectors:8.0f} tok/s; embedserve "
+              f"{med['vectors'] / vectors:.2f}x")
+        print(f"  FlagEmbedding all three, batch 32:              {every:8.0f} tok/s; embedserve "
+              f"{med['all'] / every:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparse import engine_run, minilm_with_lexical_head, tokens_per_s  # noqa: E402
+from bench_sparse import medians_in_turn, minilm_with_lexical_head, tokens_per_s  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402
 from timing import cpu_line  # noqa: E402
 
@@ -47,19 +45,10 @@ def main() -> None:
         try:
             runs = {"dense": EmbedOptions(), "vectors": EmbedOptions(multi_vector=True),
                     "all": EmbedOptions(multi_vector=True, include_dense=True, include_sparse=True)}
-            rates: dict[str, list[float]] = {name: [] for name in runs}
-            tokens = 0
-            for options in runs.values():
-                tokens = engine_run(engine, texts, options)  # warm-up; the same tokens each time
-            for _ in range(args.repeats):  # in turn, so the host's drift reaches each alike
-                for name, options in runs.items():
-                    t0 = time.perf_counter()
-                    engine_run(engine, texts, options)
-                    rates[name].append(tokens / (time.perf_counter() - t0))
+            med, tokens = medians_in_turn(engine, texts, runs, args.repeats)
             answer = asyncio.run(engine.embed(texts[:32], EmbedOptions(multi_vector=True)))
         finally:
             engine.shutdown()
-        med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"{len(texts)} texts, {tokens} tokens, fp32, medians of {args.repeats}; 32-text requests x 4 clients")
         print(f"  embedserve dense alone:                         {med['dense']:8.0f} tok/s")
         print(f"  embedserve colbert vectors:                     {med['vectors']:8.0f} tok/s  "

@@ -105,6 +105,22 @@ def engine_run(engine: Engine, texts: list[str], options: EmbedOptions, *, batch
     return asyncio.run(run())
 
 
+def medians_in_turn(engine: Engine, texts: list[str], runs: dict[str, EmbedOptions], repeats: int
+                    ) -> tuple[dict[str, float], int]:
+    """Each request shape's tokens/s (median of ``repeats``), the shapes run in turn so that the host's drift
+    reaches each alike; and the tokens each run embeds."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    tokens = 0
+    for options in runs.values():
+        tokens = engine_run(engine, texts, options)  # warm-up; the same tokens each time
+    for _ in range(repeats):
+        for name, options in runs.items():
+            t0 = time.perf_counter()
+            engine_run(engine, texts, options)
+            rates[name].append(tokens / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}, tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=int, default=256)
@@ -147,17 +163,9 @@ def main() -> None:
         try:
             runs = {"dense": EmbedOptions(), "sparse": EmbedOptions(sparse=True),
                     "both": EmbedOptions(sparse=True, include_dense=True)}
-            rates = {name: [] for name in runs}
-            for name, options in runs.items():
-                tokens = engine_run(engine, texts, options)  # warm-up; the same tokens each time
-            for _ in range(args.repeats):  # in turn, so the host's drift reaches each alike
-                for name, options in runs.items():
-                    t0 = time.perf_counter()
-                    engine_run(engine, texts, options)
-                    rates[name].append(tokens / (time.perf_counter() - t0))
+            med, tokens = medians_in_turn(engine, texts, runs, args.repeats)
         finally:
             engine.shutdown()
-        med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"lexical weights (MiniLM + sparse_linear.pt, bge-m3's layout), same texts, medians of {args.repeats}")
         print(f"  embedserve dense alone:                       {med['dense']:8.0f} tok/s")
         print(f"  embedserve sparse alone:                      {med['sparse']:8.0f} tok/s")

@@ -241,18 +241,6 @@ class TeiEmbedRequest(msgspec.Struct, kw_only=True):
     long_input: _LONG_INPUT = None
 
 
-class TeiSparseRequest(msgspec.Struct, kw_only=True):
-    """TEI's /embed_sparse."""
-
-    inputs: _loose("A text or texts.", _STR, _STRS)
-    truncate: bool | None = None
-    truncation_direction: Annotated[str | None, msgspec.Meta(
-        description="Right (the default): an over-long input loses its end; Left: its start.",
-        extra_json_schema={"enum": ["Right", "right", "Left", "left", None]})] = None
-    prompt_name: str | None = None
-    sparse_top_k: _SPARSE_TOP_K = None
-
-
 class TeiEmbedAllRequest(msgspec.Struct, kw_only=True):
     """TEI's /embed_all: every token's vector (here: a multi-vector model's)."""
 
@@ -262,6 +250,12 @@ class TeiEmbedAllRequest(msgspec.Struct, kw_only=True):
         description="Right (the default): an over-long input loses its end; Left: its start.",
         extra_json_schema={"enum": ["Right", "right", "Left", "left", None]})] = None
     prompt_name: str | None = None
+
+
+class TeiSparseRequest(TeiEmbedAllRequest, kw_only=True):
+    """TEI's /embed_sparse: /embed_all's fields and sparse_top_k."""
+
+    sparse_top_k: _SPARSE_TOP_K = None
 
 
 class TeiSparseValue(msgspec.Struct, kw_only=True):

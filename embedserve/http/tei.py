@@ -52,6 +52,14 @@ def _default_model(request: Request):
     return svc, svc.pick(None)[1]
 
 
+def _from_the_left(direction: str | None) -> bool:
+    """TEI's truncation_direction: Right (None too) cuts an over-long input's end, Left its start."""
+    if direction not in (None, "right", "Right", "left", "Left"):
+        raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
+                             "start)", param="truncation_direction")
+    return direction in ("left", "Left")
+
+
 def _json(body, headers: dict[str, str] | None = None) -> Response:
     return Response(encoder.encode(body), media_type="application/json", headers=headers)
 
@@ -62,13 +70,11 @@ async def embed(request: Request) -> Response:
     if engine.info.kind != "embedding":
         raise WrongModelKind("embed", engine.info.kind, "embedding")
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
-    if req.truncation_direction not in (None, "right", "Right", "left", "Left"):
-        raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
-                             "start)", param="truncation_direction")
+    truncate_start = _from_the_left(req.truncation_direction)
     check_dimensions(req.dimensions)
     check_late(req.late_chunking_overlap)
     options = EmbedOptions(dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate,
-                           truncate_start=req.truncation_direction in ("left", "Left"), prompt_name=req.prompt_name,
+                           truncate_start=truncate_start, prompt_name=req.prompt_name,
                            late_chunking=bool(req.late_chunking), late_chunking_overlap=req.late_chunking_overlap,
                            long_input=req.long_input)
     result = await until_disconnect(request, engine.embed(texts, options))
@@ -85,11 +91,8 @@ async def embed_sparse(request: Request) -> Response:
     svc, engine = _default_model(request)
     req = decode_tei(TeiSparseRequest, await read_body(request, svc.config.max_body_bytes))
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
-    if req.truncation_direction not in (None, "right", "Right", "left", "Left"):
-        raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
-                             "start)", param="truncation_direction")
     options = EmbedOptions(sparse=True, top_k=req.sparse_top_k, truncate=req.truncate,
-                           truncate_start=req.truncation_direction in ("left", "Left"), prompt_name=req.prompt_name)
+                           truncate_start=_from_the_left(req.truncation_direction), prompt_name=req.prompt_name)
     result = await until_disconnect(request, engine.embed(texts, options))
     headers = record_result(svc, request, len(texts), result, engine)
     body = [[TeiSparseValue(index=i, value=v) for i, v in zip(ids.tolist(), weights.tolist())]
@@ -102,11 +105,8 @@ async def embed_all(request: Request) -> Response:
     svc, engine = _default_model(request)
     req = decode_tei(TeiEmbedAllRequest, await read_body(request, svc.config.max_body_bytes))
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
-    if req.truncation_direction not in (None, "right", "Right", "left", "Left"):
-        raise InvalidRequest("truncation_direction must be Right (an over-long input loses its end) or Left (its "
-                             "start)", param="truncation_direction")
     options = EmbedOptions(multi_vector=True, truncate=req.truncate, prompt_name=req.prompt_name,
-                           truncate_start=req.truncation_direction in ("left", "Left"))
+                           truncate_start=_from_the_left(req.truncation_direction))
     result = await until_disconnect(request, engine.embed(texts, options))
     headers = record_result(svc, request, len(texts), result, engine)
 

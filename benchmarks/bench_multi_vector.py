@@ -13,35 +13,31 @@ and the answer sizes, with the CPU line first. PyLate's ColBERT folders are not 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparse import medians_in_turn, minilm_with_lexical_head, tokens_per_s  # noqa: E402
+from bench_sparse import (  # noqa: E402
+    bench_args,
+    medians_in_turn,
+    minilm_with_lexical_head,
+    started_engine,
+    tokens_per_s,
+)
 from corpus import mixed_corpus  # noqa: E402
-from timing import cpu_line  # noqa: E402
 
-from embedserve.config import EngineConfig, ModelConfig  # noqa: E402
-from embedserve.engine.front import Engine  # noqa: E402
 from embedserve.engine.interface import EmbedOptions  # noqa: E402
 from embedserve.http.routes import encode_embeddings  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--texts", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    print(cpu_line())
+    args = bench_args(__doc__)
     texts = mixed_corpus(args.texts, seed=19)
     with tempfile.TemporaryDirectory() as tmp:
         folder = minilm_with_lexical_head(Path(tmp) / "m3")
-        engine = Engine(EngineConfig(model=ModelConfig(path=str(folder), dtype="float32")))
-        engine.warmup()
-        engine.start()
+        engine = started_engine(folder)
         try:
             runs = {"dense": EmbedOptions(), "vectors": EmbedOptions(multi_vector=True),
                     "all": EmbedOptions(multi_vector=True, include_dense=True, include_sparse=True)}

@@ -121,12 +121,26 @@ def medians_in_turn(engine: Engine, texts: list[str], runs: dict[str, EmbedOptio
     return {name: statistics.median(r) for name, r in rates.items()}, tokens
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_args(doc: str) -> argparse.Namespace:
+    """``--texts`` and ``--repeats``; prints the CPU line first."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     print(cpu_line())
+    return args
+
+
+def started_engine(folder: Path) -> Engine:
+    """An fp32 engine on ``folder``, warmed up and started."""
+    engine = Engine(EngineConfig(model=ModelConfig(path=str(folder), dtype="float32")))
+    engine.warmup()
+    engine.start()
+    return engine
+
+
+def main() -> None:
+    args = bench_args(__doc__)
     texts = mixed_corpus(args.texts, seed=17)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,9 +148,7 @@ def main() -> None:
         from sentence_transformers import SparseEncoder
 
         st = SparseEncoder(str(folder), device="cpu")
-        engine = Engine(EngineConfig(model=ModelConfig(path=str(folder), dtype="float32")))
-        engine.warmup()
-        engine.start()
+        engine = started_engine(folder)
         try:
             sparse = EmbedOptions(sparse=True)
             tokens = engine_run(engine, texts, sparse)  # the tokens both embed (the same tokenizer and maximum)
@@ -156,10 +168,7 @@ def main() -> None:
         print(f"  same nonzero token ids on 16 texts: {same}; largest weight difference {worst:.1e} (weights up to "
               f"{largest:.2f})")
 
-        folder = minilm_with_lexical_head(Path(tmp) / "lexical")
-        engine = Engine(EngineConfig(model=ModelConfig(path=str(folder), dtype="float32")))
-        engine.warmup()
-        engine.start()
+        engine = started_engine(minilm_with_lexical_head(Path(tmp) / "lexical"))
         try:
             runs = {"dense": EmbedOptions(), "sparse": EmbedOptions(sparse=True),
                     "both": EmbedOptions(sparse=True, include_dense=True)}

@@ -166,7 +166,7 @@ class Preparer:
         texts = self._read(inputs)
         if texts is None:
             return self.texts(inputs, truncate, prompt)
-        ids = self.tokenizer.encode_bare([prompt + t for t in texts], truncate=truncate)
+        ids = self.tokenizer.encode([prompt + t for t in texts], truncate=truncate, special=False)
         self._check_rows(ids)
         return ids
 

@@ -266,6 +266,7 @@ class Runner:
         ranges: Sequence[torch.Tensor | None] | None = None,
         spans: Sequence[Sequence[tuple[int, int, int]] | None] | None = None,
         multi: Sequence[bool] | None = None,
+        weigh: bool = False,
     ) -> StepHandle:
         """Stage one packed step and queue its work on the device. ``encodings``: each row's wire encoding
         (:data:`~embedserve.kernels.pool_encode.ENCODINGS` codes, 0 for none), with ``ranges``: the ``[2, dims]``
@@ -274,7 +275,8 @@ class Runner:
         where each input's second text begins (token type 1 from there). ``spans``: for a late-chunked
         document's inputs, token ranges ``(lo, hi, _)`` in the input's own positions whose final hidden states are
         summed (fp32, before any Dense layer), each over the part of it this step runs. ``multi``: which inputs
-        also want their per-token vectors (bge-m3's colbert vectors)."""
+        also want their per-token vectors (bge-m3's colbert vectors); ``weigh``: some input wants its lexical
+        weights (bge-m3's)."""
         m = self.model
         dev = self.device
         B = len(inputs)
@@ -303,7 +305,7 @@ class Runner:
                 hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths, **extra)  # [T, H]
             pieces, piece_offsets = self._span_sums(hidden, st.lengths, chunks, spans)
             # bge-m3: every token's lexical weight (a dot product per token), beside the dense rows
-            weights = m.lexical(hidden, st.ids) if m.lexical is not None else None
+            weights = m.lexical(hidden, st.ids) if m.lexical is not None and weigh else None
             token_vectors, vector_offsets = self._token_vectors(hidden, st.lengths, multi)
             if m.head is not None:
                 # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no bytes. The

@@ -354,34 +354,24 @@ class Tokenizer:
             out.append(e)
         return out[0], out[1]
 
-    def encode_bare(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
-        """Token ids without special tokens (what a static query encoder reads), cut to or refused past
-        ``max_length``, as transformers' ``truncation=True, add_special_tokens=False``."""
-        cut = [self.bounded(t) for t in texts]
-        read = [t.lower() if self.do_lower_case else t for t, _ in cut]
-        ids = [e.ids for e in (self._cut if truncate else self._full).encode_batch(read, add_special_tokens=False)]
-        for i, x in enumerate(ids):
-            if len(x) > self.max_length:
-                raise ContextLengthExceeded(self.max_length, len(x), index=i, at_least=cut[i][1])
-        return ids
-
-    def encode(self, texts: Sequence[str], *, truncate: bool, from_start: bool = False, long_ok: bool = False
-               ) -> list[list[int] | None]:
+    def encode(self, texts: Sequence[str], *, truncate: bool, from_start: bool = False, long_ok: bool = False,
+               special: bool = True) -> list[list[int] | None]:
         """Token ids with special tokens for each text; over-long ones truncated, refused, or (``long_ok``) None.
         ``from_start``: an over-long text loses its start instead of its end (transformers'
-        ``truncation_side="left"``): the special tokens, then its last tokens."""
+        ``truncation_side="left"``): the special tokens, then its last tokens. ``special=False``: without special
+        tokens (what a static query encoder reads)."""
         if truncate and from_start:
             tails = [self.bounded_tail(t) for t in texts]
             if self.do_lower_case:
                 tails = [t.lower() for t in tails]
-            return [e.ids for e in self._cut_start.encode_batch(tails, add_special_tokens=True)]
+            return [e.ids for e in self._cut_start.encode_batch(tails, add_special_tokens=special)]
         cut = [self.bounded(t) for t in texts]
         texts = [t for t, _ in cut]
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
         if truncate:  # one pass: the truncating tokenizer cuts exactly as transformers' truncation=True
-            return [e.ids for e in self._cut.encode_batch(texts, add_special_tokens=True)]
-        ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=True)]
+            return [e.ids for e in self._cut.encode_batch(texts, add_special_tokens=special)]
+        ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=special)]
         for i, x in enumerate(ids):
             if len(x) > self.max_length:
                 if not long_ok:

@@ -257,15 +257,17 @@ class Worker:
             [p.ranges if p else None for p in plan],
             [p.spans[w.entry.index] if p and p.spans else None for w, p in zip(items, plan)],
             [p is not None and p.multi is not None for p in plan] if self.colbert else None,
+            self.lexical and any(p is not None and p.sparse is not None for p in plan),
         )
 
     def _forward(self, inputs, dims, normalize, encodings, chunks, type_starts=None, ranges=None,
-                 spans=None, multi=None) -> StepHandle:
+                 spans=None, multi=None, weigh=False) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self._fault_kind)
         # With several models on the device, the others' steps wait for this one, in turn.
         with self._turns.turn(self.name) if self._turns is not None else contextlib.nullcontext():
-            return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges, spans, multi)
+            return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges, spans, multi,
+                                      weigh)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
         """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""

@@ -194,9 +194,14 @@ def _served_kinds(svc, routed: bool) -> set[str] | None:
     """The kinds of model that may answer: any served one's where the body names it, else the default's."""
     if svc.engine is None:
         return None  # still loading
-    engines = svc.serving().values() if routed else [svc.engine]
-    return {k for e in engines for k in (e.info.kind, "sparse" if e.info.lexical else e.info.kind,
-                                         "multi_vector" if e.info.multi_vector else e.info.kind)}
+    kinds = set()
+    for e in svc.serving().values() if routed else [svc.engine]:
+        kinds.add(e.info.kind)
+        if e.info.lexical:  # an embedding model that also answers sparse requests (bge-m3)
+            kinds.add("sparse")
+        if e.info.multi_vector:
+            kinds.add("multi_vector")
+    return kinds
 
 
 def build_spec(svc) -> dict:

@@ -20,20 +20,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sparse import (  # noqa: E402
-    bench_args,
+    bench_parser,
     medians_in_turn,
     minilm_with_lexical_head,
     started_engine,
     tokens_per_s,
 )
 from corpus import mixed_corpus  # noqa: E402
+from timing import cpu_line  # noqa: E402
 
 from embedserve.engine.interface import EmbedOptions  # noqa: E402
 from embedserve.http.routes import encode_embeddings  # noqa: E402
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    args = bench_parser(__doc__).parse_args()
+    print(cpu_line())
     texts = mixed_corpus(args.texts, seed=19)
     with tempfile.TemporaryDirectory() as tmp:
         folder = minilm_with_lexical_head(Path(tmp) / "m3")

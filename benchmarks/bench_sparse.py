@@ -121,14 +121,12 @@ def medians_in_turn(engine: Engine, texts: list[str], runs: dict[str, EmbedOptio
     return {name: statistics.median(r) for name, r in rates.items()}, tokens
 
 
-def bench_args(doc: str) -> argparse.Namespace:
-    """``--texts`` and ``--repeats``; prints the CPU line first."""
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """``--texts`` and ``--repeats``."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    print(cpu_line())
-    return args
+    return ap
 
 
 def started_engine(folder: Path) -> Engine:
@@ -140,7 +138,8 @@ def started_engine(folder: Path) -> Engine:
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    args = bench_parser(__doc__).parse_args()
+    print(cpu_line())
     texts = mixed_corpus(args.texts, seed=17)
 
     with tempfile.TemporaryDirectory() as tmp:

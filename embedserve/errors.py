@@ -81,7 +81,7 @@ class WrongModelKind(InvalidRequest):
         names = {"embedding": "an embedding model", "rerank": "a reranker (cross-encoder)",
                  "classify": "a sequence classifier",
                  "sparse": "a sparse model (SPLADE, or one with bge-m3's lexical weights)",
-                 "multi_vector": "a multi-vector model (one with bge-m3's colbert vectors)"}
+                 "multi_vector": "a multi-vector model (a ColBERT model, or one with bge-m3's colbert vectors)"}
         super().__init__(f"{route} needs {names[wanted]}, and the served model is {names[kind]} (kind {kind!r})",
                          code="wrong_model_kind")
 

@@ -58,8 +58,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
                     "(-128..127 / 0..255); binary / ubinary: one bit per value (value > 0), most significant "
                     "bit first, 8 to an integer (-128..127 / 0..255): the width must be a multiple of 8; sparse "
                     "(a SPLADE model's only format, and bge-m3's lexical weights): {indices, values}, the nonzero "
-                    "weights by token id; multi_vector (bge-m3's colbert vectors): a list of vectors per input, one "
-                    "per token after the first.",
+                    "weights by token id; multi_vector (a ColBERT model's, or bge-m3's colbert vectors): a list of "
+                    "vectors per input, one per token (bge-m3: after the first; ColBERT documents: but the "
+                    "skiplist's).",
         extra_json_schema={"enum": [*ENCODING_FORMATS, None]})] = None
     dimensions: Annotated[int | None, msgspec.Meta(
         description="Keep the first k values, then L2-renormalise; 1 to the model's width.",
@@ -79,8 +80,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     sparse_top_k: _SPARSE_TOP_K = None
     is_query: Annotated[bool | None, msgspec.Meta(
         description="The inputs are queries (sentence-transformers' encode_query): the model's 'query' prompt when "
-                    "prompt_name is not given, and an inference-free sparse model's query side (no forward "
-                    "pass).")] = None
+                    "prompt_name is not given, an inference-free sparse model's query side (no forward "
+                    "pass), and a ColBERT model's query side (its query prefix, [MASK] expansion to its query "
+                    "length).")] = None
     include_dense: Annotated[bool | None, msgspec.Meta(
         description="With encoding_format sparse or multi_vector, on a model with several outputs (bge-m3): the "
                     "dense vector too; each embedding is then one object ({dense, indices, values}, or "

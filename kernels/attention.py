@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import sys
 import time
@@ -337,6 +338,8 @@ class AttentionBatch:
     k_lengths: list[int] | None = None
     # [H, 2 * max_seqlen - 1]: bias added to the score of key j for query i, at column j - i + max_seqlen - 1
     rel_bias: torch.Tensor | None = None
+    # hidden tails: the packed tokens that are keys (the others are queries only); None: every token is a key
+    key_index: torch.Tensor | None = None
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -441,6 +444,7 @@ def prepare(
     lengths: Sequence[int] | None = None,
     k_lengths: Sequence[int] | None = None,
     rel_bias: torch.Tensor | None = None,
+    tails: Sequence[int] | None = None,
 ) -> AttentionBatch:
     """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device; ``lengths`` (and
     ``k_lengths``) are the host copies of what it encodes: given, nothing here waits on the device.
@@ -451,7 +455,24 @@ def prepare(
 
     ``rel_bias``: ``[H, 2 * max_seqlen - 1]`` additive scores by relative position (key minus query, offset by
     ``max_seqlen - 1``); the flash backends cannot take it (``AttentionShape.relative_bias``).
+
+    ``tails``: per sequence, how many of its last tokens are queries only, never keys (a ColBERT query's [MASK]
+    expansion tokens that the model does not attend to: they read the text's tokens and nothing reads them).
+    Needs ``lengths``; a tail never meets cached keys, a relative bias, or a window it does not fit in (the
+    loader's checks), so the keys' alignment does not matter.
     """
+    key_index = None
+    if tails is not None and any(tails):
+        if cu_seqlens_k is not None or rel_bias is not None or lengths is None:
+            raise ValueError("this is a bug: hidden tails with cached keys, a relative bias or no host lengths")
+        k_lengths, kept, at = [], [], 0
+        for n, t in zip(lengths, tails):
+            k_lengths.append(n - t)
+            kept.extend(range(at, at + n - t))
+            at += n
+        key_index = _to_device(kept, cu_seqlens.device)
+        cu_seqlens_k = _to_device([0] + list(itertools.accumulate(k_lengths)), cu_seqlens.device).to(torch.int32)
+        max_seqlen_k = max(k_lengths)
     flash = backend in ("torch_varlen", "flash_attn")
     if rel_bias is not None and (flash or cu_seqlens_k is not None or rel_bias.shape[-1] != 2 * max_seqlen - 1):
         raise ValueError(f"this is a bug: a relative bias of shape {tuple(rel_bias.shape)} with backend {backend}, "
@@ -463,7 +484,7 @@ def prepare(
     if window is not None and window >= max_k:
         window = None  # the window covers every sequence whole: plain (causal) attention
     batch = AttentionBatch(backend, cu_seqlens, max_seqlen, None, causal, window, cu_seqlens_k=cu_seqlens_k,
-                           max_seqlen_k=max_k, rel_bias=rel_bias)
+                           max_seqlen_k=max_k, rel_bias=rel_bias, key_index=key_index)
     if flash:
         return batch  # the kernels read the offsets on the device
     q_lengths, offsets = _host_lengths(cu_seqlens, lengths)
@@ -489,6 +510,8 @@ def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, *, scale: float | None = None
 ) -> torch.Tensor:
     """Attention within each packed sequence. q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` -> ``[Tq, Hq, D]``."""
+    if batch.key_index is not None:  # hidden tails: only the tokens that are keys
+        k, v = k.index_select(0, batch.key_index), v.index_select(0, batch.key_index)
     D = q.shape[-1]
     if q.is_cuda and D % _HEAD_DIM_ALIGN:
         # Zero columns change no dot product; the padded output columns are cut off again. With this the

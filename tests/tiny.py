@@ -576,3 +576,54 @@ def build_tiny_inference_free_splade(directory: Path, *, seed: int = 0):
     encoder = SparseEncoder(modules=[router], device="cpu")
     encoder.save(str(directory))
     return encoder
+
+
+# -- PyLate, in its own virtual environment (tests/references/pylate.txt) ----------------------------------------
+
+REFERENCES = Path(__file__).resolve().parent / "references"
+
+
+def pylate_python() -> Path:
+    """PyLate's venv's interpreter (the README's test command builds it at .venv/pylate). Missing, the ColBERT
+    references skip, unless EMBEDSERVE_REQUIRE_REFERENCES is set (CI sets it: there they must run)."""
+    import pytest
+
+    python = Path(os.environ.get("EMBEDSERVE_PYLATE_PYTHON", REFERENCES.parents[1] / ".venv" / "pylate" / "bin"
+                                 / "python"))
+    if not python.is_file():
+        message = (f"PyLate's reference venv is missing ({python}); build it as the README's test command does: "
+                   "python3 -m venv .venv/pylate && .venv/pylate/bin/pip install --no-deps -r "
+                   "tests/references/pylate.txt")
+        if os.environ.get("EMBEDSERVE_REQUIRE_REFERENCES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def build_tiny_colbert(directory: Path, kind: str = "bert", *, queries: list[str], documents: list[str],
+                       rerank: list[tuple[str, list[str]]] = (), seed: int = 0, **colbert):
+    """A tiny random encoder (:func:`build_tiny_encoder`, no sentence-transformers modules) made a ColBERT model and
+    saved by PyLate (``pylate.models.ColBERT(..., **colbert).save``) in ``directory``, in PyLate's own venv. Returns
+    PyLate's answers: (each query's vectors from ``encode(is_query=True)``, each document's from
+    ``encode(is_query=False)``, and per rerank set ``rank.rerank``'s [(index, score)] best first)."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    python = pylate_python()
+    base = directory.parent / f"{directory.name}-base"
+    build_tiny_encoder(base, kind, seed=seed)
+    shutil.rmtree(base / "1_Pooling")
+    (base / "modules.json").unlink()
+    job = directory.parent / f"{directory.name}-job.json"
+    job.write_text(json.dumps({"base": str(base), "out": str(directory), "seed": seed, "colbert": colbert,
+                               "queries": queries, "documents": documents, "rerank": list(rerank)}))
+    run = subprocess.run([str(python), str(REFERENCES / "pylate_reference.py"), str(job)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM":
+                                                      "false"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = load_file(str(job.with_suffix(".safetensors")))
+    q = [found[f"query.{i}"] for i in range(len(queries))]
+    d = [found[f"document.{i}"] for i in range(len(documents))]
+    ranked = [[(int(i), s) for i, s in one] for one in json.loads(job.with_suffix(".rerank.json").read_text())]
+    return q, d, ranked

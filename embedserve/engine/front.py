@@ -24,7 +24,7 @@ from embedserve.engine import late
 from embedserve.engine.calibration import OutputCalibration, OutputRanges
 from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
 from embedserve.engine.loading import load
-from embedserve.engine.prepare import Preparer
+from embedserve.engine.prepare import ColbertInputs, Preparer
 from embedserve.engine.tokenizer import run_abandonable
 from embedserve.engine.turns import DeviceTurns
 from embedserve.engine.warmup import warm_up
@@ -33,6 +33,7 @@ from embedserve.errors import InvalidRequest, Overloaded, WrongModelKind
 from embedserve.kernels.pool_encode import ENCODINGS as ENCODING_CODES
 from embedserve.kernels.pool_encode import encode_rows
 from embedserve.models.classifier import apply_activation
+from embedserve.models.multivector import maxsim
 
 log = logging.getLogger(__name__)
 
@@ -234,15 +235,31 @@ class Engine:
         its dense vector, all from one forward pass."""
         self._check_sparse(options, long_input, ("encoding_format", options.encodings),
                            ("dimensions", options.dimensions and not options.include_dense))
+        if self.kind == "multi_vector":
+            return await self._embed_colbert(inputs, options, truncate)
         sparse = options.sparse or options.include_sparse
         multi = options.multi_vector or options.include_multi_vector
         args = (inputs, truncate, self.prompt(options.prompt_name), options.truncate_start)
-        result = await self._submit(self._prep.texts, args, dims, normalize, sparse=sparse, multi=multi)
+        result = await self._submit(self._prep.texts, args, dims, normalize, sparse=sparse, multi=int(multi))
         if sparse:
             result = _top_k(result, options.top_k)
         if not options.include_dense:
             result = dataclasses.replace(result, vectors=result.vectors[:, :0])
         return result
+
+    async def _embed_colbert(self, inputs, options: EmbedOptions, truncate: bool) -> EmbedResult:
+        """A PyLate ColBERT model's per-token vectors: queries (``options.query``) or documents."""
+        if options.include_dense:
+            raise InvalidRequest("include_dense does not apply to a ColBERT model: it has no dense vector",
+                                 param="include_dense")
+        if options.truncate_start:
+            raise InvalidRequest("a ColBERT model's texts lose their end when cut (truncate END)", param="truncate")
+        return await self._colbert(inputs, truncate, self.prompt(options.prompt_name), options.query)
+
+    async def _colbert(self, texts, truncate: bool, prompt: str, query: bool) -> EmbedResult:
+        """Queries' vectors (each token's, expansion included) or documents' (but the skiplist's)."""
+        return await self._submit(self._prep.colbert, (texts, truncate, prompt, query), self.dimensions, False,
+                                  multi=1 if query else 2)
 
     @staticmethod
     def _check_sparse(options: EmbedOptions, long_input: str, *fields: tuple[str, object]) -> None:
@@ -294,25 +311,51 @@ class Engine:
         """Score (query, document) pairs with a cross-encoder or classifier (single texts: None as the second
         element). ``vectors`` holds the raw logits ``[n, labels]``; :func:`apply_activation` gives the scores.
         ``max_doc_tokens``: each document cut to that many tokens first."""
-        if self.model.head is None:
+        if self.model.head is None and not (self.kind == "multi_vector" and route == "rerank"):
             raise WrongModelKind(route, self.kind, "rerank")
         if not pairs:
             raise InvalidRequest("there is nothing to score", param="documents")
         truncate = self.config.truncate if truncate is None else truncate
+        if self.kind == "multi_vector":
+            return await self._maxsim(pairs, truncate, max_doc_tokens)
         return await self._submit(self._prep.pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False)
 
+    async def _maxsim(self, pairs: Sequence[tuple[str, str | None]], truncate: bool, max_doc_tokens: int | None
+                      ) -> EmbedResult:
+        """A ColBERT model's scores: each query's vectors and each document's, then MaxSim (PyLate's
+        ``rank.rerank``). Each distinct query is embedded once; ``vectors`` holds ``[n, 1]`` scores."""
+        if any(d is None for _, d in pairs):
+            raise InvalidRequest("a ColBERT model scores (query, document) pairs, not single texts", param="inputs")
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        docs = [d for _, d in pairs]
+        if max_doc_tokens is not None:
+            docs = await self._on_pool(_size(docs), self.tokenizer.cut, docs, max_doc_tokens)
+        prompt = self.prompt(None)
+        asked = await asyncio.gather(self._colbert(queries, truncate, prompt, True),
+                                     self._colbert(docs, truncate, prompt, False))
+        q_result, d_result = asked
+        which = {q: i for i, q in enumerate(queries)}
+        scores = torch.empty(len(pairs), 1)
+        for q, rows in _by_query(pairs, which).items():
+            scores[rows, 0] = maxsim(q_result.multi[q], [d_result.multi[i] for i in rows])
+        t_q, t_d = q_result.timings, d_result.timings
+        timings = Timings(max(t_q.tokenize_s, t_d.tokenize_s), max(t_q.queue_s, t_d.queue_s),
+                          max(t_q.inference_s, t_d.inference_s))
+        return EmbedResult(scores, [sum(q_result.token_counts) + sum(d_result.token_counts)], timings=timings)
+
     def scores(self, logits: torch.Tensor, *, raw: bool = False, activation: str | None = None) -> torch.Tensor:
-        """:meth:`score`'s logits as scores: the model's declared activation, the one named, or raw."""
-        if raw:
+        """:meth:`score`'s logits as scores: the model's declared activation, the one named, or raw (a ColBERT
+        model's MaxSim scores are always raw)."""
+        if raw or self.model.classifier is None:
             return logits
         return apply_activation(logits, activation or self.model.classifier.activation)
 
     async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, encoding: int = 0,
                       ranges: torch.Tensor | None = None, *, limited: bool = True, sparse: bool = False,
-                      multi: bool = False) -> EmbedResult:
+                      multi: int = 0) -> EmbedResult:
         """Tokenize on the pool (``prepare(*args)`` -> ids, or (ids, type starts)), queue every input, and
         wait for the engine thread to finish them all. ``limited``: held to --max-tokens-per-request; ``sparse``:
-        bge-m3's lexical weights too; ``multi``: its per-token vectors too."""
+        bge-m3's lexical weights too; ``multi``: per-token vectors too (:meth:`Worker.submit`)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -320,8 +363,10 @@ class Engine:
         except asyncio.CancelledError:
             log.info("request cancelled while tokenizing %d inputs: nothing was queued", len(args[0]))
             raise
-        spans = chunk_tokens = None
-        if isinstance(prepared, late.Plan):
+        spans = chunk_tokens = tails = None
+        if isinstance(prepared, ColbertInputs):
+            ids, type_starts, tails = prepared.ids, None, prepared.tails
+        elif isinstance(prepared, late.Plan):
             ids, type_starts, spans, chunk_tokens = prepared.inputs, None, prepared.spans, prepared.chunk_tokens
         else:
             ids, type_starts = prepared if isinstance(prepared, tuple) else (prepared, None)
@@ -336,7 +381,8 @@ class Engine:
             )
         rid, fut = self.worker.submit(loop, ids, type_starts, dims=dims, normalize=normalize, encoding=encoding,
                                       ranges=ranges, tokenize_s=tokenized - started, queued_at=tokenized,
-                                      spans=spans, chunk_tokens=chunk_tokens, sparse=sparse, multi=multi)
+                                      spans=spans, chunk_tokens=chunk_tokens, sparse=sparse, multi=multi,
+                                      tails=tails)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -373,6 +419,14 @@ class Engine:
     def prompt(self, name: str | None) -> str:
         """The text of one of the model's prompts (None: its default prompt, if any); unknown is a 400."""
         return self._prep.prompt(name)
+
+
+def _by_query(pairs: Sequence[tuple[str, str | None]], which: dict[str, int]) -> dict[int, list[int]]:
+    """Pair indices grouped by their query's index."""
+    rows: dict[int, list[int]] = {}
+    for i, (q, _) in enumerate(pairs):
+        rows.setdefault(which[q], []).append(i)
+    return rows
 
 
 def _top_k(result: EmbedResult, k: int | None) -> EmbedResult:

@@ -77,6 +77,13 @@ class Loaded:
     info: EngineInfo
 
 
+def _pooling_name(model) -> str:
+    """How the model's output is made, as /info names it: a pooling mode, splade, or colbert (none: per token)."""
+    if model.sparse is not None:
+        return "splade"
+    return "colbert" if model.kind == "multi_vector" else model.spec.pooling
+
+
 def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) -> Loaded:
     """Load ``config``'s model as ``name``. ``pipeline_depth``: steps in flight at once; default 2 on CUDA (the
     next step is staged while one runs), 1 on the CPU."""
@@ -153,7 +160,7 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
     info = EngineInfo(
         name=name, kind=model.kind, dimensions=model.dimensions, max_input_length=max_length,
         max_batch_tokens=budgets.max_batch_tokens, max_batch_requests=sc.max_batch_requests, max_queue=sc.max_queue,
-        id_limit=id_limit, pooling=("splade" if model.sparse else model.spec.pooling) if classifier is None else None,
+        id_limit=id_limit, pooling=_pooling_name(model) if classifier is None else None,
         labels=tuple(classifier.labels) if classifier is not None else None,
         dtype=str(dtype).removeprefix("torch."), quantize=config.model.quantize, device=str(device),
         commit=source.commit, tokenizer_workers=config.tokenizer_workers,

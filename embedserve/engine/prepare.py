@@ -8,6 +8,7 @@ text first (``--token-ids cl100k``). A late-chunked request's texts become one d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from embedserve.engine import late
@@ -18,6 +19,15 @@ from embedserve.models.classifier import ChatTemplate
 
 # A late-chunked document is read whole: at most this many times the characters of one input's window.
 LATE_DOCUMENT_WINDOWS = 64
+
+
+@dataclass(frozen=True)
+class ColbertInputs:
+    """A PyLate model's inputs: their ids and, per input, its hidden tail (query expansion tokens that no token
+    attends to; 0 for none)."""
+
+    ids: list[list[int]]
+    tails: list[int]
 
 
 class Preparer:
@@ -159,6 +169,31 @@ class Preparer:
         return late.plan(self.tokenizer.plain(list(inputs)), prompt=self.tokenizer.plain([prompt])[0] if prompt
                          else [], start=start, end=end, max_length=self.max_length, overlap=overlap,
                          windows=not self.model.encoder.causal)
+
+    def colbert(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str, query: bool
+                ) -> ColbertInputs:
+        """A PyLate model's queries or documents, as ``ColBERT.tokenize`` makes them: each text (after ``prompt``,
+        stripped) cut to the side's length less one, its prefix token inserted after the first token; queries
+        always cut, and with query expansion padded with [MASK] to the query length."""
+        texts = self._read(inputs)
+        if texts is None:
+            raise InvalidRequest("a ColBERT model inserts its query or document token into each text: send text, "
+                                 "not the model's token ids", param="input")
+        vectors = self.model.colbert
+        spec, tokens = vectors.pylate, vectors.tokens
+        prefix = tokens.query_prefix if query else tokens.document_prefix
+        room = (spec.query_length if query else spec.document_length) - (prefix is not None)
+        ids = self.tokenizer.encode([(prompt + t).strip() for t in texts], truncate=truncate, limit=room)
+        tails = [0] * len(ids)
+        if query and spec.do_query_expansion:
+            pads = [room - len(x) for x in ids]
+            ids = [x + [tokens.expansion] * n for x, n in zip(ids, pads)]
+            if spec.hidden_expansion:
+                tails = pads
+        if prefix is not None:
+            ids = [x[:1] + [prefix] + x[1:] for x in ids]
+        self._check_rows(ids)
+        return ColbertInputs(ids, tails)
 
     def bare(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str) -> list[list[int]]:
         """Texts (each after ``prompt``) as token ids without special tokens: an inference-free SPLADE model's

@@ -265,8 +265,9 @@ class Runner:
         type_starts: Sequence[int] | None = None,
         ranges: Sequence[torch.Tensor | None] | None = None,
         spans: Sequence[Sequence[tuple[int, int, int]] | None] | None = None,
-        multi: Sequence[bool] | None = None,
+        multi: Sequence[int] | None = None,
         weigh: bool = False,
+        tails: Sequence[int] | None = None,
     ) -> StepHandle:
         """Stage one packed step and queue its work on the device. ``encodings``: each row's wire encoding
         (:data:`~embedserve.kernels.pool_encode.ENCODINGS` codes, 0 for none), with ``ranges``: the ``[2, dims]``
@@ -275,8 +276,10 @@ class Runner:
         where each input's second text begins (token type 1 from there). ``spans``: for a late-chunked
         document's inputs, token ranges ``(lo, hi, _)`` in the input's own positions whose final hidden states are
         summed (fp32, before any Dense layer), each over the part of it this step runs. ``multi``: which inputs
-        also want their per-token vectors (bge-m3's colbert vectors); ``weigh``: some input wants its lexical
-        weights (bge-m3's)."""
+        also want their per-token vectors (0: none; 1: every token's that the model gives one; 2: the same but
+        those of a PyLate model's skiplist); ``weigh``: some input wants its lexical weights (bge-m3's).
+        ``tails``: per input, how many of its last tokens no token attends to (a ColBERT query's hidden
+        expansion)."""
         m = self.model
         dev = self.device
         B = len(inputs)
@@ -302,11 +305,13 @@ class Runner:
                                    cu_seqlens_k=st.cu_k)  # [T, H]
             else:
                 extra = {} if st.token_types is None else {"token_types": st.token_types}
+                if tails is not None and any(tails):
+                    extra["tails"] = list(tails)
                 hidden = m.encoder(st.ids, st.positions, st.cu, st.max_seqlen, lengths=st.lengths, **extra)  # [T, H]
             pieces, piece_offsets = self._span_sums(hidden, st.lengths, chunks, spans)
             # bge-m3: every token's lexical weight (a dot product per token), beside the dense rows
             weights = m.lexical(hidden, st.ids) if m.lexical is not None and weigh else None
-            token_vectors, vector_offsets = self._token_vectors(hidden, st.lengths, multi)
+            token_vectors, vector_offsets = self._token_vectors(hidden, inputs, multi)
             if m.head is not None:
                 # A cross-encoder, classifier or causal-LM reranker: [B, labels] float32 logits, no bytes. The
                 # head reads each sequence's first or last token; a long input's row counts on its final chunk.
@@ -314,6 +319,10 @@ class Runner:
                 for c in chunks or ():
                     if c is not None and c.final:
                         del self._long[c.key]
+            elif m.colbert is not None and m.colbert.pylate is not None:
+                # A ColBERT model: its per-token vectors are its only output.
+                vectors = torch.empty(B, 0, device=dev)
+                encoded = torch.empty(0, dtype=torch.uint8, device=dev)
             elif m.sparse is not None:
                 # SPLADE: [B, V] weights, the masked-LM logits made and pooled a block of tokens at a time.
                 vectors = splade_pool(hidden, m.sparse.head, st.cu, m.dimensions, m.sparse.spec.mode,
@@ -366,20 +375,24 @@ class Runner:
         vectors, encoded, _ = self._pool_encode(x, ones, "cls", st.dims, st.normalize, st.encodings, **enc)
         return vectors, encoded
 
-    def _token_vectors(self, hidden: torch.Tensor, lengths: list[int], multi: Sequence[bool] | None
+    def _token_vectors(self, hidden: torch.Tensor, inputs: Sequence[Sequence[int]], multi: Sequence[int] | None
                        ) -> tuple[torch.Tensor | None, list[int] | None]:
         """The per-token vectors of the inputs that asked (``[N, C]`` float32, each normalised by the pool+encode
         kernel as one-token segments), and each input's first row."""
         head = self.model.colbert
         if head is None or not multi or not any(multi):
             return None, None
+        skip = np.fromiter(head.tokens.skiplist, dtype=np.int64) if head.tokens is not None else None
         tokens, offsets, at = [], [0], 0
-        for n, wanted in zip(lengths, multi):
-            if wanted and n > head.skip_first:
-                tokens.append(np.arange(at + head.skip_first, at + n))
-            offsets.append(offsets[-1] + (max(n - head.skip_first, 0) if wanted else 0))
+        for x, mode in zip(inputs, multi):
+            n = len(x)
+            kept = np.arange(at + head.skip_first, at + n) if mode and n > head.skip_first else np.empty(0, np.int64)
+            if mode == 2 and skip is not None and len(skip):
+                kept = kept[~np.isin(np.asarray(x[head.skip_first:]), skip)]
+            tokens.append(kept)
+            offsets.append(offsets[-1] + len(kept))
             at += n
-        if not tokens:
+        if not offsets[-1]:
             return None, None
         x = head(hidden.index_select(0, torch.from_numpy(np.concatenate(tokens)).to(hidden.device)))
         n, dev = x.shape[0], hidden.device

@@ -103,6 +103,7 @@ class Tokenizer:
         self._cut_start = RustTokenizer.from_str(serialized)  # keeps the end (Cohere's truncate: START)
         self._cut_start.no_padding()
         self._cut_start.enable_truncation(max_length=max_length, strategy="longest_first", direction="left")
+        self._cuts: dict[int, RustTokenizer] = {}  # truncating copies for lower limits (_cut_to)
         self.num_special = len(self._full.encode("", add_special_tokens=True).ids)
         pre = self._full.pre_tokenizer
         self._pieces = pre.pre_tokenize_str if pre is not None else (lambda text: [(text, (0, len(text)))])
@@ -354,12 +355,33 @@ class Tokenizer:
             out.append(e)
         return out[0], out[1]
 
+    def _cut_to(self, limit: int) -> RustTokenizer:
+        """A copy that truncates to ``limit`` tokens (a ColBERT model's query and document lengths)."""
+        if limit not in self._cuts:
+            cut = RustTokenizer.from_str(self._hf.backend_tokenizer.to_str())
+            cut.no_padding()
+            cut.enable_truncation(max_length=limit, strategy="longest_first", direction="right")
+            self._cuts[limit] = cut
+        return self._cuts[limit]
+
     def encode(self, texts: Sequence[str], *, truncate: bool, from_start: bool = False, long_ok: bool = False,
-               special: bool = True) -> list[list[int] | None]:
+               special: bool = True, limit: int | None = None) -> list[list[int] | None]:
         """Token ids with special tokens for each text; over-long ones truncated, refused, or (``long_ok``) None.
         ``from_start``: an over-long text loses its start instead of its end (transformers'
         ``truncation_side="left"``): the special tokens, then its last tokens. ``special=False``: without special
-        tokens (what a static query encoder reads)."""
+        tokens (what a static query encoder reads). ``limit``: fewer tokens than the model's maximum."""
+        if limit is not None and limit < self.max_length:
+            if from_start:
+                raise ValueError("this is a bug: a limit below the maximum keeps the start of a text")
+            cut = [self.bounded(t, limit) for t in texts]
+            texts = [t.lower() if self.do_lower_case else t for t, _ in cut]
+            if truncate:
+                return [e.ids for e in self._cut_to(limit).encode_batch(texts, add_special_tokens=special)]
+            ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=special)]
+            for i, x in enumerate(ids):
+                if len(x) > limit:
+                    raise ContextLengthExceeded(limit, len(x), index=i, at_least=cut[i][1])
+            return ids
         if truncate and from_start:
             tails = [self.bounded_tail(t) for t in texts]
             if self.do_lower_case:

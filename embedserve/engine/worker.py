@@ -63,7 +63,9 @@ class _Pending:
     spans: list[list[tuple[int, int, int]]] | None = None  # late chunking: per input run, (lo, hi, chunk)
     sparse: list | None = None  # SPLADE, or bge-m3 asked for them: per input, (ids, weights) of its nonzero weights
     sums: torch.Tensor | None = None  # late chunking: [chunks, H] fp32, each chunk's sum of states so far
-    multi: list | None = None  # bge-m3 asked for them: per input, its [tokens - 1, C] colbert vectors
+    multi: list | None = None  # per-token vectors asked for: per input, its [n, C] vectors
+    multi_mode: int = 0  # the runner's per-token vector modes (1: every token's, 2: but the skiplist's)
+    tails: list[int] | None = None  # a ColBERT model's queries: per input, its hidden tail
 
 
 @dataclass
@@ -116,7 +118,9 @@ class Worker:
         self.token_types = loaded.token_types  # pairs carry token types into the step
         self.sparse = loaded.model.sparse is not None  # SPLADE: the rows are sparse only
         self.lexical = loaded.model.lexical is not None  # bge-m3: each step also weighs its tokens
-        self.colbert = loaded.model.colbert is not None  # bge-m3: per-token vectors for the inputs that ask
+        self.colbert = loaded.model.colbert is not None  # per-token vectors for the inputs that ask
+        colbert = loaded.model.colbert
+        self.pylate = colbert is not None and colbert.pylate is not None  # a ColBERT model: no pooled rows
         self.name = name
         self.observer = observer
         self._on_fatal = on_fatal
@@ -155,14 +159,15 @@ class Worker:
     def submit(self, loop: asyncio.AbstractEventLoop, ids: list[list[int]], type_starts: list[int] | None, *,
                dims: int, normalize: bool, encoding: int = 0, ranges: torch.Tensor | None = None,
                tokenize_s: float, queued_at: float, spans: list[list[tuple[int, int, int]]] | None = None,
-               chunk_tokens: list[int] | None = None, sparse: bool = False, multi: bool = False
-               ) -> tuple[int, asyncio.Future]:
+               chunk_tokens: list[int] | None = None, sparse: bool = False, multi: int = 0,
+               tails: list[int] | None = None) -> tuple[int, asyncio.Future]:
         """Queue every input of a request: (its id, the future its :class:`EmbedResult` resolves on ``loop``).
         ``encoding``: the bytes each row also comes with (an ENCODINGS code; 0 none), ``ranges`` for int8 / uint8.
         ``spans`` (late chunking): the inputs are one document's runs; the answer has a row per chunk, the mean
         of the states over its spans, and ``chunk_tokens`` as its token counts. ``sparse``: a bge-m3 request's
         inputs also get their lexical weights (a SPLADE model's always do, and only them); ``multi``: their
-        per-token vectors."""
+        per-token vectors (1: every token's; 2: but those of the model's skiplist); ``tails``: per input, its
+        hidden tail (tokens no token attends to)."""
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -173,14 +178,15 @@ class Worker:
                 raise EngineFailed("The inference engine stopped after a device error; retry on another replica.")
             self.scheduler.add(rid, entries)  # may raise Overloaded
             rows = len(chunk_tokens) if spans is not None else len(ids)
-            width = 0 if self.sparse else self.dimensions  # SPLADE rows are kept as their nonzeros only
+            width = 0 if self.sparse or self.pylate else self.dimensions  # SPLADE: kept as nonzeros only
             self._pending[rid] = _Pending(
                 loop, fut, torch.empty(rows, width), dims, normalize,
                 list(chunk_tokens) if spans is not None else [len(x) for x in ids],
                 [b""] * rows if encoding else None, encoding, ranges, tokenize_s, queued_at,
                 type_starts=type_starts if self.token_types else None, spans=spans,
                 sparse=[None] * rows if self.sparse or (sparse and self.lexical) else None,
-                multi=[None] * rows if multi and self.colbert else None,
+                multi=[None] * rows if multi and self.colbert else None, multi_mode=multi,
+                tails=tails if tails and any(tails) else None,
             )
             self._cond.notify()
         return rid, fut
@@ -256,18 +262,20 @@ class Worker:
             type_starts,
             [p.ranges if p else None for p in plan],
             [p.spans[w.entry.index] if p and p.spans else None for w, p in zip(items, plan)],
-            [p is not None and p.multi is not None for p in plan] if self.colbert else None,
+            [p.multi_mode if p is not None and p.multi is not None else 0 for p in plan] if self.colbert else None,
             self.lexical and any(p is not None and p.sparse is not None for p in plan),
+            [p.tails[w.entry.index] if p is not None and p.tails else 0 for w, p in zip(items, plan)]
+            if any(p is not None and p.tails for p in plan) else None,
         )
 
     def _forward(self, inputs, dims, normalize, encodings, chunks, type_starts=None, ranges=None,
-                 spans=None, multi=None, weigh=False) -> StepHandle:
+                 spans=None, multi=None, weigh=False, tails=None) -> StepHandle:
         if self._fault_ids is not None and self._fault_ids in inputs:
             raise injected(self._fault_kind)
         # With several models on the device, the others' steps wait for this one, in turn.
         with self._turns.turn(self.name) if self._turns is not None else contextlib.nullcontext():
             return self.runner.launch(inputs, dims, normalize, encodings, chunks, type_starts, ranges, spans, multi,
-                                      weigh)
+                                      weigh, tails)
 
     def _raise_if_fatal(self, exc: BaseException, step: Step) -> str:
         """The fault's kind; a fatal one ends the engine thread, taking ``step`` and every step in flight."""

@@ -97,11 +97,11 @@ _RANKED = (RerankResponse, list[TeiRank])
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("/v1/embeddings", "POST", routes.embeddings, "Create embeddings (OpenAI)", "embeddings",
-              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding", "sparse"),
+              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding", "sparse", "multi_vector"),
               example=_EMBED_EXAMPLE,
               description="OpenAI's embeddings API: the same vectors sentence-transformers gives for the model."),
     Operation("/embeddings", "POST", routes.embeddings, "Create embeddings (OpenAI, without /v1)", "embeddings",
-              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding", "sparse"),
+              EmbeddingRequest, EmbeddingResponse, errors=_ENGINE, routed=True, kinds=("embedding", "sparse", "multi_vector"),
               example=_EMBED_EXAMPLE),
     Operation("/v2/embed", "POST", cohere.embed, "Embed (Cohere v2)", "embeddings", CohereEmbedRequest,
               CohereEmbedByType, errors=_ENGINE, routed=True, kinds=("embedding",), example=_COHERE_EXAMPLE,
@@ -112,12 +112,15 @@ OPERATIONS: tuple[Operation, ...] = (
               example=_COHERE_EXAMPLE, description="As /v2/embed; without embedding_types the answer is v1's "
                                                    "embeddings_floats."),
     Operation("/v1/rerank", "POST", routes.rerank, "Rerank documents (Cohere / Jina)", "rerank",
-              RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank",), example=_RERANK_EXAMPLE,
-              description="Scores each document against the query with a cross-encoder; results best first."),
+              RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank", "colbert"),
+              example=_RERANK_EXAMPLE,
+              description="Scores each document against the query with a cross-encoder, or by MaxSim with a "
+                          "ColBERT model; results best first."),
     Operation("/v2/rerank", "POST", routes.rerank, "Rerank documents (Cohere v2)", "rerank",
-              RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank",), example=_RERANK_EXAMPLE),
+              RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank", "colbert"),
+              example=_RERANK_EXAMPLE),
     Operation("/rerank", "POST", routes.rerank, "Rerank documents (Cohere / Jina, or TEI with texts)", "rerank",
-              RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank",),
+              RerankRequest, _RANKED, errors=_ENGINE, routed=True, kinds=("rerank", "colbert"),
               example=_TEI_RERANK_EXAMPLE,
               description="A body with documents is answered in Cohere's shape; one with texts in TEI's list."),
     Operation("/embed", "POST", tei.embed, "Embed (TEI)", "tei", TeiEmbedRequest, list[list[float]],
@@ -129,7 +132,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("/embed_all", "POST", tei.embed_all, "Token vectors (TEI)", "tei", TeiEmbedAllRequest,
               list[list[list[float]]], errors=_TEI, kinds=("multi_vector",),
               example={"inputs": ["The food was good."]},
-              description="A multi-vector model's per-token vectors (bge-m3's colbert vectors), in TEI's shape: per "
+              description="A multi-vector model's per-token vectors (a ColBERT model's documents, bge-m3's colbert "
+                          "vectors), in TEI's shape: per "
                           "input, a list of vectors."),
     Operation("/predict", "POST", tei.predict, "Classify or score pairs (TEI)", "tei", TeiPredictRequest,
               _PREDICTIONS, errors=_TEI, kinds=("rerank", "classify"),
@@ -201,6 +205,8 @@ def _served_kinds(svc, routed: bool) -> set[str] | None:
             kinds.add("sparse")
         if e.info.multi_vector:
             kinds.add("multi_vector")
+        if e.info.kind == "multi_vector":  # a ColBERT model: the rerank routes score by MaxSim
+            kinds.add("colbert")
     return kinds
 
 

@@ -223,7 +223,7 @@ async def rerank(request: Request) -> Response:
     req, shape, docs = decode_rerank(await read_body(request, svc.config.max_body_bytes),
                                      max_items=svc.config.max_inputs_per_request)
     name, engine = svc.pick(req.model)
-    if engine.info.kind != "rerank":
+    if engine.info.kind not in ("rerank", "multi_vector"):  # a ColBERT model scores by MaxSim
         raise WrongModelKind("rerank", engine.info.kind, "rerank")
     work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc)
     result = await until_disconnect(request, work)

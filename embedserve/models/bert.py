@@ -92,6 +92,7 @@ class BertLayer(nn.Module):
 
 
 class BertModel(EncoderBase):
+    hidden_tails = True
     # Checkpoints saved from *ForMaskedLM etc. nest the encoder under a prefix.
     weight_prefixes = ("", "bert.", "roberta.", "model.")
     # Tensors a checkpoint may carry that an embedding forward does not use.
@@ -159,12 +160,16 @@ class BertModel(EncoderBase):
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
-        lengths: list[int] | None = None, token_types: torch.Tensor | None = None,
+        lengths: list[int] | None = None, token_types: torch.Tensor | None = None, tails: list[int] | None = None,
     ) -> torch.Tensor:
         """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``.
         ``lengths``: the sequences' lengths on the host (what ``cu_seqlens`` encodes), so that nothing waits on
-        the device. ``token_types [T]``: for pairs (a cross-encoder's query and document)."""
-        attn = self.attention_batch(cu_seqlens, max_seqlen, lengths)
+        the device. ``token_types [T]``: for pairs (a cross-encoder's query and document). ``tails``: hidden
+        tails (:func:`~embedserve.kernels.attention.prepare`)."""
+        if tails is None:
+            attn = self.attention_batch(cu_seqlens, max_seqlen, lengths)
+        else:
+            attn = self.kernels.attention_batch(cu_seqlens, max_seqlen, lengths=lengths, tails=tails)
         if token_types is None:
             h = self.embed_norm(self.embed(input_ids, positions))  # [T, H]
         else:

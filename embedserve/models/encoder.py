@@ -42,6 +42,7 @@ class Encoder(Protocol):
 
     causal: bool  # a decoder: each token sees only those before it (last-token pooling, LM heads)
     supports_chunking: ClassVar[bool]  # long inputs may run in chunks over a key cache
+    hidden_tails: ClassVar[bool]  # forward takes tails=: per input, its last tokens that are never keys
     weight_prefixes: ClassVar[tuple[str, ...]]  # where checkpoints nest the encoder's tensors
     ignored_weights: ClassVar[tuple[str, ...]]  # checkpoint tensors an embedding forward never reads
     float16: ClassVar[bool]  # safe to run in float16 (Gemma 3's activations overflow it)
@@ -78,6 +79,7 @@ class EncoderBase(nn.Module):
 
     causal = False
     supports_chunking = False
+    hidden_tails = False  # forward takes tails= (a ColBERT query's expansion tokens that no token attends to)
     float16 = True  # its activations stay within float16's range
 
     def __init__(self, args: Any, kernels: Kernels) -> None:

@@ -105,6 +105,9 @@ def _read_header(path: Path) -> dict[str, _Entry]:
     return entries
 
 
+_LEGACY_NORM = ("LayerNorm.gamma", "LayerNorm.beta")
+
+
 class SafetensorsCheckpoint:
     """A single ``model.safetensors`` or a sharded set with its index.
 
@@ -141,6 +144,12 @@ class SafetensorsCheckpoint:
                 else ""
             )
             raise ModelLoadError(f"no {file} or {index} in {directory}{hint}")
+        # TensorFlow-era BERT spellings, which transformers still writes for BERT (5.x) and reads back as weight /
+        # bias: a LayerNorm's gamma and beta.
+        for name in [n for n in self._entries if n.endswith(_LEGACY_NORM)]:
+            new = name[: -len(".gamma")] + ".weight" if name.endswith(".gamma") else name[: -len(".beta")] + ".bias"
+            if new not in self._entries:
+                self._entries[new] = self._entries.pop(name)
 
     def names(self) -> set[str]:
         return set(self._entries)

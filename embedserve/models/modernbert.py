@@ -129,6 +129,7 @@ class ModernBertLayer(nn.Module):
 
 
 class ModernBertModel(EncoderBase):
+    hidden_tails = True
     weight_prefixes = ("", "model.")
     ignored_weights = (r"head\..*", r"decoder\..*", r"classifier\..*", r"drop\..*")
 
@@ -179,15 +180,16 @@ class ModernBertModel(EncoderBase):
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
-        lengths: list[int] | None = None,
+        lengths: list[int] | None = None, tails: list[int] | None = None,
     ) -> torch.Tensor:
-        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``."""
+        """``input_ids [T]``, ``positions [T]`` (0-based within each sequence) -> hidden ``[T, H]``. ``tails``:
+        hidden tails (:func:`~embedserve.kernels.attention.prepare`)."""
         a = self.args
         dtype = self.embed.weight.dtype
         batches, rope = {}, {}
         for t in set(a.layer_types):
             batches[t] = self.kernels.attention_batch(cu_seqlens, max_seqlen, window=a.window if t == SLIDING else None,
-                                                      lengths=lengths)
+                                                      lengths=lengths, tails=tails)
             rope[t] = cos_sin(positions, a.rope[t].inv_freq_on(a.head_dim, input_ids.device), dtype)
         h = self.embed_norm(self.embed(input_ids))  # [T, H]
         for layer, t in zip(self.layers, a.layer_types):

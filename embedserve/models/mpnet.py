@@ -69,6 +69,7 @@ class MPNetArgs:
 
 
 class MPNetModel(BertModel):
+    hidden_tails = False  # its relative bias would need the hidden tails' positions
     weight_prefixes = ("", "mpnet.")
     ignored_weights = (
         r"pooler\..*",

@@ -33,7 +33,7 @@ from embedserve.models.classifier import (
 )
 from embedserve.models.encoder import Kernels
 from embedserve.models.lexical import LexicalHead, load_lexical
-from embedserve.models.multivector import TokenVectors, load_colbert
+from embedserve.models.multivector import PylateSpec, TokenVectors, load_colbert, pylate_tokens, read_pylate
 from embedserve.models.loader import SafetensorsCheckpoint, inside, load_weights, read_json
 from embedserve.models.splade import (
     MlmHead,
@@ -80,6 +80,7 @@ class SentenceSpec:
     splade: SpladeSpec | None = None  # a SparseEncoder folder: SPLADE pooling over the masked-LM logits
     transformer: Path | None = None  # a Router folder: where its document side's Transformer is
     static_query: Path | None = None  # a Router folder: its query side's SparseStaticEmbedding
+    pylate: PylateSpec | None = None  # a PyLate ColBERT folder: its Dense layers (``dense``) run on every token
 
 
 def _pooling_mode(cfg: dict, path: Path) -> str:
@@ -135,7 +136,7 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
             sub = inside(directory, module.get("path", ""), modules_path.name)
             pooling = _pooling_mode(read_json(sub / "config.json"), sub / "config.json")
         elif kind == "Dense":
-            if pooling is None:
+            if pooling is None and not _is_pylate(st_cfg):
                 raise ModelLoadError(f"{modules_path}: a Dense module before Pooling is not supported")
             dense.append(inside(directory, module.get("path", ""), modules_path.name))
         elif kind == "Normalize":
@@ -149,9 +150,19 @@ def read_sentence_spec(directory: Path) -> SentenceSpec:
         if pooling is not None or dense or normalize:
             raise ModelLoadError(f"{modules_path}: SpladePooling beside Pooling, Dense or Normalize is not supported")
         return SentenceSpec(pooling="cls", splade=splade, **common)
+    if pooling is None and dense and _is_pylate(st_cfg):
+        # A PyLate ColBERT folder: Transformer then Dense layers over every token, no pooling.
+        if normalize:
+            raise ModelLoadError(f"{modules_path}: a Normalize module in a PyLate folder is not supported")
+        return SentenceSpec(pooling="cls", dense=tuple(dense), pylate=read_pylate(st_cfg, st_cfg_path), **common)
     if pooling is None:
         raise ModelLoadError(f"{modules_path} has no Pooling module")
     return SentenceSpec(pooling=pooling, normalize=normalize, dense=tuple(dense), **common)
+
+
+def _is_pylate(st_cfg: dict) -> bool:
+    """``config_sentence_transformers.json`` of a PyLate ColBERT folder: MaxSim, or PyLate's own settings."""
+    return st_cfg.get("similarity_fn_name") == "MaxSim" or "query_prefix" in st_cfg or "query_length" in st_cfg
 
 
 def _router_sides(directory: Path):
@@ -191,6 +202,8 @@ def _load_dense(folder: Path, dtype: torch.dtype, device: torch.device) -> Dense
             f"{folder}/config.json: activation {act_name!r} is not supported; supported: {', '.join(_ST_ACTIVATIONS)}"
         )
     bias = bool(cfg.get("bias", True))
+    if cfg.get("use_residual"):
+        raise ModelLoadError(f"{folder}/config.json: a Dense layer with use_residual is not supported")
     with torch.device("meta"):
         layer = Dense(cfg["in_features"], cfg["out_features"], bias, _ST_ACTIVATIONS[act_name])
     names = {"linear.weight": ("linear.weight",)}
@@ -198,6 +211,32 @@ def _load_dense(folder: Path, dtype: torch.dtype, device: torch.device) -> Dense
         names["linear.bias"] = ("linear.bias",)
     load_weights(layer, SafetensorsCheckpoint(folder), names, dtype=dtype, device=device)
     return layer
+
+
+def _dense_width(dense: nn.ModuleList, dims: int) -> int:
+    """The width after the Dense layers, each checked to take what the one before gives."""
+    for layer in dense:
+        if layer.linear.in_features != dims:
+            raise ModelLoadError(f"Dense layer expects {layer.linear.in_features} features but receives {dims}")
+        dims = layer.linear.out_features
+    return dims
+
+
+def _check_pylate(recipe: ModelRecipe, encoder: nn.Module) -> None:
+    """What a PyLate folder needs of its encoder: bidirectional attention and, when queries are expanded with
+    [MASK] tokens the text does not attend to, attention that hides them (within every window)."""
+    spec, directory = recipe.spec.pylate, recipe.directory
+    if encoder.causal:
+        raise ModelLoadError(f"{directory}: a PyLate folder on a causal model is not supported (BERT-family and "
+                             "ModernBERT encoders are)")
+    if spec.hidden_expansion:
+        if not encoder.hidden_tails:
+            raise ModelLoadError(f"{directory}: {type(encoder).__name__} cannot hide a query's expansion tokens "
+                                 "(attend_to_expansion_tokens false); BERT-family and ModernBERT encoders can")
+        window = getattr(recipe.args, "window", None)
+        if window is not None and spec.query_length > window:
+            raise ModelLoadError(f"{directory}: query_length {spec.query_length} is longer than the local "
+                                 f"attention's reach ({window} tokens) with hidden expansion tokens")
 
 
 @dataclass
@@ -219,14 +258,16 @@ class LoadedModel:
     classifier: ClassifierSpec | None = None
     sparse: SparseHead | None = None  # a SPLADE model: vocabulary-wide sparse vectors
     lexical: LexicalHead | None = None  # bge-m3's lexical weights, beside its dense vector
-    colbert: TokenVectors | None = None  # bge-m3's colbert vectors (one per token), beside its dense vector
+    colbert: TokenVectors | None = None  # per-token vectors: bge-m3's (beside its dense vector), or a PyLate model's
 
     @property
     def kind(self) -> str:
-        """``embedding``; ``sparse`` for SPLADE; ``rerank`` for a one-label cross-encoder; ``classify`` for a
-        classifier of more labels."""
+        """``embedding``; ``sparse`` for SPLADE; ``multi_vector`` for a PyLate ColBERT model; ``rerank`` for a
+        one-label cross-encoder; ``classify`` for a classifier of more labels."""
         if self.sparse is not None:
             return "sparse"
+        if self.colbert is not None and self.colbert.pylate is not None:
+            return "multi_vector"
         if self.classifier is None:
             return "embedding"
         return "rerank" if self.classifier.num_labels == 1 else "classify"
@@ -285,7 +326,11 @@ class ModelRecipe:
 
     @property
     def max_length(self) -> int:
-        """The longest input embedded, in tokens, special tokens included (the positions' and the folder's)."""
+        """The longest input embedded, in tokens, special tokens included (the positions' and the folder's). A
+        PyLate folder's are its query and document lengths (its saved max_seq_length is whichever it cut last)."""
+        pylate = self.spec.pylate
+        if pylate is not None:
+            return min(self.args.max_length, max(pylate.query_length, pylate.document_length))
         if self.spec.max_seq_length:
             return min(self.args.max_length, int(self.spec.max_seq_length))
         return self.args.max_length
@@ -373,7 +418,13 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
     )
     encoder.eval()
     dense = nn.ModuleList(_load_dense(folder, dtype, device) for folder in recipe.spec.dense).eval()
-    sparse = None
+    pylate = recipe.spec.pylate
+    sparse = colbert = None
+    if pylate is not None:
+        _check_pylate(recipe, encoder)
+        colbert = TokenVectors(nn.Sequential(*dense), _dense_width(dense, encoder.hidden_size), skip_first=0,
+                               pylate=pylate, tokens=pylate_tokens(directory, pylate)).eval()
+        dense = nn.ModuleList()
     if recipe.spec.splade is not None:
         if not hasattr(encoder, "word_embeddings") or not hasattr(recipe.args, "vocab_size"):
             raise ModelLoadError(f"{directory}: SPLADE is served for BERT-family masked LMs; this is "
@@ -386,16 +437,12 @@ def build_model(recipe: ModelRecipe, *, dtype: torch.dtype, device: torch.device
             mlm.tied = encoder.word_embeddings.weight
         query = load_static_query(recipe.spec.static_query) if recipe.spec.static_query is not None else None
         sparse = SparseHead(mlm.eval(), recipe.spec.splade, query)
-    lexical = colbert = None
-    if sparse is None and classifier is None and not model_cls.causal:
+    lexical = None
+    if sparse is None and classifier is None and colbert is None and not model_cls.causal:
         lexical = load_lexical(directory, encoder.hidden_size, dtype, device)
         colbert = load_colbert(directory, encoder.hidden_size, dtype, device)
 
-    dims = encoder.hidden_size
-    for layer in dense:
-        if layer.linear.in_features != dims:
-            raise ModelLoadError(f"Dense layer expects {layer.linear.in_features} features but receives {dims}")
-        dims = layer.linear.out_features
+    dims = _dense_width(dense, encoder.hidden_size) if pylate is None else colbert.width
 
     if classifier is not None:
         dims = classifier.num_labels

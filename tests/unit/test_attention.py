@@ -151,6 +151,32 @@ def test_chunks_attending_to_cached_keys(backend, window):
     assert_close(out, reference(q, k, v, CHUNK_Q, True, window, CHUNK_K), torch.float32)
 
 
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+@pytest.mark.parametrize("window", [None, 40])
+def test_hidden_tails_are_read_by_nobody_and_read_their_sequence(backend, window):
+    """A ColBERT query's hidden expansion: each sequence's last ``tails[i]`` tokens attend to its other tokens
+    but are keys to none (not even to themselves), as transformers' attention mask of 0 on them makes it. A
+    window (40) wider than every tailed sequence cuts nothing from them and still cuts the long one."""
+    torch.manual_seed(4)
+    lengths, tails = [12, 3, 300, 9, 1, 32], [7, 0, 0, 1, 0, 20]
+    q, k, v = (torch.randn(sum(lengths), 4, 16, device=DEVICE) for _ in range(3))
+    batch = prepare(backend, cu(lengths), max(lengths), window=window, lengths=lengths, tails=tails)
+    out = varlen_attention(q, k, v, batch)
+    want, start = [], 0
+    for n, t in zip(lengths, tails):
+        rows = slice(start, start + n)
+        keys = slice(start, start + n - t)
+        w = window if n > (window or n) else None
+        q_pos, k_pos = torch.arange(n)[:, None], torch.arange(n - t)[None, :]
+        scores = (q[rows].float().cpu().transpose(0, 1) @ k[keys].float().cpu().transpose(0, 1).transpose(1, 2)
+                  * 16 ** -0.5)
+        if w is not None:
+            scores = scores.masked_fill((q_pos - k_pos).abs() >= w, float("-inf"))
+        want.append((scores.softmax(-1) @ v[keys].float().cpu().transpose(0, 1)).transpose(0, 1))
+        start += n
+    assert_close(out, torch.cat(want), torch.float32)
+
+
 CASES = {  # (heads, kv_heads, head_dim, causal, window, chunked)
     "mha": (4, 4, 32, False, None, False),
     "gqa_causal": (6, 2, 16, True, None, False),

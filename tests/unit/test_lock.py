@@ -98,6 +98,21 @@ def test_the_readmes_commands_install_through_the_lock(marker):
     assert any(w.startswith("-e") for w in installs[-1]) or "-e" in installs[-1]
 
 
+def test_the_test_command_builds_pylates_reference_venv_from_its_complete_list():
+    """PyLate pins other releases than ours: its venv gets exactly the listed versions, torch at the lock's."""
+    command = readme_command("test-command")
+    words = shlex.split(command.split(".venv/pylate/bin/pip install", 1)[1].split("&&", 1)[0])
+    assert "--no-deps" in words and words[words.index("-r") + 1] == "tests/references/pylate.txt"
+    pins = {}
+    for line in (ROOT / "tests" / "references" / "pylate.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and canonicalize_name(name) not in pins, line
+            pins[canonicalize_name(name)] = Version(version)
+    assert pins["torch"] == locked()["torch"] and "pylate" in pins
+    assert command.index("python3 -m venv .venv/pylate") < command.index("python -m pytest")
+
+
 def test_ci_runs_the_readmes_test_command_and_installs_nothing_past_the_lock():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- test-command -->" in ci and 'bash -euo pipefail -c "$cmd"' in ci

@@ -66,7 +66,8 @@ COPY pyproject.toml README.md constraints.txt /tmp/src/
 COPY embedserve /tmp/src/embedserve
 COPY kernels /tmp/src/kernels
 WORKDIR /opt/embedserve
-RUN pip install --no-cache-dir -c /tmp/src/constraints.txt /tmp/src \
+# [otel]: the OpenTelemetry exporter, imported only when --otlp-endpoint is set.
+RUN pip install --no-cache-dir -c /tmp/src/constraints.txt "/tmp/src[otel]" \
     && rm -rf /tmp/src \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedserve \
     && mkdir -p /var/cache/huggingface \

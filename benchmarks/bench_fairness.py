@@ -37,12 +37,14 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def probe(url: str, model: str, n: int, failures: list[str]) -> list[float]:
+def probe(url: str, model: str, n: int, failures: list[str], priority: int | None = None) -> list[float]:
+    """``n`` one-text requests, one at a time: their latencies (``priority``: each request's, if given)."""
     times = []
-    with httpx.Client(timeout=120) as c:
+    extra = {} if priority is None else {"priority": priority}
+    with httpx.Client(timeout=300) as c:
         for i in range(n):
             t0 = time.perf_counter()
-            r = c.post(url + "/v1/embeddings", json={"model": model, "input": [f"probe number {i}"]})
+            r = c.post(url + "/v1/embeddings", json={"model": model, "input": [f"probe number {i}"], **extra})
             times.append(time.perf_counter() - t0)
             if r.status_code != 200:
                 failures.append(f"probe {model}: {r.status_code}")
@@ -50,16 +52,48 @@ def probe(url: str, model: str, n: int, failures: list[str]) -> list[float]:
     return times
 
 
-def flood(url: str, model: str, texts: list[str], stop: threading.Event, failures: list[str], counts: list[int]):
+def flood(url: str, model: str, texts: list[str], stop: threading.Event, failures: list[str], counts: list[int],
+          priority: int | None = None):
+    """32-text requests, one after another, until ``stop``."""
+    extra = {} if priority is None else {"priority": priority}
     with httpx.Client(timeout=300) as c:
         i = 0
         while not stop.is_set():
             batch = [texts[(i + k) % len(texts)] for k in range(32)]
-            r = c.post(url + "/v1/embeddings", json={"model": model, "input": batch})
+            r = c.post(url + "/v1/embeddings", json={"model": model, "input": batch, **extra})
             if r.status_code != 200:
                 failures.append(f"flood {model}: {r.status_code}")
             counts.append(1)
             i += 32
+
+
+def step_seconds(url: str, model: str, texts: list[str]) -> float:
+    """One full step of ``model``: about 4096 tokens in one request on the idle server, the median of three
+    x-inference-times."""
+    full = texts[:40]  # about 3600 tokens: one step
+    step_ms = []
+    for _ in range(3):
+        r = httpx.post(url + "/v1/embeddings", json={"model": model, "input": full}, timeout=120)
+        step_ms.append(float(r.headers["x-inference-time"]))
+    return statistics.median(step_ms) / 1000
+
+
+def probe_under_flood(url: str, flooded: str, probed: str, texts: list[str], clients: int, probes: int,
+                      failures: list[str], *, flood_priority: int | None = None, probe_priority: int | None = None
+                      ) -> tuple[list[float], list[int]]:
+    """``clients`` clients flood ``flooded`` while ``probes`` one-text requests go to ``probed``, one at a time:
+    the probes' latencies, and one count per flood request answered. The flood stops when the probes are done."""
+    stop, counts = threading.Event(), []
+    workers = [threading.Thread(target=flood, args=(url, flooded, texts, stop, failures, counts, flood_priority))
+               for _ in range(clients)]
+    for w in workers:
+        w.start()
+    time.sleep(2.0)  # the flood's queue fills
+    loaded = probe(url, probed, probes, failures, probe_priority)
+    stop.set()
+    for w in workers:
+        w.join()
+    return loaded, counts
 
 
 def main() -> None:
@@ -82,23 +116,8 @@ def main() -> None:
             failures: list[str] = []
             probe(url, probed, 5, failures)  # warm the path
             idle = probe(url, probed, args.probes, failures)
-            # One full step of the flooded model: about max-batch-tokens tokens in one request, on an idle server.
-            full = texts[:40]  # about 3600 tokens: one step
-            step_ms = []
-            for _ in range(3):
-                r = httpx.post(url + "/v1/embeddings", json={"model": flooded, "input": full}, timeout=120)
-                step_ms.append(float(r.headers["x-inference-time"]))
-            step = statistics.median(step_ms) / 1000
-            stop, counts = threading.Event(), []
-            workers = [threading.Thread(target=flood, args=(url, flooded, texts, stop, failures, counts))
-                       for _ in range(args.clients)]
-            for w in workers:
-                w.start()
-            time.sleep(2.0)  # the flood's queue fills
-            loaded = probe(url, probed, args.probes, failures)
-            stop.set()
-            for w in workers:
-                w.join()
+            step = step_seconds(url, flooded, texts)
+            loaded, counts = probe_under_flood(url, flooded, probed, texts, args.clients, args.probes, failures)
             added = (p(loaded, 0.99) - p(idle, 0.99)) / step
             print(f"flood {flooded} ({args.clients} clients x 32 texts, {len(counts)} requests), probe {probed}: "
                   f"idle p50 {1000 * p(idle, 0.5):.0f} ms p99 {1000 * p(idle, 0.99):.0f} ms; under flood p50 "

@@ -22,6 +22,7 @@ from embedserve.config import (
     DTYPES,
     FAULT_KINDS,
     KINDS,
+    OTLP_PROTOCOLS,
     POOL_KERNELS,
     QUANTIZE,
     TOKEN_ID_POLICIES,
@@ -183,6 +184,13 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
           "cache, one per step, beside short inputs; 0 turns chunking off. Default: max-batch-tokens / 8")
     f.add("--max-kv-tokens", type=int, help="causal models: key-cache tokens long inputs in progress may hold "
           "together; new long inputs wait beyond it. Default: max(4 x max-batch-tokens, the model's maximum)")
+    f.add("--default-priority", default=scheduler_default("default_priority"), type=int,
+          help="the priority (0-999, lower first) of a request that sends none (a body \"priority\" or an "
+          "X-Priority header); each step is filled by priority, then age")
+    f.add("--priority-share", default=scheduler_default("priority_share"), type=float, metavar="FRACTION",
+          help="the part of each step's tokens the oldest waiting input earns while higher priorities pass it "
+          "over, going first once that covers it: low priorities wait about what first-come-first-served would "
+          "make them wait, never forever (0: strict priority, which can starve them)")
     f.group("limits", "what one request, and the queue, may hold")
     f.add("--max-queue", default=scheduler_default("max_queue"), type=int,
           help="inputs queued or running before requests get 429")
@@ -214,6 +222,16 @@ def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     f.add("--log-format", default=server_default("log_format"), choices=["plain", "json"],
           help="plain text or one JSON object per "
           "line; either way one line per request with its id, status, inputs, tokens, queue and total ms")
+    f.add("--otlp-endpoint", default=env.get("OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+          metavar="URL", help="an OpenTelemetry collector's base URL: each request's spans (tokenisation, queue, "
+          "forward steps, encoding; the parent from a traceparent header) are exported to URL/v1/traces (OTLP/HTTP "
+          "protobuf), off the request path. Needs embedserve[otel]. Also read from OTLP_ENDPOINT and "
+          "OTEL_EXPORTER_OTLP_ENDPOINT. Default: no traces")
+    f.add("--otlp-service-name", default=server_default("otlp_service_name"),
+          help="the service.name of the exported spans")
+    f.add("--otlp-protocol", default=env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or server_default("otlp_protocol"),
+          choices=OTLP_PROTOCOLS, help="http/protobuf, or grpc where opentelemetry-exporter-otlp-proto-grpc is "
+          "installed (then the endpoint is host:port). Also read from OTEL_EXPORTER_OTLP_PROTOCOL")
     f.group("testing", "fault injection for tests; never in production")
     f.add("--fault-marker", help="testing only: a forward pass holding an input equal to this text fails")
     f.add("--fault-kind", default=engine_default("fault_kind"), choices=FAULT_KINDS,
@@ -272,6 +290,9 @@ def build_config(args: argparse.Namespace) -> Config:
             log_level=args.log_level,
             log_format=args.log_format,
             shutdown_grace_s=args.shutdown_grace,
+            otlp_endpoint=args.otlp_endpoint or None,
+            otlp_service_name=args.otlp_service_name,
+            otlp_protocol=args.otlp_protocol,
         ),
     )
 
@@ -364,6 +385,8 @@ def _engine_config(args: argparse.Namespace, model: str, *, revision: str | None
             max_queue=args.max_queue,
             chunk_tokens=args.chunk_tokens,
             max_kv_tokens=args.max_kv_tokens,
+            default_priority=args.default_priority,
+            priority_share=args.priority_share,
         ),
         truncate=args.truncate,
         int8_calibration=args.int8_calibration,

@@ -22,6 +22,10 @@ ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa", "sdpa_bucket
 DEFAULT_BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}
 
 
+MAX_PRIORITY = 999  # priorities are 0 (first) to this, as Cohere's
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -90,12 +94,24 @@ class SchedulerConfig:
     max_kv_tokens: int | None = None
     """Causal models: key-cache tokens that long inputs in progress may hold together; new long inputs wait
     beyond it. None: max(4 * max_batch_tokens, the model's maximum input length)."""
+    default_priority: int = 100
+    """The priority (0-999, lower first) of a request that names none."""
+    priority_share: float = 0.125
+    """The part of each step's tokens the oldest waiting input earns while higher priorities pass it over: low
+    priorities never starve (0: strict priority)."""
 
     def __post_init__(self) -> None:
         _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("max_batch_requests", self.max_batch_requests)
         _positive("max_queue", self.max_queue)
         _positive("max_kv_tokens", self.max_kv_tokens)
+        if isinstance(self.default_priority, bool) or not isinstance(self.default_priority, int) or not (
+                0 <= self.default_priority <= MAX_PRIORITY):
+            raise ConfigError(f"default_priority must be an integer from 0 to {MAX_PRIORITY}, got "
+                              f"{self.default_priority!r}")
+        if isinstance(self.priority_share, bool) or not isinstance(self.priority_share, (int, float)) or not (
+                0 <= self.priority_share <= 1):
+            raise ConfigError(f"priority_share must be a number from 0 to 1, got {self.priority_share!r}")
         if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 0):
             raise ConfigError(f"chunk_tokens must be 0 (off) or a positive integer, got {self.chunk_tokens!r}")
 
@@ -160,6 +176,12 @@ class ServerConfig:
     """plain text or one JSON object per line."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM: the longest wait for accepted requests to be answered before exiting."""
+    otlp_endpoint: str | None = None
+    """An OpenTelemetry collector's base URL (OTLP/HTTP protobuf to its /v1/traces; host:port for gRPC): each
+    request's spans go there. None: no traces, and nothing of OpenTelemetry is imported."""
+    otlp_service_name: str = "embedserve"
+    otlp_protocol: str = "http/protobuf"
+    """http/protobuf, or grpc (where opentelemetry-exporter-otlp-proto-grpc is installed)."""
 
     def __post_init__(self) -> None:
         _positive("max_inputs_per_request", self.max_inputs_per_request)
@@ -168,6 +190,8 @@ class ServerConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.log_format not in ("plain", "json"):
             raise ConfigError(f"log_format must be plain or json, got {self.log_format!r}")
+        if self.otlp_protocol not in OTLP_PROTOCOLS:
+            raise ConfigError(f"otlp_protocol must be one of {', '.join(OTLP_PROTOCOLS)}, got {self.otlp_protocol!r}")
         if not self.shutdown_grace_s > 0:
             raise ConfigError(f"shutdown_grace_s must be positive, got {self.shutdown_grace_s}")
         if any(not k for k in self.api_keys):

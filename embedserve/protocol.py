@@ -48,6 +48,13 @@ _LONG_INPUT = Annotated[str | None, msgspec.Meta(
     extra_json_schema={"enum": ["truncate", "error", "mean", None]})]
 
 
+_PRIORITY = Annotated[int | None, msgspec.Meta(
+    description="0-999, lower first: each forward pass is filled by priority, then arrival (the oldest input earns "
+                "a share of each step, so nothing starves); default: the header X-Priority, else the server's "
+                "--default-priority.",
+    extra_json_schema={"minimum": 0, "maximum": 999})]
+
+
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     input: _loose("What to embed: a text, texts, or token ids (one input or several).",
                   _STR, _STRS, _IDS, {"type": "array", "items": _IDS, "minItems": 1})
@@ -94,6 +101,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     include_sparse: Annotated[bool | None, msgspec.Meta(
         description="With encoding_format multi_vector (bge-m3): the lexical weights too, as indices and values in "
                     "the same object.")] = None
+    priority: _PRIORITY = None
 
 
 _MATRIX = {"type": "object", "properties": {"shape": {"type": "array", "items": {"type": "integer"}},
@@ -180,6 +188,7 @@ class RerankRequest(msgspec.Struct, kw_only=True):
     return_text: Annotated[bool, msgspec.Meta(description="TEI: echo each text.")] = False
     truncate: Annotated[bool | None, msgspec.Meta(
         description="Cut over-long pairs (true) or refuse them (false); default: the server's --truncate.")] = None
+    priority: _PRIORITY = None
 
 
 class RerankDocument(msgspec.Struct, kw_only=True):
@@ -241,6 +250,7 @@ class TeiEmbedRequest(msgspec.Struct, kw_only=True):
     late_chunking: _LATE_CHUNKING = None
     late_chunking_overlap: _LATE_OVERLAP = None
     long_input: _LONG_INPUT = None
+    priority: _PRIORITY = None
 
 
 class TeiEmbedAllRequest(msgspec.Struct, kw_only=True):
@@ -252,6 +262,7 @@ class TeiEmbedAllRequest(msgspec.Struct, kw_only=True):
         description="Right (the default): an over-long input loses its end; Left: its start.",
         extra_json_schema={"enum": ["Right", "right", "Left", "left", None]})] = None
     prompt_name: str | None = None
+    priority: _PRIORITY = None
 
 
 class TeiSparseRequest(TeiEmbedAllRequest, kw_only=True):
@@ -292,6 +303,7 @@ class TeiPredictRequest(msgspec.Struct, kw_only=True):
     raw_scores: bool = False
     truncate: bool | None = None
     top_k: Annotated[int | None, msgspec.Meta(description="Answer the k best labels only.")] = None
+    priority: _PRIORITY = None
 
 
 class TeiPrediction(msgspec.Struct, kw_only=True):
@@ -353,6 +365,7 @@ class CohereEmbedRequest(msgspec.Struct, kw_only=True):
     images: Annotated[Any, msgspec.Meta(description="Not supported here: a 400.")] = None
     inputs: Annotated[Any, msgspec.Meta(description="Not supported here (send texts): a 400.")] = None
     max_tokens: Annotated[Any, msgspec.Meta(description="Not supported here (see truncate): a 400.")] = None
+    priority: _PRIORITY = None
 
 
 class CohereEmbeddings(msgspec.Struct, kw_only=True, omit_defaults=True, rename={"float_": "float"}):

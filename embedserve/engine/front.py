@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from embedserve.config import EngineConfig
+from embedserve.config import MAX_PRIORITY, EngineConfig
 from embedserve.engine import late
 from embedserve.engine.calibration import OutputCalibration, OutputRanges
 from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
@@ -29,7 +29,7 @@ from embedserve.engine.tokenizer import run_abandonable
 from embedserve.engine.turns import DeviceTurns
 from embedserve.engine.warmup import warm_up
 from embedserve.engine.worker import Worker
-from embedserve.errors import InvalidRequest, Overloaded, WrongModelKind
+from embedserve.errors import InvalidRequest, Overloaded, WrongModelKind, quoted
 from embedserve.kernels.pool_encode import ENCODINGS as ENCODING_CODES
 from embedserve.kernels.pool_encode import encode_rows
 from embedserve.models.classifier import apply_activation
@@ -112,6 +112,10 @@ class Engine:
         """(waiting inputs, waiting tokens, running inputs, inputs dropped by cancellation so far)."""
         return self.worker.queue_stats()
 
+    def waiting_by_priority(self) -> dict[int, int]:
+        """Inputs waiting, per priority level that has any."""
+        return self.worker.waiting_by_priority()
+
     # -- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
         """Run the shapes serving will run before the first request (:func:`warm_up`)."""
@@ -172,16 +176,17 @@ class Engine:
         code = ENCODING_CODES[first] if first else 0
         ranges_first = ranges if first in ("int8", "uint8") else None
         if long_input == "mean" and not options.late_chunking:
-            return await self._embed_mean(inputs, prompt, dims, normalize, encodings, ranges)
+            return await self._embed_mean(inputs, prompt, dims, normalize, encodings, ranges, options.priority)
         if options.late_chunking:
             overlap = options.late_chunking_overlap
             if overlap is None:
                 overlap = self.late_chunking_overlap
             result = await self._submit(self._prep.document, (inputs, prompt, overlap), dims, normalize, code,
-                                        ranges_first)
+                                        ranges_first, priority=options.priority)
         else:
             args = (inputs, truncate, prompt, options.truncate_start)
-            result = await self._submit(self._prep.texts, args, dims, normalize, code, ranges_first)
+            result = await self._submit(self._prep.texts, args, dims, normalize, code, ranges_first,
+                                        priority=options.priority)
         if len(encodings) > 1:  # the device made the first; the others from the same vectors, on the host
             more = {name: encode_rows(result.vectors, name, ranges) for name in encodings[1:]}
             result = dataclasses.replace(result, encoded={**result.encoded, **more})
@@ -208,7 +213,8 @@ class Engine:
         if self.model.sparse.query is not None and (options.query or options.prompt_name == "query"):
             return _top_k(await self._static_query(inputs, truncate, prompt), options.top_k)
         args = (inputs, truncate, prompt, options.truncate_start)
-        return _top_k(await self._submit(self._prep.texts, args, self.dimensions, False), options.top_k)
+        return _top_k(await self._submit(self._prep.texts, args, self.dimensions, False, priority=options.priority),
+                      options.top_k)
 
     async def _static_query(self, inputs, truncate: bool, prompt: str) -> EmbedResult:
         """An inference-free SPLADE model's queries: each token the query holds (once), weighted by the model's
@@ -240,7 +246,8 @@ class Engine:
         sparse = options.sparse or options.include_sparse
         multi = options.multi_vector or options.include_multi_vector
         args = (inputs, truncate, self.prompt(options.prompt_name), options.truncate_start)
-        result = await self._submit(self._prep.texts, args, dims, normalize, sparse=sparse, multi=int(multi))
+        result = await self._submit(self._prep.texts, args, dims, normalize, sparse=sparse, multi=int(multi),
+                                    priority=options.priority)
         if sparse:
             result = _top_k(result, options.top_k)
         if not options.include_dense:
@@ -254,12 +261,13 @@ class Engine:
                                  param="include_dense")
         if options.truncate_start:
             raise InvalidRequest("a ColBERT model's texts lose their end when cut (truncate END)", param="truncate")
-        return await self._colbert(inputs, truncate, self.prompt(options.prompt_name), options.query)
+        return await self._colbert(inputs, truncate, self.prompt(options.prompt_name), options.query,
+                                   options.priority)
 
-    async def _colbert(self, texts, truncate: bool, prompt: str, query: bool) -> EmbedResult:
+    async def _colbert(self, texts, truncate: bool, prompt: str, query: bool, priority: int | None) -> EmbedResult:
         """Queries' vectors (each token's, expansion included) or documents' (but the skiplist's)."""
         return await self._submit(self._prep.colbert, (texts, truncate, prompt, query), self.dimensions, False,
-                                  multi=1 if query else 2)
+                                  multi=1 if query else 2, priority=priority)
 
     @staticmethod
     def _check_sparse(options: EmbedOptions, long_input: str, *fields: tuple[str, object]) -> None:
@@ -271,7 +279,7 @@ class Engine:
             raise InvalidRequest(f"sparse_top_k must be a positive integer, got {options.top_k}", param="sparse_top_k")
 
     async def _embed_mean(self, inputs, prompt: str, dims: int, normalize: bool, encodings: tuple[str, ...],
-                          ranges: torch.Tensor | None) -> EmbedResult:
+                          ranges: torch.Tensor | None, priority: int | None) -> EmbedResult:
         """``long_input: mean``: an over-long input runs as consecutive windows, each pooled as the model pools
         (its Dense layers included, before Normalize); its vector is their mean weighted by each window's tokens,
         then cut and normalised as any other. Inputs that fit are one window: their vectors as usual."""
@@ -282,7 +290,7 @@ class Engine:
             owners.extend(found)
             return runs
 
-        result = await self._submit(prepare, (inputs, prompt), self.dimensions, False)
+        result = await self._submit(prepare, (inputs, prompt), self.dimensions, False, priority=priority)
         owner = torch.tensor(owners)
         weights = torch.tensor(result.token_counts, dtype=torch.float32)
         sums = torch.zeros(len(inputs), self.dimensions).index_add_(0, owner, result.vectors * weights[:, None])
@@ -307,7 +315,8 @@ class Engine:
         return torch.cat(parts), tokens
 
     async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
-                    max_doc_tokens: int | None = None, route: str = "rerank") -> EmbedResult:
+                    max_doc_tokens: int | None = None, route: str = "rerank", priority: int | None = None
+                    ) -> EmbedResult:
         """Score (query, document) pairs with a cross-encoder or classifier (single texts: None as the second
         element). ``vectors`` holds the raw logits ``[n, labels]``; :func:`apply_activation` gives the scores.
         ``max_doc_tokens``: each document cut to that many tokens first."""
@@ -317,11 +326,12 @@ class Engine:
             raise InvalidRequest("there is nothing to score", param="documents")
         truncate = self.config.truncate if truncate is None else truncate
         if self.kind == "multi_vector":
-            return await self._maxsim(pairs, truncate, max_doc_tokens)
-        return await self._submit(self._prep.pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False)
+            return await self._maxsim(pairs, truncate, max_doc_tokens, priority)
+        return await self._submit(self._prep.pairs, (pairs, truncate, max_doc_tokens), self.dimensions, False,
+                                  priority=priority)
 
-    async def _maxsim(self, pairs: Sequence[tuple[str, str | None]], truncate: bool, max_doc_tokens: int | None
-                      ) -> EmbedResult:
+    async def _maxsim(self, pairs: Sequence[tuple[str, str | None]], truncate: bool, max_doc_tokens: int | None,
+                      priority: int | None) -> EmbedResult:
         """A ColBERT model's scores: each query's vectors and each document's, then MaxSim (PyLate's
         ``rank.rerank``). Each distinct query is embedded once; ``vectors`` holds ``[n, 1]`` scores."""
         if any(d is None for _, d in pairs):
@@ -331,8 +341,8 @@ class Engine:
         if max_doc_tokens is not None:
             docs = await self._on_pool(_size(docs), self.tokenizer.cut, docs, max_doc_tokens)
         prompt = self.prompt(None)
-        asked = await asyncio.gather(self._colbert(queries, truncate, prompt, True),
-                                     self._colbert(docs, truncate, prompt, False))
+        asked = await asyncio.gather(self._colbert(queries, truncate, prompt, True, priority),
+                                     self._colbert(docs, truncate, prompt, False, priority))
         q_result, d_result = asked
         which = {q: i for i, q in enumerate(queries)}
         scores = torch.empty(len(pairs), 1)
@@ -340,7 +350,8 @@ class Engine:
             scores[rows, 0] = maxsim(q_result.multi[q], [d_result.multi[i] for i in rows])
         t_q, t_d = q_result.timings, d_result.timings
         timings = Timings(max(t_q.tokenize_s, t_d.tokenize_s), max(t_q.queue_s, t_d.queue_s),
-                          max(t_q.inference_s, t_d.inference_s))
+                          max(t_q.inference_s, t_d.inference_s), min(t_q.queued_at, t_d.queued_at),
+                          tuple(sorted(set(t_q.steps) | set(t_d.steps), key=lambda s: s.start)))
         return EmbedResult(scores, [sum(q_result.token_counts) + sum(d_result.token_counts)], timings=timings)
 
     def scores(self, logits: torch.Tensor, *, raw: bool = False, activation: str | None = None) -> torch.Tensor:
@@ -352,10 +363,15 @@ class Engine:
 
     async def _submit(self, prepare, args: tuple, dims: int, normalize: bool, encoding: int = 0,
                       ranges: torch.Tensor | None = None, *, limited: bool = True, sparse: bool = False,
-                      multi: int = 0) -> EmbedResult:
+                      multi: int = 0, priority: int | None = None) -> EmbedResult:
         """Tokenize on the pool (``prepare(*args)`` -> ids, or (ids, type starts)), queue every input, and
         wait for the engine thread to finish them all. ``limited``: held to --max-tokens-per-request; ``sparse``:
-        bge-m3's lexical weights too; ``multi``: per-token vectors too (:meth:`Worker.submit`)."""
+        bge-m3's lexical weights too; ``multi``: per-token vectors too (:meth:`Worker.submit`); ``priority``:
+        0-999, lower first (None: the model's --default-priority)."""
+        priority = self.config.scheduler.default_priority if priority is None else priority
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidRequest(f"priority must be an integer from 0 (first) to {MAX_PRIORITY}, got "
+                                 f"{quoted(priority)}", param="priority")
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -382,7 +398,7 @@ class Engine:
         rid, fut = self.worker.submit(loop, ids, type_starts, dims=dims, normalize=normalize, encoding=encoding,
                                       ranges=ranges, tokenize_s=tokenized - started, queued_at=tokenized,
                                       spans=spans, chunk_tokens=chunk_tokens, sparse=sparse, multi=multi,
-                                      tails=tails)
+                                      tails=tails, priority=priority)
         try:
             return await fut
         except asyncio.CancelledError:

@@ -48,6 +48,8 @@ class EmbedOptions:
     model), and each chunk's vector is the mean of its own tokens' final states (:mod:`embedserve.engine.late`)."""
     late_chunking_overlap: int | None = None
     """Tokens a window repeats from the one before; None: the server's --late-chunking-overlap."""
+    priority: int | None = None
+    """0-999, lower first: the scheduler fills each step by priority, then age; None: --default-priority."""
     encodings: tuple[str, ...] = ()
     """Byte forms wanted beside the float vectors, any of: ``base64`` (little-endian float32,
     as base64 text), ``int8`` / ``uint8`` (one byte per value, with ranges calibrated per model and width),
@@ -56,10 +58,22 @@ class EmbedOptions:
 
 
 @dataclass(frozen=True)
+class StepSpan:
+    """A forward step a request took part in (for its trace): when it ran (``time.perf_counter``), and its size."""
+
+    start: float
+    end: float
+    tokens: int  # the step's, every request's
+    inputs: int
+
+
+@dataclass(frozen=True)
 class Timings:
     tokenize_s: float = 0.0
     queue_s: float = 0.0  # queued until its first input entered a forward pass
     inference_s: float = 0.0  # from then until its last input came out
+    queued_at: float = 0.0  # ``time.perf_counter`` when its inputs were queued (tokenisation done); 0: unknown
+    steps: tuple[StepSpan, ...] = ()  # the forward steps it took part in
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,8 @@ class ServedEngine(Protocol):
         """Embed a request's inputs (texts, or token ids below ``info.id_limit``)."""
 
     async def score(self, pairs: Sequence[tuple[str, str | None]], *, truncate: bool | None = None,
-                    max_doc_tokens: int | None = None, route: str = "rerank") -> EmbedResult:
+                    max_doc_tokens: int | None = None, route: str = "rerank", priority: int | None = None
+                    ) -> EmbedResult:
         """A cross-encoder's or classifier's logits for (query, document) pairs (single texts: None second)."""
 
     def scores(self, logits: torch.Tensor, *, raw: bool = False, activation: str | None = None) -> torch.Tensor:
@@ -145,3 +160,6 @@ class ServedEngine(Protocol):
 
     def queue_stats(self) -> tuple[int, int, int, int]:
         """(waiting inputs, waiting tokens, running inputs, inputs dropped by cancellation so far)."""
+
+    def waiting_by_priority(self) -> dict[int, int]:
+        """Inputs waiting, per priority level that has any."""

@@ -150,7 +150,8 @@ def load(config: EngineConfig, name: str, *, pipeline_depth: int | None = None) 
     # Test hook: a step holding an input equal to this text's tokens fails as --fault-kind says.
     fault_ids = tokenizer.encode([config.fault_marker], truncate=True)[0] if config.fault_marker else None
     scheduler = Scheduler(max_batch_tokens=budgets.max_batch_tokens, max_batch_requests=sc.max_batch_requests,
-                          max_queue=sc.max_queue, chunk_tokens=budgets.chunk_tokens, max_kv_tokens=budgets.max_kv_tokens)
+                          max_queue=sc.max_queue, chunk_tokens=budgets.chunk_tokens, max_kv_tokens=budgets.max_kv_tokens,
+                          priority_share=sc.priority_share)
     pool_backend = select_pool_backend(device, config.model.pool_kernel)
     runner = Runner(model, pool_backend)
     if int8:

@@ -1,8 +1,14 @@
 """Continuous-batching scheduler: synchronous data in, data out. No torch, no asyncio, no threads.
 
-Every input of every request is its own :class:`Entry`. ``schedule()`` packs work into one step: the
-oldest waiting entry always goes first (so nothing starves), then later entries in arrival order fill what
-is left of the token budget (``max_batch_tokens``) and the sequence budget (``max_batch_requests``).
+Every input of every request is its own :class:`Entry`. ``schedule()`` packs work into one step: entries by
+priority (0-999, lower first), then arrival, fill the token budget (``max_batch_tokens``) and the sequence budget
+(``max_batch_requests``). With one priority this is plain arrival order.
+
+A share keeps low priorities from starving: while the oldest waiting input is not the first by priority, it earns
+``priority_share`` of a step's tokens per step, and goes into the step first once that credit covers it. So a
+low-priority input waits about as long as first-come-first-served would make it wait (the older inputs ahead of it,
+then a step or so), and higher priorities keep the rest: the share takes its turn at most once every
+``1 / priority_share`` steps for an input as long as a step.
 ``complete()`` retires a step and reports which requests are finished. A request with more inputs than one
 step holds simply spans several steps.
 
@@ -17,8 +23,9 @@ The caller owns locking: the engine calls these methods under one lock.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from embedserve.config import DEFAULT_BATCH_TOKENS, SchedulerConfig
@@ -35,9 +42,8 @@ class Entry:
     index: int  # position of this input within its request
     num_tokens: int
     payload: Any = None  # opaque to the scheduler (the token ids)
-
-
     done: int = 0  # tokens already run (chunked inputs)
+    arrival: float = 0.0  # when its request was queued (the caller's monotonic clock; set by add)
 
 
 @dataclass(slots=True)
@@ -77,6 +83,7 @@ class _Request:
     waiting: int
     running: int = 0  # entries in the step now
     aborted: bool = False
+    priority: int = 0
 
 
 @dataclass
@@ -87,6 +94,7 @@ class SchedulerStats:
     kv_tokens: int = 0  # key-cache tokens reserved by long inputs in progress
     steps: int = 0
     dropped_inputs: int = 0
+    waiting_by_priority: dict[int, int] = field(default_factory=dict)  # waiting inputs per priority level
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,12 @@ class Scheduler:
         max_queue: int,
         chunk_tokens: int | None = None,
         max_kv_tokens: int | None = None,
+        priority_share: float = 0.125,
     ) -> None:
         if min(max_batch_tokens, max_batch_requests, max_queue) < 1:
             raise ConfigError("scheduler budgets must be positive")
+        if not 0 <= priority_share <= 1:
+            raise ConfigError(f"the priority share must be from 0 to 1 (of a step's tokens), got {priority_share}")
         if chunk_tokens is not None and not 1 <= chunk_tokens <= max_batch_tokens // 2:
             raise ConfigError(
                 f"chunk size {chunk_tokens} must be between 1 and half of max_batch_tokens ({max_batch_tokens // 2})"
@@ -147,8 +158,11 @@ class Scheduler:
         self.max_queue = max_queue
         self.chunk_tokens = chunk_tokens
         self.max_kv_tokens = max_kv_tokens if chunk_tokens is not None else None
-        # Waiting entries in arrival order, keyed by (request_id, index) so abort() is O(own inputs).
-        self._waiting: OrderedDict[tuple[int, int], Entry] = OrderedDict()
+        self.priority_share = priority_share
+        self._credit = 0.0  # tokens the oldest waiting input has earned while passed over by priority
+        # Waiting entries per priority, each level in arrival order, keyed by (request_id, index) so abort() is
+        # O(own inputs).
+        self._waiting: dict[int, OrderedDict[tuple[int, int], Entry]] = {}
         # Long inputs between chunks, in the order they started.
         self._active: OrderedDict[tuple[int, int], Entry] = OrderedDict()
         self._requests: dict[int, _Request] = {}
@@ -158,6 +172,16 @@ class Scheduler:
     # -- queries --------------------------------------------------------------------------------------
     def has_waiting(self) -> bool:
         return bool(self._waiting) or bool(self._active)
+
+    def _by_priority(self):
+        """Every waiting entry, by priority, then arrival."""
+        for priority in sorted(self._waiting):
+            yield from self._waiting[priority].values()
+
+    def _oldest(self) -> Entry | None:
+        """The waiting entry that arrived first, whatever its priority (each level's first is its oldest)."""
+        heads = [next(iter(level.values())) for level in self._waiting.values()]
+        return min(heads, key=lambda e: (e.arrival, e.request_id, e.index), default=None)
 
     @property
     def queued_inputs(self) -> int:
@@ -176,8 +200,9 @@ class Scheduler:
         return self.chunk_tokens is not None and e.num_tokens > self.chunk_tokens
 
     # -- commands -------------------------------------------------------------------------------------
-    def add(self, request_id: int, entries: list[Entry]) -> None:
-        """Queue all inputs of one request, or none of them (raises :class:`Overloaded`)."""
+    def add(self, request_id: int, entries: list[Entry], *, priority: int = 0, now: float = 0.0) -> None:
+        """Queue all inputs of one request, or none of them (raises :class:`Overloaded`). ``priority``: 0-999,
+        lower first; ``now``: its arrival, in seconds of a monotonic clock (the caller's)."""
         if not entries:
             raise ValueError("this is a bug: a request with no inputs reached the scheduler")
         if request_id in self._requests:
@@ -196,11 +221,25 @@ class Scheduler:
                 f"The server's queue is full ({self.queued_inputs} of {self.max_queue} inputs queued); "
                 "retry after a moment."
             )
-        self._requests[request_id] = _Request(total=len(entries), remaining=len(entries), waiting=len(entries))
+        self._requests[request_id] = _Request(total=len(entries), remaining=len(entries), waiting=len(entries),
+                                              priority=priority)
+        level = self._waiting.setdefault(priority, OrderedDict())
         for e in entries:
-            self._waiting[(request_id, e.index)] = e
+            e.arrival = now
+            level[(request_id, e.index)] = e
             self.stats.waiting_tokens += e.num_tokens
         self.stats.waiting_inputs += len(entries)
+        by = self.stats.waiting_by_priority
+        by[priority] = by.get(priority, 0) + len(entries)
+
+    def _left_waiting(self, priority: int, n: int) -> None:
+        """``n`` inputs of a level left the line: drop the level once it is empty."""
+        by = self.stats.waiting_by_priority
+        by[priority] -= n
+        if not by[priority]:
+            del by[priority]
+        if not self._waiting[priority]:
+            del self._waiting[priority]
 
     def _release(self, e: Entry) -> None:
         self.stats.kv_tokens -= e.num_tokens
@@ -213,10 +252,13 @@ class Scheduler:
         if req is None:
             return 0
         dropped = 0
+        level = self._waiting.get(req.priority, {})
+        unqueued = 0
         for i in range(req.total):
             key = (request_id, i)
-            e = self._waiting.pop(key, None)
+            e = level.pop(key, None)
             if e is not None:
+                unqueued += 1
                 dropped += 1
                 req.waiting -= 1
                 self.stats.waiting_inputs -= 1
@@ -227,6 +269,8 @@ class Scheduler:
                 dropped += 1
                 self.stats.running_inputs -= 1
                 self._release(e)
+        if unqueued:
+            self._left_waiting(req.priority, unqueued)
         self.stats.dropped_inputs += dropped
         if req.running:
             req.aborted = True
@@ -253,27 +297,50 @@ class Scheduler:
             items.append(Work(e, e.done, n))
             used += n
         budget -= used
-        # 2. Waiting inputs, oldest first; a long one starts only when its key cache fits.
         started: list[Entry] = []
-        for scanned, (key, e) in enumerate(self._waiting.items()):
-            if scanned >= _LOOKAHEAD or len(items) >= slots or budget == 0:
-                break
+
+        def take(e: Entry) -> int:
+            """``e`` into the step if it fits (a long one only when its key cache fits): its tokens, else 0."""
+            nonlocal budget
             if self._is_long(e):
                 if self.stats.kv_tokens + e.num_tokens > self.max_kv_tokens:
-                    continue  # waits for key cache; short inputs behind it go on
+                    return 0  # waits for key cache; short inputs behind it go on
                 n = self.chunk_tokens
             else:
                 n = e.num_tokens
             if n > budget:
-                continue
+                return 0
             if self._is_long(e):
                 self.stats.kv_tokens += e.num_tokens
             items.append(Work(e, 0, n))
             started.append(e)
             budget -= n
+            return n
+
+        # 2. The share: the oldest input, when priority passes it over, once its credit covers it; then the rest by
+        # priority, then arrival.
+        oldest = self._oldest()
+        by_priority = self._by_priority()
+        first = next(by_priority, None)
+        shared = None
+        if oldest is None or oldest is first:
+            self._credit = 0.0
+        elif self.priority_share:
+            self._credit = min(self._credit + self.priority_share * self.max_batch_tokens, self.max_batch_tokens)
+            if len(items) < slots and self._credit >= min(oldest.num_tokens, self.chunk_tokens or oldest.num_tokens):
+                taken = take(oldest)
+                if taken:
+                    self._credit -= taken
+                    shared = oldest
+        for scanned, e in enumerate(itertools.chain(() if first is None else (first,), by_priority)):
+            if scanned >= _LOOKAHEAD or len(items) >= slots or budget == 0:
+                break
+            if e is not shared:
+                take(e)
         for e in started:
-            del self._waiting[(e.request_id, e.index)]
             req = self._requests[e.request_id]
+            del self._waiting[req.priority][(e.request_id, e.index)]
+            self._left_waiting(req.priority, 1)
             req.waiting -= 1
             req.running += 1
             self.stats.waiting_tokens -= e.num_tokens

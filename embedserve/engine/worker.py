@@ -23,14 +23,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from embedserve.engine.device import bind_thread, release_cached_memory, release_host_memory
 from embedserve.engine.faults import classify, injected, run_in_parts
-from embedserve.engine.interface import EmbedResult, StepObserver, Timings
+from embedserve.engine.interface import EmbedResult, StepObserver, StepSpan, Timings
 from embedserve.engine.loading import Loaded
 from embedserve.engine.runner import Chunk, StepHandle
 from embedserve.engine.scheduler import Entry, Step, Work
@@ -66,6 +66,7 @@ class _Pending:
     multi: list | None = None  # per-token vectors asked for: per input, its [n, C] vectors
     multi_mode: int = 0  # the runner's per-token vector modes (1: every token's, 2: but the skiplist's)
     tails: list[int] | None = None  # a ColBERT model's queries: per input, its hidden tail
+    steps: list[StepSpan] = field(default_factory=list)  # the forward steps it took part in (for its trace)
 
 
 @dataclass
@@ -160,14 +161,14 @@ class Worker:
                dims: int, normalize: bool, encoding: int = 0, ranges: torch.Tensor | None = None,
                tokenize_s: float, queued_at: float, spans: list[list[tuple[int, int, int]]] | None = None,
                chunk_tokens: list[int] | None = None, sparse: bool = False, multi: int = 0,
-               tails: list[int] | None = None) -> tuple[int, asyncio.Future]:
+               tails: list[int] | None = None, priority: int = 0) -> tuple[int, asyncio.Future]:
         """Queue every input of a request: (its id, the future its :class:`EmbedResult` resolves on ``loop``).
         ``encoding``: the bytes each row also comes with (an ENCODINGS code; 0 none), ``ranges`` for int8 / uint8.
         ``spans`` (late chunking): the inputs are one document's runs; the answer has a row per chunk, the mean
         of the states over its spans, and ``chunk_tokens`` as its token counts. ``sparse``: a bge-m3 request's
         inputs also get their lexical weights (a SPLADE model's always do, and only them); ``multi``: their
         per-token vectors (1: every token's; 2: but those of the model's skiplist); ``tails``: per input, its
-        hidden tail (tokens no token attends to)."""
+        hidden tail (tokens no token attends to); ``priority``: 0-999, lower first (the scheduler's)."""
         fut = loop.create_future()
         rid = next(self._ids)
         entries = [Entry(rid, i, len(x), x) for i, x in enumerate(ids)]
@@ -176,7 +177,7 @@ class Worker:
                 raise ShuttingDown("The server is shutting down; retry on another replica.")
             if self._dead is not None:
                 raise EngineFailed("The inference engine stopped after a device error; retry on another replica.")
-            self.scheduler.add(rid, entries)  # may raise Overloaded
+            self.scheduler.add(rid, entries, priority=priority, now=time.monotonic())  # may raise Overloaded
             rows = len(chunk_tokens) if spans is not None else len(ids)
             width = 0 if self.sparse or self.pylate else self.dimensions  # SPLADE: kept as nonzeros only
             self._pending[rid] = _Pending(
@@ -190,6 +191,11 @@ class Worker:
             )
             self._cond.notify()
         return rid, fut
+
+    def waiting_by_priority(self) -> dict[int, int]:
+        """Inputs waiting, per priority level that has any."""
+        with self._cond:
+            return dict(self.scheduler.stats.waiting_by_priority)
 
     def cancel(self, rid: int) -> int:
         """Drop a request whose client went away: how many of its inputs were still queued."""
@@ -379,6 +385,10 @@ class Worker:
         finished_at = time.perf_counter()
         if rows:
             self.observer.step(len(rows), sum(step.items[i].length for i in rows), finished_at - started)
+        if rows:
+            span = StepSpan(started, finished_at, step.num_tokens, len(step.items))
+            for p in {id(p): p for i, p in enumerate(plan) if p is not None and i in rows}.values():
+                p.steps.append(span)
         if self.sparse:  # a SPLADE row as its nonzeros (ids, weights), found before the lock submitters wait on
             rows = {i: (_nonzeros(row), data, pieces, vecs) for i, (row, data, pieces, vecs) in rows.items()}
         with self._cond:
@@ -415,7 +425,8 @@ class Worker:
         for p in done:
             if p.spans is not None and not self._finish_document(p):
                 continue
-            timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at)
+            timings = Timings(p.tokenize_s, p.started_at - p.queued_at, finished_at - p.started_at, p.queued_at,
+                              tuple(p.steps))
             _answer(p, _set_result, EmbedResult(
                 p.rows[:, : p.dims], p.token_counts,
                 {ENCODING_NAMES[p.encoding]: p.encoded} if p.encoded is not None else {}, timings, p.sparse,

@@ -41,6 +41,11 @@ def create_app(
     Both callbacks run on the event loop."""
     served = config.server.served_model_name or Path(config.engine.model.path).name
     svc = Service(config.server, served)
+    if config.server.otlp_endpoint:
+        from embedserve.http.tracing import OtlpSettings, Tracer
+
+        svc.tracer = Tracer(OtlpSettings(config.server.otlp_endpoint, config.server.otlp_service_name,
+                                         config.server.otlp_protocol))
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -85,6 +90,8 @@ def create_app(
             if engine is None:
                 for e in svc.engines.values():
                     await loop.run_in_executor(None, e.shutdown)
+            if svc.tracer is not None:  # the spans still queued, within the exporter's timeout
+                await loop.run_in_executor(None, svc.tracer.shutdown)
 
     app = Starlette(
         routes=[

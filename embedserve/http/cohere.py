@@ -21,6 +21,7 @@ from embedserve.http.routes import (
     ENCODE_INLINE_FLOATS,
     check_auth,
     integer_rows,
+    priority_of,
     read_body,
     record_result,
     service,
@@ -93,7 +94,7 @@ async def embed(request: Request) -> Response:
     options = EmbedOptions(
         dimensions=req.output_dimension, truncate=req.truncate != "NONE", truncate_start=req.truncate == "START",
         prompt_name=prompt_for(req.input_type, info.prompts),
-        encodings=tuple(t for t in types or () if t != "float"),
+        encodings=tuple(t for t in types or () if t != "float"), priority=priority_of(request, req.priority),
     )
     request.scope["state"]["access"]["inputs"] = len(req.texts)
     result = await until_disconnect(request, engine.embed(req.texts, options))

@@ -7,7 +7,7 @@ when scraped (this module knows nothing of the service or the engine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -30,6 +30,7 @@ class ModelSnapshot:
     dropped: int  # inputs dropped by cancellation so far
     max_queue: int
     failed: bool  # its engine stopped by a fault of its own
+    by_priority: dict[int, int] = field(default_factory=dict)  # inputs waiting per priority level
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,18 @@ class _QueueCollector:
                 "failed": GaugeMetricFamily("embedserve_model_failed", "1 once a model's engine stopped by a fault "
                                             "of its own (the other models still serve)", labels=["model"]),
             }
+            by_priority = GaugeMetricFamily("embedserve_model_queue_inputs_by_priority",
+                                            "Inputs waiting, per model and priority (0-999, lower first)",
+                                            labels=["model", "priority"])
             for m in models:
                 info.add_metric([m.name, m.kind], 1.0)
                 for key, family in per_model.items():
                     family.add_metric([m.name], float(getattr(m, key)))
+                for level, n in sorted(m.by_priority.items()):
+                    by_priority.add_metric([m.name, str(level)], float(n))
             yield info
             yield from per_model.values()
+            yield by_priority
 
 
 class Metrics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import time
 import uuid
 from typing import Awaitable
 
@@ -101,6 +102,21 @@ async def until_disconnect(request: Request, work: Awaitable):
     raise ClientGone
 
 
+def priority_of(request: Request, value: int | None) -> int | None:
+    """A request's priority: its body's ``priority``, else its ``X-Priority`` header (for clients that cannot add a
+    field), else None (the model's --default-priority). The engine checks the range (0-999)."""
+    if value is not None:
+        return value
+    header = request.headers.get("x-priority")
+    if header is None:
+        return None
+    try:
+        return int(header.strip())
+    except ValueError:
+        raise InvalidRequest(f"the X-Priority header must be an integer from 0 to 999, got {quoted(header)}",
+                             param="priority") from None
+
+
 def integer_rows(rows: list[bytes], name: str) -> list[list[int]]:
     """An integer output type's bytes per input as lists of ints, in one numpy conversion."""
     width = len(rows[0])
@@ -181,6 +197,7 @@ async def embeddings(request: Request) -> Response:
         sparse=fmt == "sparse", top_k=req.sparse_top_k, include_dense=bool(req.include_dense),
         multi_vector=fmt == "multi_vector", include_sparse=bool(req.include_sparse),
         late_chunking_overlap=req.late_chunking_overlap, long_input=req.long_input, query=bool(req.is_query),
+        priority=priority_of(request, req.priority),
     )
     request.scope["state"]["access"]["inputs"] = len(inputs)
     result = await until_disconnect(request, engine.embed(inputs, options))
@@ -199,7 +216,8 @@ def record_result(svc: Service, request: Request, inputs: int, result, engine) -
     """Metrics and the access log for a finished request; the timing headers it answers with."""
     t = result.timings
     request.scope["state"]["access"].update(inputs=inputs, tokens=result.total_tokens, queue_s=t.queue_s,
-                                            kind=engine.info.kind, model=engine.info.name)
+                                            kind=engine.info.kind, model=engine.info.name, timings=t,
+                                            device=engine.info.device, result_at=time.perf_counter())
     m = svc.metrics
     m.tokens.inc(result.total_tokens)
     m.inputs.inc(inputs)
@@ -225,7 +243,8 @@ async def rerank(request: Request) -> Response:
     name, engine = svc.pick(req.model)
     if engine.info.kind not in ("rerank", "multi_vector"):  # a ColBERT model scores by MaxSim
         raise WrongModelKind("rerank", engine.info.kind, "rerank")
-    work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc)
+    work = engine.score([(req.query, d) for d in docs], truncate=req.truncate, max_doc_tokens=req.max_tokens_per_doc,
+                        priority=priority_of(request, req.priority))
     result = await until_disconnect(request, work)
     headers = record_result(svc, request, len(docs), result, engine)
     logits = result.vectors[:, 0:1]

@@ -23,6 +23,7 @@ import uvicorn
 
 from embedserve import __version__
 from embedserve.config import Config
+from embedserve.http import tracing
 from embedserve.http.app import create_app
 
 log = logging.getLogger("embedserve")
@@ -41,6 +42,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        ids = tracing.current.get()  # a line logged on behalf of a request: its trace
+        if ids is not None:
+            out.update(trace_id=ids.trace_id, span_id=ids.span_id)
         out.update(getattr(record, "fields", {}))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)

@@ -25,6 +25,7 @@ class Service:
         self.metrics: Metrics = Metrics(self.snapshot)
         self.in_flight = 0
         self._drained: asyncio.Event | None = None
+        self.tracer = None  # an embedserve.http.tracing.Tracer when --otlp-endpoint is set
 
     def set_engines(self, engines: dict[str, ServedEngine]) -> None:
         """Every model is loaded and warmed up: the first is the default one. Event-loop thread."""
@@ -40,7 +41,8 @@ class Service:
         """Every serving model's queue, for the metrics scrape."""
         engines = self.serving()
         models = [ModelSnapshot(name, e.info.kind, *e.queue_stats(), max_queue=e.info.max_queue,
-                                failed=name in self.failed_models) for name, e in engines.items()]
+                                failed=name in self.failed_models, by_priority=e.waiting_by_priority())
+                  for name, e in engines.items()]
         return Snapshot(models, self.in_flight, bool(engines) and not self.shutting_down)
 
     def model_failed(self, name: str, exc: BaseException) -> None:

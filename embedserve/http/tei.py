@@ -18,6 +18,7 @@ from embedserve.errors import ContextLengthExceeded, InvalidRequest, WrongModelK
 from embedserve.http.routes import (
     ENCODE_INLINE_FLOATS,
     check_auth,
+    priority_of,
     read_body,
     record_result,
     service,
@@ -76,7 +77,7 @@ async def embed(request: Request) -> Response:
     options = EmbedOptions(dimensions=req.dimensions, normalize=req.normalize, truncate=req.truncate,
                            truncate_start=truncate_start, prompt_name=req.prompt_name,
                            late_chunking=bool(req.late_chunking), late_chunking_overlap=req.late_chunking_overlap,
-                           long_input=req.long_input)
+                           long_input=req.long_input, priority=priority_of(request, req.priority))
     result = await until_disconnect(request, engine.embed(texts, options))
     headers = record_result(svc, request, len(texts), result, engine)
     if result.vectors.numel() > ENCODE_INLINE_FLOATS:
@@ -92,7 +93,8 @@ async def embed_sparse(request: Request) -> Response:
     req = decode_tei(TeiSparseRequest, await read_body(request, svc.config.max_body_bytes))
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
     options = EmbedOptions(sparse=True, top_k=req.sparse_top_k, truncate=req.truncate,
-                           truncate_start=_from_the_left(req.truncation_direction), prompt_name=req.prompt_name)
+                           truncate_start=_from_the_left(req.truncation_direction), prompt_name=req.prompt_name,
+                           priority=priority_of(request, req.priority))
     result = await until_disconnect(request, engine.embed(texts, options))
     headers = record_result(svc, request, len(texts), result, engine)
     body = [[TeiSparseValue(index=i, value=v) for i, v in zip(ids.tolist(), weights.tolist())]
@@ -101,12 +103,14 @@ async def embed_sparse(request: Request) -> Response:
 
 
 async def embed_all(request: Request) -> Response:
-    """A multi-vector model's per-token vectors (bge-m3's colbert vectors), TEI's shape: per input, its vectors."""
+    """A multi-vector model's per-token vectors (a ColBERT model's documents, bge-m3's colbert vectors), TEI's shape:
+    per input, its vectors."""
     svc, engine = _default_model(request)
     req = decode_tei(TeiEmbedAllRequest, await read_body(request, svc.config.max_body_bytes))
     texts = tei_texts(req.inputs, field="inputs", max_items=svc.config.max_inputs_per_request)
     options = EmbedOptions(multi_vector=True, truncate=req.truncate, prompt_name=req.prompt_name,
-                           truncate_start=_from_the_left(req.truncation_direction))
+                           truncate_start=_from_the_left(req.truncation_direction),
+                           priority=priority_of(request, req.priority))
     result = await until_disconnect(request, engine.embed(texts, options))
     headers = record_result(svc, request, len(texts), result, engine)
 
@@ -128,7 +132,7 @@ async def predict(request: Request) -> Response:
     inputs, batch = tei_predict_inputs(req.inputs, max_items=svc.config.max_inputs_per_request)
     if req.top_k is not None and req.top_k < 1:
         raise InvalidRequest(f"top_k must be a positive integer, got {req.top_k}", param="top_k")
-    work = engine.score(inputs, truncate=req.truncate, route="classify")
+    work = engine.score(inputs, truncate=req.truncate, route="classify", priority=priority_of(request, req.priority))
     result = await until_disconnect(request, work)
     headers = record_result(svc, request, len(inputs), result, engine)
     labels = engine.info.labels

@@ -93,3 +93,18 @@ def test_not_ready_until_an_engine_is_there():
         assert failed.wait(30)
         assert c.post("/v1/embeddings", json=body()).status_code == 503
     assert failures and "does not exist" in str(failures[0])
+
+
+
+def test_metrics_render_the_waiting_inputs_per_priority():
+    from embedserve.engine.scheduler import Entry, Scheduler
+    from embedserve.http.metrics import Metrics, ModelSnapshot, Snapshot
+
+    s = Scheduler(max_batch_tokens=10, max_batch_requests=8, max_queue=100)
+    s.add(1, [Entry(1, i, 5) for i in range(3)], priority=7, now=0.0)
+    s.add(2, [Entry(2, 0, 5)], priority=0, now=0.0)
+    snap = Snapshot([ModelSnapshot("m", "embedding", s.stats.waiting_inputs, s.stats.waiting_tokens, 0, 0, 100,
+                                   False, dict(s.stats.waiting_by_priority))], 0, True)
+    text = Metrics(lambda: snap).render().decode()
+    assert 'embedserve_model_queue_inputs_by_priority{model="m",priority="0"} 1.0' in text
+    assert 'embedserve_model_queue_inputs_by_priority{model="m",priority="7"} 3.0' in text

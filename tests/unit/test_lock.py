@@ -76,7 +76,9 @@ def test_the_lock_is_written_by_the_refresh_script_and_pins_every_package_once()
 def test_every_dependency_in_pyproject_is_locked_within_its_range():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = locked()
-    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+    extras = project["optional-dependencies"]
+    assert {"test", "otel"} <= extras.keys()
+    for spec in project["dependencies"] + [spec for group in extras.values() for spec in group]:
         requirement = Requirement(spec)
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is a dependency but not in {LOCK.name}"
@@ -139,6 +141,8 @@ def test_both_images_install_through_the_lock_and_keep_no_source_tree():
                 files = constraint_files(pip)
                 assert files and all(f in copied and copied[f] < n for f in files), line
     assert installs >= 3  # torch in each base, then the project
+    # the project with its otel extra (an OTLP endpoint works in either image)
+    assert any('"/tmp/src[otel]"' in line for line in lines if line.startswith("RUN"))
     assert torch_pins("\n".join(lines)) == {str(locked()["torch"])}
     # The source tree is built from a scratch folder that is removed, never left in the working directory.
     workdirs = [line.split()[1] for line in lines if line.startswith("WORKDIR")]

@@ -258,3 +258,68 @@ def test_budgets_that_could_never_run_the_longest_input_name_the_flag():
     with pytest.raises(ConfigError, match="--max-kv-tokens to at least 32768"):
         budgets(max_length=32768, can_chunk=True, max_kv_tokens=16384)
     assert budgets(max_batch_tokens=256, can_chunk=True).max_batch_tokens == 256  # chunks need no such step
+
+
+# -- priority ---------------------------------------------------------------------------------------------------
+
+
+def test_a_lower_priority_number_goes_first_and_each_level_keeps_arrival_order():
+    s = Scheduler(max_batch_tokens=40, max_batch_requests=8, max_queue=1000, priority_share=0)
+    s.add(1, entries(1, 10, 10, 10, 10, 10, 10), priority=100, now=0.0)  # a bulk request, queued first
+    s.add(2, entries(2, 10), priority=0, now=0.01)  # a query, a moment later
+    s.add(3, entries(3, 10), priority=0, now=0.02)
+    assert s.stats.waiting_by_priority == {100: 6, 0: 2}
+    assert ids(s.schedule()) == [(2, 0), (3, 0), (1, 0), (1, 1)]  # the queries, then the bulk fills the rest
+    s.add(4, entries(4, 10), priority=0, now=0.03)
+    assert ids(s.schedule()) == [(4, 0), (1, 2), (1, 3), (1, 4)]
+    assert ids(s.schedule()) == [(1, 5)]
+    assert s.stats.waiting_by_priority == {} and not s.has_waiting()
+
+
+def queries_forever(s: Scheduler, steps: int) -> list[list[tuple[int, int]]]:
+    """A priority-0 query of a full step arrives before every step; what each step runs."""
+    out = []
+    for i in range(steps):
+        s.add(100 + i, entries(100 + i, 10), priority=0, now=1.0 + i)
+        out.append(ids(s.schedule()))
+    return out
+
+
+def test_the_share_lets_the_oldest_input_through_a_stream_of_higher_priority_work():
+    s = Scheduler(max_batch_tokens=10, max_batch_requests=8, max_queue=100, priority_share=0.25)
+    s.add(1, entries(1, 10), priority=100, now=0.0)  # bulk, older than every query; each query fills a step
+    # The share earns 2.5 tokens a step: on the fourth step the bulk input has earned its 10 and goes first.
+    runs = queries_forever(s, 8)
+    assert runs[:4] == [[(100, 0)], [(101, 0)], [(102, 0)], [(1, 0)]]
+    assert runs[4:] == [[(103, 0)], [(104, 0)], [(105, 0)], [(106, 0)]]  # the query it held back, then the rest
+
+
+def test_without_a_share_a_stream_of_higher_priority_work_starves_the_rest():
+    s = Scheduler(max_batch_tokens=10, max_batch_requests=8, max_queue=100, priority_share=0)
+    s.add(1, entries(1, 10), priority=100, now=0.0)
+    assert queries_forever(s, 20) == [[(100 + i, 0)] for i in range(20)]
+    assert s.stats.waiting_by_priority == {100: 1}
+
+
+def test_a_short_query_still_goes_beside_the_shares_input():
+    s = Scheduler(max_batch_tokens=20, max_batch_requests=8, max_queue=100, priority_share=1.0)
+    s.add(1, entries(1, 10), priority=100, now=0.0)
+    s.add(2, entries(2, 15), priority=100, now=0.5)
+    s.add(3, entries(3, 10), priority=0, now=1.0)
+    assert ids(s.schedule()) == [(1, 0), (3, 0)]  # the oldest by the share, the query, no room for the other bulk
+    assert ids(s.schedule()) == [(2, 0)]
+
+
+def test_abort_takes_a_request_out_of_its_level():
+    s = make(tokens=10)
+    s.add(1, entries(1, 10, 10), priority=7, now=0.0)
+    s.add(2, entries(2, 10), priority=3, now=0.0)
+    assert s.abort(1) == 2
+    assert s.stats.waiting_by_priority == {3: 1} and s.stats.waiting_inputs == 1
+    assert ids(s.schedule()) == [(2, 0)] and s.schedule() is None
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_the_share_is_a_fraction_of_a_step(share):
+    with pytest.raises(ConfigError, match="share"):
+        Scheduler(max_batch_tokens=10, max_batch_requests=8, max_queue=100, priority_share=share)

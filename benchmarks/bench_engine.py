@@ -5,14 +5,24 @@
 Prints tokens/s (median of the repeats) for sentence-transformers fp32, embedserve fp32, embedserve bf16
 (where the CPU computes it natively, or with ``--bf16`` anyway) and embedserve ``--quantize int8``, the ratios
 against sentence-transformers and against embedserve fp32, and each one's worst cosine against fp32.
+
+The peers: where the bench venv exists (``.venv/bench``: ``python3 -m venv .venv/bench && .venv/bench/bin/pip
+install -q --no-deps -r benchmarks/peers.txt``), the same texts on sentence-transformers' ONNX Runtime (fp32,
+dynamic int8) and OpenVINO (its default, static int8 calibrated offline on 300 of the texts) backends, in that venv
+(:mod:`st_peers`), each with its tokens/s, its ratio to sentence-transformers and its min cosine against
+sentence-transformers fp32; then embedserve's fp32, bf16 and int8 against the best peer at the same precision.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +110,41 @@ def main() -> None:
         print(f"{'embedserve ' + name:30s} {tokens / seconds:10.0f} tok/s  ({seconds:.3f} s)  "
               f"ratio {st_s / seconds:.2f}x  vs embedserve fp32 {fp32_s / seconds:.2f}x  min cosine vs fp32 {cos:.6f}")
     print(f"min cosine: embedserve fp32 vs sentence-transformers {cos_st:.6f}")
+    peer_rows(path, texts, tokens, st_s, {name: seconds for name, (seconds, _, _) in results.items()},
+              {name: torch.nn.functional.cosine_similarity(vecs.float(), st_vecs.float()).min().item()
+               for name, (_, vecs, _) in results.items()}, args.repeats)
+
+
+PEERS = Path(os.environ.get("EMBEDSERVE_BENCH_PYTHON", Path(__file__).resolve().parents[1] / ".venv" / "bench" / "bin"
+                            / "python"))
+# embedserve's row -> the peers at the same precision (OpenVINO's default is bf16 on a CPU that computes it)
+SAME_PRECISION = {"fp32": ("onnx fp32",), "bf16": ("openvino",), "int8": ("onnx int8", "openvino int8")}
+
+
+def peer_rows(path: str, texts: list[str], tokens: int, st_s: float, ours: dict[str, float], our_cos: dict[str, float],
+              repeats: int) -> None:
+    """ONNX Runtime and OpenVINO through sentence-transformers, in the bench venv (:mod:`st_peers`)."""
+    if not PEERS.is_file():
+        print(f"peers: {PEERS} is missing (see the docstring): no ONNX Runtime / OpenVINO rows")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        listed = Path(tmp) / "texts.json"
+        listed.write_text(json.dumps(texts))
+        run = subprocess.run([str(PEERS), str(Path(__file__).with_name("st_peers.py")), path, str(listed),
+                              str(repeats)], capture_output=True, text=True)
+    if run.returncode:
+        print(f"peers failed: {run.stderr[-2000:]}")
+        return
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"peers (sentence-transformers backends, batch 32, {found['threads']} torch threads; their tokens "
+          f"{found['tokens']}, ours {tokens}):")
+    for name, r in found["runs"].items():
+        print(f"  {name:28s} {tokens / r['seconds']:10.0f} tok/s  ({r['seconds']:.3f} s)  ratio {st_s / r['seconds']:.2f}x"
+              f"  min cosine vs ST fp32 {r['min_cos']:.6f} (mean {r['mean_cos']:.6f})")
+    for name, seconds in ours.items():
+        best = min(SAME_PRECISION[name], key=lambda peer: found["runs"][peer]["seconds"])
+        print(f"  embedserve {name} vs {best}: {found['runs'][best]['seconds'] / seconds:.2f}x "
+              f"(min cosine vs ST fp32: ours {our_cos[name]:.6f}, theirs {found['runs'][best]['min_cos']:.6f})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""The CPU runtimes sentence-transformers offers, timed for bench_engine in their own venv (.venv/bench, built from
+benchmarks/peers.txt: sentence-transformers[onnx,openvino] pins other releases than ours):
+``python st_peers.py MODEL_DIR TEXTS.json REPEATS``.
+
+Copies the model folder, then times ``encode(texts, batch_size=32)`` on each backend, after a warm-up call:
+
+- ``torch fp32``: sentence-transformers itself (the reference of the min cosine);
+- ``onnx fp32``: ONNX Runtime, the model exported by sentence-transformers;
+- ``onnx int8``: ``export_dynamic_quantized_onnx_model`` (avx512_vnni when the CPU has VNNI, else avx2);
+- ``openvino``: OpenVINO at its default precision (bf16 on a CPU that computes it natively);
+- ``openvino int8``: OpenVINO's static post-training quantization (``optimum.intel.OVQuantizer``, default
+  ``OVQuantizationConfig``) calibrated offline on the first 300 of the texts, as
+  ``export_static_quantized_openvino_model`` does with a Hub dataset; padded to 384 tokens, its recipe.
+
+Prints one JSON line: per backend its median seconds and its min cosine against torch fp32; and the tokens the
+texts hold (the tokenizer's, cut to the model's max_seq_length), which embedserve counts the same way.
+"""
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402  (the standard library only, at import)
+
+CALIBRATION_TEXTS = 300
+
+
+def vnni() -> bool:
+    try:
+        return " avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def main() -> None:
+    source, texts_path, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    texts = json.loads(Path(texts_path).read_text())
+    from datasets import Dataset
+    from optimum.intel.openvino import OVConfig, OVQuantizationConfig, OVQuantizer
+    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        shutil.copytree(source, folder)
+        models = {"torch fp32": SentenceTransformer(str(folder), device="cpu")}
+        onnx = SentenceTransformer(str(folder), device="cpu", backend="onnx")
+        onnx.save(str(folder))  # the export, where the quantizer reads it
+        flavour = "avx512_vnni" if vnni() else "avx2"
+        export_dynamic_quantized_onnx_model(onnx, flavour, str(folder))
+        models["onnx fp32"] = onnx
+        models["onnx int8"] = SentenceTransformer(str(folder), device="cpu", backend="onnx",
+                                                  model_kwargs={"file_name": f"onnx/model_qint8_{flavour}.onnx"})
+        ov = SentenceTransformer(str(folder), device="cpu", backend="openvino")
+        models["openvino"] = ov
+        calibration = Dataset.from_dict({"sentence": texts[:CALIBRATION_TEXTS]}).map(
+            lambda batch: ov.tokenizer(batch["sentence"], padding="max_length", max_length=384, truncation=True),
+            batched=True, remove_columns=["sentence"])
+        quantized = Path(tmp) / "ov-int8"
+        # the quantizer rewrites the model it is given: a copy, so that the "openvino" row stays unquantized
+        to_quantize = SentenceTransformer(str(folder), device="cpu", backend="openvino")
+        OVQuantizer.from_pretrained(to_quantize.transformers_model).quantize(
+            calibration, save_directory=str(quantized),
+            ov_config=OVConfig(quantization_config=OVQuantizationConfig(num_samples=CALIBRATION_TEXTS)))
+        (folder / "openvino").mkdir(exist_ok=True)
+        for suffix in (".xml", ".bin"):
+            shutil.copy(quantized / "openvino" / f"openvino_model{suffix}",
+                        folder / "openvino" / f"openvino_model_qint8{suffix}")
+        models["openvino int8"] = SentenceTransformer(
+            str(folder), device="cpu", backend="openvino", model_kwargs={"file_name": "openvino/openvino_model_qint8.xml"})
+
+        reference = models["torch fp32"].encode(texts, batch_size=32, convert_to_tensor=True)
+        out = {}
+        for name, model in models.items():
+            seconds = median_ms(lambda: model.encode(texts, batch_size=32, show_progress_bar=False), repeats) / 1000
+            vectors = torch.as_tensor(model.encode(texts, batch_size=32, convert_to_tensor=True)).float()
+            cos = torch.nn.functional.cosine_similarity(vectors, reference.float())
+            out[name] = {"seconds": seconds, "min_cos": cos.min().item(), "mean_cos": cos.mean().item()}
+        tok = models["torch fp32"].tokenizer
+        limit = models["torch fp32"].max_seq_length
+        tokens = sum(len(x) for x in tok(texts, truncation=True, max_length=limit)["input_ids"])
+    print(json.dumps({"tokens": tokens, "threads": torch.get_num_threads(), "runs": out}))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sparse import (  # noqa: E402
     bench_parser,
+    flag_tokens_per_s,
     medians_in_turn,
     minilm_with_lexical_head,
     started_engine,
-    tokens_per_s,
 )
 from corpus import mixed_corpus  # noqa: E402
 from timing import cpu_line  # noqa: E402
@@ -107,16 +107,12 @@ def main() -> None:
         width = answer.multi[0].shape[1]
         print(f"  one 32-text answer ({count} vectors of {width}): JSON floats {floats / 1e6:.2f} MB, base64 "
               f"matrices {packed / 1e6:.2f} MB ({floats / packed:.2f}x smaller)")
-        try:
-            from FlagEmbedding import BGEM3FlagModel
-        except ImportError:
-            print("  FlagEmbedding is not installed: no peer rows")
+        rates = flag_tokens_per_s(folder, texts, tokens, args.repeats,
+                                  {"return_dense": False, "return_colbert_vecs": True},
+                                  {"return_sparse": True, "return_colbert_vecs": True})
+        if rates is None:
             return
-        flag = BGEM3FlagModel(str(folder), use_fp16=False, devices="cpu")
-        vectors = tokens_per_s(lambda: flag.encode(texts, batch_size=32, max_length=256, return_dense=False,
-                                                   return_colbert_vecs=True), tokens, args.repeats)
-        every = tokens_per_s(lambda: flag.encode(texts, batch_size=32, max_length=256, return_dense=True,
-                                                 return_sparse=True, return_colbert_vecs=True), tokens, args.repeats)
+        vectors, every = rates
         print(f"  FlagEmbedding colbert vectors, batch 32:        {vectors:8.0f} tok/s; embedserve "
               f"{med['vectors'] / vectors:.2f}x")
         print(f"  FlagEmbedding all three, batch 32:              {every:8.0f} tok/s; embedserve "

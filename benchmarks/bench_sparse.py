@@ -87,6 +87,20 @@ def tokens_per_s(fn, tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def flag_tokens_per_s(folder: Path, texts: list[str], tokens: int, repeats: int, *outputs: dict
+                      ) -> list[float] | None:
+    """FlagEmbedding's ``BGEM3FlagModel.encode`` (fp32, batch 32, the dense vectors and each of ``outputs``'
+    ``return_*`` flags): its tokens/s per output set; None (said) when FlagEmbedding is not installed."""
+    try:
+        from FlagEmbedding import BGEM3FlagModel
+    except ImportError:
+        print("  FlagEmbedding is not installed: no peer rows")
+        return None
+    flag = BGEM3FlagModel(str(folder), use_fp16=False, devices="cpu")
+    return [tokens_per_s(lambda: flag.encode(texts, batch_size=32, max_length=256, **{"return_dense": True, **out}),
+                         tokens, repeats) for out in outputs]
+
+
 def engine_run(engine: Engine, texts: list[str], options: EmbedOptions, *, batch: int = 32, clients: int = 4):
     """The texts as ``batch``-text requests, ``clients`` in flight at once; returns the tokens embedded."""
     async def run():
@@ -180,14 +194,10 @@ def main() -> None:
         print(f"  embedserve dense + sparse in one request:     {med['both']:8.0f} tok/s  "
               f"({med['both'] / med['dense']:.2f}x dense alone; {med['both'] / two:.2f}x dense then sparse as two "
               "requests)")
-        try:
-            from FlagEmbedding import BGEM3FlagModel
-        except ImportError:
-            print("  FlagEmbedding is not installed: no peer row")
+        rates = flag_tokens_per_s(folder, texts, tokens, args.repeats, {"return_sparse": True})
+        if rates is None:
             return
-        flag = BGEM3FlagModel(str(folder), use_fp16=False, devices="cpu")
-        peer = tokens_per_s(lambda: flag.encode(texts, batch_size=32, max_length=256, return_dense=True,
-                                                return_sparse=True), tokens, args.repeats)
+        (peer,) = rates
         print(f"  FlagEmbedding BGEM3FlagModel.encode, dense + sparse, batch 32: {peer:8.0f} tok/s; embedserve "
               f"{med['both'] / peer:.2f}x")
 

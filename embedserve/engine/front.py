@@ -341,9 +341,8 @@ class Engine:
         if max_doc_tokens is not None:
             docs = await self._on_pool(_size(docs), self.tokenizer.cut, docs, max_doc_tokens)
         prompt = self.prompt(None)
-        asked = await asyncio.gather(self._colbert(queries, truncate, prompt, True, priority),
-                                     self._colbert(docs, truncate, prompt, False, priority))
-        q_result, d_result = asked
+        q_result, d_result = await asyncio.gather(self._colbert(queries, truncate, prompt, True, priority),
+                                                  self._colbert(docs, truncate, prompt, False, priority))
         which = {q: i for i, q in enumerate(queries)}
         scores = torch.empty(len(pairs), 1)
         for q, rows in _by_query(pairs, which).items():

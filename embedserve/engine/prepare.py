@@ -173,8 +173,8 @@ class Preparer:
     def colbert(self, inputs: Sequence[str | Sequence[int]], truncate: bool, prompt: str, query: bool
                 ) -> ColbertInputs:
         """A PyLate model's queries or documents, as ``ColBERT.tokenize`` makes them: each text (after ``prompt``,
-        stripped) cut to the side's length less one, its prefix token inserted after the first token; queries
-        always cut, and with query expansion padded with [MASK] to the query length."""
+        stripped) cut to the side's length less one (or refused, as ``truncate`` says), its prefix token inserted
+        after the first token; queries, with query expansion, padded with [MASK] to the query length."""
         texts = self._read(inputs)
         if texts is None:
             raise InvalidRequest("a ColBERT model inserts its query or document token into each text: send text, "

@@ -370,33 +370,25 @@ class Tokenizer:
         ``from_start``: an over-long text loses its start instead of its end (transformers'
         ``truncation_side="left"``): the special tokens, then its last tokens. ``special=False``: without special
         tokens (what a static query encoder reads). ``limit``: fewer tokens than the model's maximum."""
-        if limit is not None and limit < self.max_length:
-            if from_start:
-                raise ValueError("this is a bug: a limit below the maximum keeps the start of a text")
-            cut = [self.bounded(t, limit) for t in texts]
-            texts = [t.lower() if self.do_lower_case else t for t, _ in cut]
-            if truncate:
-                return [e.ids for e in self._cut_to(limit).encode_batch(texts, add_special_tokens=special)]
-            ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=special)]
-            for i, x in enumerate(ids):
-                if len(x) > limit:
-                    raise ContextLengthExceeded(limit, len(x), index=i, at_least=cut[i][1])
-            return ids
+        limit = self.max_length if limit is None else min(limit, self.max_length)
         if truncate and from_start:
+            if limit != self.max_length:
+                raise ValueError("this is a bug: a limit below the maximum keeps the start of a text")
             tails = [self.bounded_tail(t) for t in texts]
             if self.do_lower_case:
                 tails = [t.lower() for t in tails]
             return [e.ids for e in self._cut_start.encode_batch(tails, add_special_tokens=special)]
-        cut = [self.bounded(t) for t in texts]
+        cut = [self.bounded(t, limit) for t in texts]
         texts = [t for t, _ in cut]
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
         if truncate:  # one pass: the truncating tokenizer cuts exactly as transformers' truncation=True
-            return [e.ids for e in self._cut.encode_batch(texts, add_special_tokens=special)]
+            cutter = self._cut if limit == self.max_length else self._cut_to(limit)
+            return [e.ids for e in cutter.encode_batch(texts, add_special_tokens=special)]
         ids = [e.ids for e in self._full.encode_batch(texts, add_special_tokens=special)]
         for i, x in enumerate(ids):
-            if len(x) > self.max_length:
+            if len(x) > limit:
                 if not long_ok:
-                    raise ContextLengthExceeded(self.max_length, len(x), index=i, at_least=cut[i][1])
+                    raise ContextLengthExceeded(limit, len(x), index=i, at_least=cut[i][1])
                 ids[i] = None  # the caller reads it whole another way
         return ids

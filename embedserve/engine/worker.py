@@ -119,9 +119,9 @@ class Worker:
         self.token_types = loaded.token_types  # pairs carry token types into the step
         self.sparse = loaded.model.sparse is not None  # SPLADE: the rows are sparse only
         self.lexical = loaded.model.lexical is not None  # bge-m3: each step also weighs its tokens
-        self.colbert = loaded.model.colbert is not None  # per-token vectors for the inputs that ask
         colbert = loaded.model.colbert
-        self.pylate = colbert is not None and colbert.pylate is not None  # a ColBERT model: no pooled rows
+        self.colbert = colbert is not None  # per-token vectors for the inputs that ask
+        self.pylate = self.colbert and colbert.pylate is not None  # a ColBERT model: no pooled rows
         self.name = name
         self.observer = observer
         self._on_fatal = on_fatal
@@ -385,7 +385,6 @@ class Worker:
         finished_at = time.perf_counter()
         if rows:
             self.observer.step(len(rows), sum(step.items[i].length for i in rows), finished_at - started)
-        if rows:
             span = StepSpan(started, finished_at, step.num_tokens, len(step.items))
             for p in {id(p): p for i, p in enumerate(plan) if p is not None and i in rows}.values():
                 p.steps.append(span)

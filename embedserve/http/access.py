@@ -24,6 +24,7 @@ WORK_ROUTES = {"/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/re
                "/classify", "/", "/v1/embed", "/v2/embed", "/embed_sparse", "/embed_all"}
 _ROUTES = WORK_ROUTES | {"/v1/models", "/models", "/health", "/ready", "/metrics", "/tokenize", "/decode", "/info",
                          "/openapi.json", "/docs"}
+_PROBES = ("/health", "/ready", "/metrics")  # logged only when they fail; never traced
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -39,17 +40,17 @@ class AccessMiddleware:
         started = clock[1]
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        path = scope["path"]
         parent = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"traceparent"), None)
-        tracer = self.service.tracer
+        tracer = self.service.tracer if path not in _PROBES else None  # probes every few seconds: no spans
         if tracer is not None:
-            span, ids = tracer.start(parent, f"{scope['method']} {scope['path']}", clock[0])
+            span, ids = tracer.start(parent, f"{scope['method']} {path}", clock[0])
         else:
             span, ids = None, tracing.ids_from(parent)
         token = tracing.current.set(ids)
         access: dict = {}
         scope.setdefault("state", {})["access"] = access
         status = 500
-        path = scope["path"]
         embedding = path in WORK_ROUTES and scope["method"] == "POST"
         if embedding:
             self.service.request_started()
@@ -75,7 +76,7 @@ class AccessMiddleware:
                 m.rejected.inc()
             if embedding and status == 200:
                 m.request_seconds.observe(total_s)
-            if path not in ("/health", "/ready", "/metrics") or status >= 400:
+            if path not in _PROBES or status >= 400:
                 fields = {
                     "method": scope["method"], "path": path, "status": status,
                     "kind": access.get("kind", "-"), "model": access.get("model", "-"),

@@ -61,6 +61,7 @@ def test_a_request_with_a_traceparent_is_its_child_with_the_engines_spans(traced
     assert forward["embedserve.step.inputs"][0] == "int_value" and forward["embedserve.device"] == ("string_value",
                                                                                                    "cpu")
     assert collector.paths and set(collector.paths) == {"/v1/traces"}
+    assert not any(s.name.endswith(("/ready", "/health", "/metrics")) for s in collector.spans)  # probes: none
     service = {kv.key: kv.value.string_value for r in collector.resources for kv in r.attributes}
     assert service["service.name"] == "embed-test"
     # The access line of that request carries its trace and its server span.

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import cpu_line  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402
+from st_peers import SAME_PRECISION, run_peers  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from embedserve.engine.cpu import read_cpu  # noqa: E402
@@ -115,27 +112,12 @@ def main() -> None:
                for name, (_, vecs, _) in results.items()}, args.repeats)
 
 
-PEERS = Path(os.environ.get("EMBEDSERVE_BENCH_PYTHON", Path(__file__).resolve().parents[1] / ".venv" / "bench" / "bin"
-                            / "python"))
-# embedserve's row -> the peers at the same precision (OpenVINO's default is bf16 on a CPU that computes it)
-SAME_PRECISION = {"fp32": ("onnx fp32",), "bf16": ("openvino",), "int8": ("onnx int8", "openvino int8")}
-
-
 def peer_rows(path: str, texts: list[str], tokens: int, st_s: float, ours: dict[str, float], our_cos: dict[str, float],
               repeats: int) -> None:
     """ONNX Runtime and OpenVINO through sentence-transformers, in the bench venv (:mod:`st_peers`)."""
-    if not PEERS.is_file():
-        print(f"peers: {PEERS} is missing (see the docstring): no ONNX Runtime / OpenVINO rows")
+    found = run_peers(path, texts, repeats)
+    if found is None:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        listed = Path(tmp) / "texts.json"
-        listed.write_text(json.dumps(texts))
-        run = subprocess.run([str(PEERS), str(Path(__file__).with_name("st_peers.py")), path, str(listed),
-                              str(repeats)], capture_output=True, text=True)
-    if run.returncode:
-        print(f"peers failed: {run.stderr[-2000:]}")
-        return
-    found = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"peers (sentence-transformers backends, batch 32, {found['threads']} torch threads; their tokens "
           f"{found['tokens']}, ours {tokens}):")
     for name, r in found["runs"].items():

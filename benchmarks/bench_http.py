@@ -16,6 +16,11 @@ and the mean answer size, and, for throughput shapes, the ratio to sentence-tran
 of three ``encode`` runs in this same run); then the same engine, built from the same flags, driven in-process at
 32 texts x 4 concurrent requests for the same windows, beside the server's 32 x 4 rows: what HTTP, JSON and the
 response encoding cost on top of the engine.
+
+``--peers`` (issue 32's measure) adds a second part: three servers, at fp32, bf16 (where the CPU computes it
+natively) and ``--quantize int8``, driven in turn at 32 texts x 4 clients, base64, ``--windows`` windows each; then
+the same corpus embedded in-process by sentence-transformers on ONNX Runtime and OpenVINO in the bench venv
+(:mod:`st_peers`, medians of 3), and each server's median against the fastest peer at its precision.
 """
 
 from __future__ import annotations
@@ -155,6 +160,31 @@ def engine_tokens_per_s(serve_flags: list[str], env: dict[str, str], batches: li
         engine.shutdown()
 
 
+def in_turn(flags_by_name: dict[str, tuple[str, ...]], batches: list[list[str]], seconds: float, windows: int,
+            concurrency: int = 4, fmt: str = "base64") -> dict[str, list[dict]]:
+    """One server per name, started with its flags (the tests' launcher, 127.0.0.1), all at once; a 1 s warm-up
+    each, then ``windows`` rounds of one window of ``seconds`` per server in turn, so that the host's drift reaches
+    every server alike. Returns each name's windows (:func:`load`'s dicts)."""
+    import contextlib
+    import tempfile
+
+    from serving import run_server
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        ports = {}
+        for name, flags in flags_by_name.items():
+            folder = Path(tmp) / f"server-{len(ports)}"
+            folder.mkdir()
+            ports[name] = int(stack.enter_context(run_server(folder, *flags)).url.rsplit(":", 1)[1])
+        for port in ports.values():
+            asyncio.run(load(port, batches, concurrency, fmt, 1.0))
+        seen: dict[str, list[dict]] = {name: [] for name in ports}
+        for _ in range(windows):
+            for name, port in ports.items():
+                seen[name].append(asyncio.run(load(port, batches, concurrency, fmt, seconds)))
+    return seen
+
+
 def summarize(windows: list[dict]) -> dict:
     """Medians over a shape's windows (tokens/s, p50, p99), their tokens/s range, requests and errors summed."""
     return {"tok_s": statistics.median(w["tok_s"] for w in windows),
@@ -169,6 +199,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per window")
     ap.add_argument("--windows", type=int, default=3, help="windows per shape (medians are reported)")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--peers", action="store_true",
+                    help="then the server at fp32, bf16 and int8 against ONNX Runtime and OpenVINO in-process")
     ap.add_argument("serve_flags", nargs="*")
     args = ap.parse_args()
     print(cpu_line())
@@ -228,6 +260,39 @@ def main() -> None:
                   f"HTTP at {r['tok_s'] / in_process:.2f}x of the engine")
     print(f"single short text, 1 client: p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms (medians of "
           f"{args.windows} windows; {floor['requests']} requests, {floor['errors']} errors)")
+    if args.peers:
+        peer_comparison(model_dir, flags, corpus, thirty_twos, args.seconds, args.windows)
+
+
+PRECISIONS = {"fp32": ("--dtype", "float32"), "bf16": ("--dtype", "bfloat16"), "int8": ("--quantize", "int8")}
+
+
+def peer_comparison(model_dir: str, flags: list[str], corpus: list[str], batches: list[list[str]], seconds: float,
+                    windows: int) -> None:
+    """The server at each precision over HTTP (32 x 4, base64) against the peers in-process on the same corpus."""
+    from embedserve.engine.cpu import read_cpu
+    from st_peers import SAME_PRECISION, run_peers
+
+    names = [name for name in PRECISIONS if name != "bf16" or read_cpu().bf16]
+    seen = in_turn({name: (*flags, *PRECISIONS[name]) for name in names}, batches, seconds, windows)
+    found = run_peers(model_dir, corpus, 3)
+    print(f"the server at each precision, 32 texts x 4 clients, base64 ({windows} windows of {seconds:.0f} s, "
+          f"medians){'' if 'bf16' in names else '; no bf16 server: this CPU emulates bf16'}")
+    ours = {name: summarize(w) for name, w in seen.items()}
+    for name, r in ours.items():
+        print(f"  embedserve {name:5s} {r['tok_s']:8.0f} tok/s  range {r['low']:.0f}-{r['high']:.0f}  p50 "
+              f"{r['p50']:.1f} ms  p99 {r['p99']:.1f} ms  {r['errors']} errors")
+    if found is None:
+        return
+    print(f"peers in-process (sentence-transformers backends, batch 32, {found['threads']} torch threads, medians "
+          f"of 3; {found['tokens']} tokens):")
+    for peer, r in found["runs"].items():
+        print(f"  {peer:14s} {found['tokens'] / r['seconds']:8.0f} tok/s  min cosine vs ST fp32 {r['min_cos']:.6f} "
+              f"(mean {r['mean_cos']:.6f})")
+    for name, r in ours.items():
+        best = max(SAME_PRECISION[name], key=lambda peer: found["tokens"] / found["runs"][peer]["seconds"])
+        theirs = found["tokens"] / found["runs"][best]["seconds"]
+        print(f"  embedserve {name} over HTTP vs {best} in-process: {r['tok_s'] / theirs:.2f}x")
 
 
 if __name__ == "__main__":

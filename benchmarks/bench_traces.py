@@ -13,17 +13,14 @@ tokens/s and p50 / p99 latency, the ratios to the untraced server, and the spans
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from timing import cpu_line  # noqa: E402
-from bench_http import load, summarize  # noqa: E402  (it puts tests/ on the path)
+from bench_http import in_turn, summarize  # noqa: E402  (it puts tests/ on the path)
 from corpus import mixed_corpus  # noqa: E402
 
 
@@ -34,27 +31,15 @@ def main() -> None:
     args = ap.parse_args()
     print(cpu_line())
     from collector import Collector
-    from serving import run_server
 
     corpus = mixed_corpus(1024)
     batches = [corpus[i : i + 32] for i in range(0, len(corpus), 32)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again before any server starts
-    with tempfile.TemporaryDirectory() as tmp, Collector() as collector, contextlib.ExitStack() as stack:
-        servers = {}
-        for name, flags in (("no endpoint", ()), ("live collector", ("--otlp-endpoint", collector.url)),
-                            ("collector down", ("--otlp-endpoint", dead))):
-            folder = Path(tmp) / name.replace(" ", "-")
-            folder.mkdir()
-            servers[name] = stack.enter_context(run_server(folder, *flags))
-        ports = {name: int(server.url.rsplit(":", 1)[1]) for name, server in servers.items()}
-        seen: dict[str, list[dict]] = {name: [] for name in servers}
-        for name, port in ports.items():  # warm-up
-            asyncio.run(load(port, batches, 4, "base64", 1.0))
-        for _ in range(args.windows):
-            for name, port in ports.items():
-                seen[name].append(asyncio.run(load(port, batches, 4, "base64", args.seconds)))
+    with Collector() as collector:
+        seen = in_turn({"no endpoint": (), "live collector": ("--otlp-endpoint", collector.url),
+                        "collector down": ("--otlp-endpoint", dead)}, batches, args.seconds, args.windows)
         spans = len(collector.spans)
     base = summarize(seen["no endpoint"])
     print(f"32 texts x 4 clients, base64, {args.windows} windows of {args.seconds:.0f} s (medians)")

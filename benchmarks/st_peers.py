@@ -17,7 +17,9 @@ texts hold (the tokenizer's, cut to the model's max_seq_length), which embedserv
 """
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_ms  # noqa: E402  (the standard library only, at import)
 
 CALIBRATION_TEXTS = 300
+# The bench venv's python (the caller's side: bench_engine and bench_http run this file with it).
+PEERS = Path(os.environ.get("EMBEDSERVE_BENCH_PYTHON", Path(__file__).resolve().parents[1] / ".venv" / "bench" / "bin"
+                            / "python"))
+# embedserve's row -> the peers at the same precision (OpenVINO's default is bf16 on a CPU that computes it)
+SAME_PRECISION = {"fp32": ("onnx fp32",), "bf16": ("openvino",), "int8": ("onnx int8", "openvino int8")}
+
+
+def run_peers(model_dir: str, texts: list[str], repeats: int) -> dict | None:
+    """For the callers in our own venv: this file run in the bench venv on ``texts``; its JSON (``tokens``,
+    ``threads``, ``runs``: backend -> seconds, min_cos, mean_cos), or None after saying why there is none."""
+    if not PEERS.is_file():
+        print(f"peers: {PEERS} is missing (see bench_engine's docstring): no ONNX Runtime / OpenVINO rows")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        listed = Path(tmp) / "texts.json"
+        listed.write_text(json.dumps(texts))
+        run = subprocess.run([str(PEERS), __file__, model_dir, str(listed), str(repeats)], capture_output=True,
+                             text=True)
+    if run.returncode:
+        print(f"peers failed: {run.stderr[-2000:]}")
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def vnni() -> bool:

@@ -239,8 +239,11 @@ def _quantize_int8(model: LoadedModel, tokenizer: Tokenizer, runner: Runner, lin
     count = quantize_int8(model.encoder, absmax, weight_max=weight_max)
     total = sum(isinstance(m, torch.nn.Linear) for m in model.encoder.modules()) + count
     unsigned = sum(1 for m in model.encoder.modules() if isinstance(m, Int8Linear) and m.unsigned)
-    widths = "8-bit weights" if weight_max == 127 else "7-bit weights" + (
-        f"; {unsigned} narrowing layers 8-bit weights, 7-bit unsigned activations" if unsigned else "")
+    if weight_max == 127:
+        widths = "8-bit weights" + (f"; {unsigned} narrowing layers 8-bit unsigned activations" if unsigned else "")
+    else:
+        widths = "7-bit weights" + (
+            f"; {unsigned} narrowing layers 8-bit weights, 7-bit unsigned activations" if unsigned else "")
     log.info("int8: %d linear layers quantized (%s, %s GEMM) after calibrating on %d texts (%d tokens) in "
              "%.2fs", count, widths, int8_gemm(), len(ids), sum(map(len, ids)), time.perf_counter() - started)
     return f"int8 ({count} of {total} layers, {widths}, {int8_gemm()} GEMM)"

@@ -63,9 +63,13 @@ def test_minilm_int8_within_099_of_sentence_transformers(minilm_dir, minilm_refe
     assert len(layers) == (18 if weight_max == 63 and int8_gemm() == "int_mm" else 24)
     assert all(m.smooth is not None for m in layers)  # every one calibrated
     unsigned = [m for m in layers if m.unsigned]
-    if weight_max == 63 and int8_gemm() == "onednn":
+    if int8_gemm() == "onednn":
+        # the narrowing layers (the down projections) take unsigned activations: 8-bit with 8-bit weights
+        # elsewhere, 7-bit (with 8-bit weights) where the others have 7-bit weights
         assert len(unsigned) == 6 and all(m.in_features > m.out_features for m in unsigned)
-        widths = "7-bit weights; 6 narrowing layers 8-bit weights, 7-bit unsigned activations"
+        assert {m.steps for m in unsigned} == {254.0 if weight_max == 127 else 127.0}
+        widths = ("8-bit weights; 6 narrowing layers 8-bit unsigned activations" if weight_max == 127 else
+                  "7-bit weights; 6 narrowing layers 8-bit weights, 7-bit unsigned activations")
     else:
         assert not unsigned
         widths = "8-bit weights" if weight_max == 127 else "7-bit weights"

@@ -122,8 +122,9 @@ def _gemms():
 
 
 def _activation_kinds():
-    """(gemm, unsigned): signed activations on each GEMM, unsigned ones on oneDNN's."""
-    return [(g, False) for g in _gemms()] + ([("onednn", True)] if "onednn" in _gemms() else [])
+    """(gemm, unsigned, steps): signed activations on each GEMM, unsigned 7- and 8-bit ones on oneDNN's."""
+    signed = [(g, False, 127) for g in _gemms()]
+    return signed + ([("onednn", True, 127), ("onednn", True, 254)] if "onednn" in _gemms() else [])
 
 
 def _after_gelu(x):
@@ -147,32 +148,41 @@ def test_int8_layer_against_float(weight_max, smoothed):
 
 @pytest.mark.parametrize("smoothed", [False, True])
 @pytest.mark.parametrize("positive", [False, True])
-def test_unsigned_int8_activations_against_float(smoothed, positive):
-    """Per-row zero points, 8-bit weights (what CPUs without VNNI run for the narrowing layers): as close to
-    float as signed activations are, on inputs of either sign and on mostly positive ones; and the rows whose
-    range does not straddle zero (all positive, all negative, all zero) still quantize exactly enough."""
-    from embedserve.kernels.linear import Int8Linear
+@pytest.mark.parametrize("steps", [127, 254])
+def test_unsigned_int8_activations_against_float(smoothed, positive, steps):
+    """Per-row zero points, 8-bit weights (7-bit levels: what CPUs without VNNI run for the narrowing layers;
+    8-bit levels: what CPUs with VNNI run there): as close to float as signed activations are, on inputs of
+    either sign and on mostly positive ones; and the rows whose range does not straddle zero (all positive, all
+    negative, all zero) still quantize exactly enough. On the mostly positive inputs, 8-bit unsigned levels are
+    closer to float than signed ones, as an MLP's output projection needs."""
+    from embedserve.kernels.linear import Int8Linear, int8_weight_max
 
     if "onednn" not in _gemms():
         pytest.skip("this torch has no oneDNN int8 linear")
+    if steps == 254 and int8_weight_max() != 127:
+        pytest.skip("this CPU's int8 GEMM saturates full 8-bit products (no VNNI)")
     layer, x = _layer_and_inputs()
     if positive:
         x = _after_gelu(x)
     x[5], x[6], x[8] = x[5].abs() + 1.0, -x[6].abs() - 1.0, 0.0
-    q = Int8Linear(layer, x.abs().amax(dim=0) if smoothed else None, gemm="onednn", unsigned=True)
+    absmax = x.abs().amax(dim=0) if smoothed else None
+    q = Int8Linear(layer, absmax, gemm="onednn", unsigned=True, steps=steps)
     got, want = q(x), layer(x).detach()
     cos = F.cosine_similarity(got[:8], want[:8]).tolist() + F.cosine_similarity(got[9:], want[9:]).tolist()
     assert min(cos) >= (0.999 if smoothed else 0.995), min(cos)
     torch.testing.assert_close(got[8], layer.bias.detach())  # a zero row gives the bias
+    if positive and steps == 254:
+        signed = Int8Linear(layer, absmax, gemm="onednn")(x)
+        assert (got - want).pow(2).sum() < 0.75 * (signed - want).pow(2).sum()
 
 
-@pytest.mark.parametrize("gemm, unsigned", _activation_kinds())
-def test_int8_rows_do_not_depend_on_their_neighbours(gemm, unsigned):
+@pytest.mark.parametrize("gemm, unsigned, steps", _activation_kinds())
+def test_int8_rows_do_not_depend_on_their_neighbours(gemm, unsigned, steps):
     """Per-row activation scales and exact int32 sums: a row's output is bit-identical alone or in a batch."""
     from embedserve.kernels.linear import Int8Linear
 
     layer, x = _layer_and_inputs()
-    q = Int8Linear(layer, x.abs().amax(dim=0), gemm=gemm, unsigned=unsigned)
+    q = Int8Linear(layer, x.abs().amax(dim=0), gemm=gemm, unsigned=unsigned, steps=steps)
     batch = q(x)
     for i in (0, 7, 150, 299):
         assert torch.equal(q(x[i : i + 1])[0], batch[i]), i
@@ -199,22 +209,23 @@ def test_int8_weight_max_is_what_the_gemm_sums_exactly(gemm):
 
 
 def test_unsigned_activations_sum_exactly_with_8_bit_weights_on_any_cpu():
-    """Unsigned levels reach 128 at most (rounding at the top of a row); 2 x 128 x 127 fits the 16-bit pair
-    sums of a CPU without VNNI, so 8-bit weights stay exact (run this under ONEDNN_MAX_CPU_ISA=AVX2 to see)."""
+    """7-bit unsigned levels reach 128 at most (rounding at the top of a row), computed less 128 (-128..0) and
+    given to oneDNN as bytes (plus 128: the levels) with zero point 0; 2 x 128 x 127 fits the 16-bit pair sums
+    of a CPU without VNNI, so 8-bit weights stay exact (run this under ONEDNN_MAX_CPU_ISA=AVX2 to see)."""
     from embedserve.kernels.linear import _Int8Weight
 
     if "onednn" not in _gemms():
         pytest.skip("this torch has no oneDNN int8 linear")
     for level in (128, 127, 0):
-        u = torch.full((3, 256), level, dtype=torch.uint8).view(torch.int8)
+        stored = torch.full((3, 256), level - 128, dtype=torch.int8)
         for w_value in (127, -127):
             w = torch.full((5, 256), w_value, dtype=torch.int8)
-            got = _Int8Weight(w, "onednn").matmul(u.clone(), torch.ones(5), zero_point=0)
+            got = _Int8Weight(w, "onednn").matmul(stored.clone(), torch.ones(5), zero_point=0)  # consumed
             assert torch.equal(got, torch.full((3, 5), float(level * w_value * 256))), (level, w_value)
-    u = torch.randint(0, 129, (64, 512), dtype=torch.uint8)
+    levels = torch.randint(0, 129, (64, 512))
     w = torch.randint(-127, 128, (32, 512), dtype=torch.int8)
-    got = _Int8Weight(w, "onednn").matmul(u.view(torch.int8).clone(), torch.ones(32), zero_point=0)
-    assert torch.equal(got, (u.long() @ w.long().t()).float())
+    got = _Int8Weight(w, "onednn").matmul((levels - 128).to(torch.int8), torch.ones(32), zero_point=0)
+    assert torch.equal(got, (levels @ w.long().t()).float())
 
 
 def test_both_int8_gemms_give_the_same_layer():
@@ -230,11 +241,12 @@ def test_both_int8_gemms_give_the_same_layer():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("weight_max, gemm, down", [(127, "int_mm", "signed"), (127, "onednn", "signed"),
-                                                     (63, "int_mm", "float"), (63, "onednn", "unsigned")])
+@pytest.mark.parametrize("weight_max, gemm, down", [(127, "int_mm", "signed"), (127, "onednn", "unsigned 254"),
+                                                     (63, "int_mm", "float"), (63, "onednn", "unsigned 127")])
 def test_quantize_int8_swaps_the_layers(weight_max, gemm, down):
-    """With 7-bit weights the narrowing layer stays float on _int_mm and takes 8-bit weights with unsigned
-    activations on oneDNN's GEMM."""
+    """On oneDNN's GEMM the narrowing layer takes unsigned activations, 8-bit with 8-bit weights elsewhere and
+    7-bit (with 8-bit weights) where the others have 7-bit weights; on _int_mm it is signed with 8-bit weights
+    and stays float with 7-bit ones."""
     from embedserve.kernels.linear import Int8Linear, quantize_int8
 
     if gemm not in _gemms():
@@ -248,7 +260,9 @@ def test_quantize_int8_swaps_the_layers(weight_max, gemm, down):
     if down == "float":
         assert isinstance(block.down, torch.nn.Linear)
     else:
-        assert isinstance(block.down, Int8Linear) and block.down.unsigned == (down == "unsigned")
+        assert isinstance(block.down, Int8Linear) and block.down.unsigned == down.startswith("unsigned")
+        if block.down.unsigned:
+            assert block.down.steps == float(down.split()[1])
     assert isinstance(block.norm, torch.nn.LayerNorm)
 
 

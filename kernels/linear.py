@@ -355,11 +355,23 @@ class LinearPlan:
         return "measured per shape: " + ", ".join(parts)
 
 
+def gemm_weights_to(module: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the ``nn.Linear`` layers inside ``module`` (weights and biases) to ``dtype``, nothing else; returns how
+    many. :func:`project` casts their inputs to match, so the GEMMs run in ``dtype`` over a wider residual stream."""
+    layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    for layer in layers:
+        layer.to(dtype)
+    return len(layers)
+
+
 def project(x: torch.Tensor, layer: nn.Module, act: str = "none", plan: LinearPlan | None = None) -> torch.Tensor:
     """``act(layer(x))`` for a model's ``nn.Linear`` (through the plan's backend for its shape) or
-    :class:`Int8Linear`."""
+    :class:`Int8Linear`. An input wider than the layer's weights (float32 into bf16 GEMMs: :func:`gemm_weights_to`)
+    is cast to them, and the output stays in their dtype."""
     if isinstance(layer, Int8Linear):
         return _TORCH_ACTS[act](layer(x))
+    if x.dtype != layer.weight.dtype:
+        x = x.to(layer.weight.dtype)
     if plan is not None and plan.absmax is not None:
         plan._observe(x, layer)
     backend = "torch" if plan is None else plan.backend(x, layer, act)

@@ -93,6 +93,7 @@ class BertLayer(nn.Module):
 
 class BertModel(EncoderBase):
     hidden_tails = True
+    fp32_residual = True
     # Checkpoints saved from *ForMaskedLM etc. nest the encoder under a prefix.
     weight_prefixes = ("", "bert.", "roberta.", "model.")
     # Tensors a checkpoint may carry that an embedding forward does not use.

@@ -81,6 +81,10 @@ class EncoderBase(nn.Module):
     supports_chunking = False
     hidden_tails = False  # forward takes tails= (a ColBERT query's expansion tokens that no token attends to)
     float16 = True  # its activations stay within float16's range
+    # In bfloat16 on a CPU, its GEMMs and attention run bf16 while its residual stream, norms and embeddings stay
+    # float32 (project() casts each GEMM's input): the families whose every matmul goes through project() and
+    # whose positions are absolute (no RoPE tables mixing dtypes into q and k).
+    fp32_residual = False
 
     def __init__(self, args: Any, kernels: Kernels) -> None:
         super().__init__()

@@ -1,4 +1,5 @@
-"""--quantize int8 on the CPU: accuracy against float32 references, measured, not assumed (>= 0.99 cosine).
+"""--quantize int8 on the CPU: accuracy against float32 references, measured, not assumed (>= 0.99 cosine; MiniLM
+with 8-bit weights >= 0.995, issue 32's bar).
 
 Both weight widths are checked on any host: 8-bit weights where the CPU's int8 GEMM sums full products exactly
 (VNNI), and the 7-bit weights that CPUs without VNNI get, forced here (their narrowing layers then keep 8-bit
@@ -50,12 +51,13 @@ def minilm_reference(minilm_dir):
     return texts, SentenceTransformer(str(minilm_dir), device="cpu").encode(texts, convert_to_tensor=True)
 
 
-def test_minilm_int8_within_099_of_sentence_transformers(minilm_dir, minilm_reference, weight_max, caplog):
+def test_minilm_int8_within_0995_of_sentence_transformers(minilm_dir, minilm_reference, weight_max, caplog):
     caplog.set_level(logging.INFO, logger="embedserve")
     texts, ref = minilm_reference
     engine, got = embed_int8(minilm_dir, texts)
     cos = F.cosine_similarity(got, ref.float())
-    assert cos.min() >= COS_MIN, (weight_max, float(cos.min()), texts[int(cos.argmin())][:40])
+    bar = 0.995 if weight_max == 127 else COS_MIN
+    assert cos.min() >= bar, (weight_max, float(cos.min()), texts[int(cos.argmin())][:40])
     assert cos.mean() >= 0.995, float(cos.mean())
     layers = [m for m in engine.model.encoder.modules() if isinstance(m, Int8Linear)]
     # 6 layers x (qkv, out, up, down); 7-bit weights: the down projections take 7-bit unsigned activations

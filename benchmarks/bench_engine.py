@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import cpu_line  # noqa: E402
 from corpus import mixed_corpus  # noqa: E402
-from st_peers import SAME_PRECISION, run_peers  # noqa: E402
+from st_peers import fastest, print_runs, run_peers  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from embedserve.engine.cpu import read_cpu  # noqa: E402
@@ -120,11 +120,9 @@ def peer_rows(path: str, texts: list[str], tokens: int, st_s: float, ours: dict[
         return
     print(f"peers (sentence-transformers backends, batch 32, {found['threads']} torch threads; their tokens "
           f"{found['tokens']}, ours {tokens}):")
-    for name, r in found["runs"].items():
-        print(f"  {name:28s} {tokens / r['seconds']:10.0f} tok/s  ({r['seconds']:.3f} s)  ratio {st_s / r['seconds']:.2f}x"
-              f"  min cosine vs ST fp32 {r['min_cos']:.6f} (mean {r['mean_cos']:.6f})")
+    print_runs(found, tokens, st_s)
     for name, seconds in ours.items():
-        best = min(SAME_PRECISION[name], key=lambda peer: found["runs"][peer]["seconds"])
+        best = fastest(found, name)
         print(f"  embedserve {name} vs {best}: {found['runs'][best]['seconds'] / seconds:.2f}x "
               f"(min cosine vs ST fp32: ours {our_cos[name]:.6f}, theirs {found['runs'][best]['min_cos']:.6f})")
 

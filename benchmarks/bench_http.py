@@ -271,7 +271,7 @@ def peer_comparison(model_dir: str, flags: list[str], corpus: list[str], batches
                     windows: int) -> None:
     """The server at each precision over HTTP (32 x 4, base64) against the peers in-process on the same corpus."""
     from embedserve.engine.cpu import read_cpu
-    from st_peers import SAME_PRECISION, run_peers
+    from st_peers import fastest, print_runs, run_peers
 
     names = [name for name in PRECISIONS if name != "bf16" or read_cpu().bf16]
     seen = in_turn({name: (*flags, *PRECISIONS[name]) for name in names}, batches, seconds, windows)
@@ -286,11 +286,9 @@ def peer_comparison(model_dir: str, flags: list[str], corpus: list[str], batches
         return
     print(f"peers in-process (sentence-transformers backends, batch 32, {found['threads']} torch threads, medians "
           f"of 3; {found['tokens']} tokens):")
-    for peer, r in found["runs"].items():
-        print(f"  {peer:14s} {found['tokens'] / r['seconds']:8.0f} tok/s  min cosine vs ST fp32 {r['min_cos']:.6f} "
-              f"(mean {r['mean_cos']:.6f})")
+    print_runs(found, found["tokens"])
     for name, r in ours.items():
-        best = max(SAME_PRECISION[name], key=lambda peer: found["tokens"] / found["runs"][peer]["seconds"])
+        best = fastest(found, name)
         theirs = found["tokens"] / found["runs"][best]["seconds"]
         print(f"  embedserve {name} over HTTP vs {best} in-process: {r['tok_s'] / theirs:.2f}x")
 

@@ -54,6 +54,20 @@ def run_peers(model_dir: str, texts: list[str], repeats: int) -> dict | None:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def print_runs(found: dict, tokens: int, st_seconds: float | None = None) -> None:
+    """One line per peer of :func:`run_peers`'s answer: tokens/s (at ``tokens`` for the texts), the ratio to
+    sentence-transformers timed by the caller (``st_seconds``) where given, and the min cosine."""
+    for name, r in found["runs"].items():
+        ratio = "" if st_seconds is None else f"  ratio {st_seconds / r['seconds']:.2f}x"
+        print(f"  {name:28s} {tokens / r['seconds']:10.0f} tok/s  ({r['seconds']:.3f} s){ratio}  min cosine vs ST "
+              f"fp32 {r['min_cos']:.6f} (mean {r['mean_cos']:.6f})")
+
+
+def fastest(found: dict, precision: str) -> str:
+    """The fastest peer at embedserve's ``precision`` (a key of :data:`SAME_PRECISION`)."""
+    return min(SAME_PRECISION[precision], key=lambda peer: found["runs"][peer]["seconds"])
+
+
 def vnni() -> bool:
     try:
         return " avx512_vnni" in Path("/proc/cpuinfo").read_text()

@@ -30,6 +30,7 @@ from corpus import mixed_corpus  # noqa: E402
 from st_peers import fastest, print_runs, run_peers  # noqa: E402
 
 from embedserve.config import EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from embedserve.engine import compute  # noqa: E402
 from embedserve.engine.cpu import read_cpu  # noqa: E402
 from embedserve.engine.front import Engine  # noqa: E402
 
@@ -84,9 +85,12 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(path, device="cpu")
+    # On embedserve's compute thread, like every CPU forward pass of the engines below: the one thread of this
+    # process that runs torch's parallel work (see embedserve.engine.compute; a second one slows both).
+    st = compute.call(SentenceTransformer, path, device="cpu")
     st_s, st_vecs = time_it(
-        lambda: st.encode(texts, batch_size=args.st_batch_size, convert_to_tensor=True, show_progress_bar=False),
+        lambda: compute.call(st.encode, texts, batch_size=args.st_batch_size, convert_to_tensor=True,
+                             show_progress_bar=False),
         args.repeats,
     )
 

@@ -56,6 +56,11 @@ def _no_gpu_help() -> str:
     return hint
 
 
+def names_the_cpu(name: str) -> bool:
+    """Whether ``name`` (as :func:`resolve_device` takes it) resolves to the CPU; nothing is logged or checked."""
+    return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> a concrete device (``cuda`` becomes ``cuda:0``)."""
     if name == "auto":

@@ -20,8 +20,9 @@ from typing import Callable, Sequence
 import torch
 
 from embedserve.config import MAX_PRIORITY, EngineConfig
-from embedserve.engine import late
+from embedserve.engine import compute, late
 from embedserve.engine.calibration import OutputCalibration, OutputRanges
+from embedserve.engine.device import names_the_cpu
 from embedserve.engine.interface import EmbedOptions, EmbedResult, StepObserver, Timings
 from embedserve.engine.loading import load
 from embedserve.engine.prepare import ColbertInputs, Preparer
@@ -76,7 +77,9 @@ class Engine:
         this model's name there."""
         self.config = config
         self.name = name or config.model.path
-        loaded = load(config, self.name, pipeline_depth=pipeline_depth)
+        # On the CPU the compute thread loads it, and runs its warm-up and steps (see engine.compute).
+        self._on_cpu = names_the_cpu(config.model.device)
+        loaded = (compute.call if self._on_cpu else _now)(load, config, self.name, pipeline_depth=pipeline_depth)
         self.loaded = loaded
         # The parts the tests and the benchmarks look into, by name.
         self.device, self.dtype, self.source, self.model = loaded.device, loaded.dtype, loaded.source, loaded.model
@@ -119,7 +122,7 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
         """Run the shapes serving will run before the first request (:func:`warm_up`)."""
-        warm_up(self.loaded)
+        (compute.call if self._on_cpu else _now)(warm_up, self.loaded)
 
     def start(self) -> None:
         self.worker.start()
@@ -434,6 +437,10 @@ class Engine:
     def prompt(self, name: str | None) -> str:
         """The text of one of the model's prompts (None: its default prompt, if any); unknown is a 400."""
         return self._prep.prompt(name)
+
+
+def _now(fn, *args, **kw):
+    return fn(*args, **kw)
 
 
 def _by_query(pairs: Sequence[tuple[str, str | None]], which: dict[str, int]) -> dict[int, list[int]]:

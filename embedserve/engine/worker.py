@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from embedserve.engine.compute import OnComputeThread
 from embedserve.engine.device import bind_thread, release_cached_memory, release_host_memory
 from embedserve.engine.faults import classify, injected, run_in_parts
 from embedserve.engine.interface import EmbedResult, StepObserver, StepSpan, Timings
@@ -114,6 +115,8 @@ class Worker:
         the CUDA context, or a bug that killed the thread). ``turns``: shared by the engines of several models on
         one device, so that their steps go to it one at a time, in turn; ``name``: this model's name there."""
         self.runner, self.scheduler, self.device = loaded.runner, loaded.scheduler, loaded.device
+        if self.device.type == "cpu":
+            self.runner = OnComputeThread(loaded.runner)  # the step's compute runs there (engine.compute)
         self.dimensions = loaded.model.dimensions
         self.max_batch_tokens = loaded.budgets.max_batch_tokens
         self.token_types = loaded.token_types  # pairs carry token types into the step

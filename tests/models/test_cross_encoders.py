@@ -157,6 +157,9 @@ def test_a_plain_transformers_folder_and_a_saved_max_length(tmp_path):
         engine.start()
         try:
             assert engine.max_length == length and engine.model.classifier.activation == "sigmoid"
-            assert (scores(engine, pairs)[:, 0] - torch.tensor(ce.predict(pairs))).abs().max() <= 1e-5, folder
+            # The same fp32 rounding through the rescaled head as above, through a sigmoid's slope (<= 1/4): up to
+            # about 1.1e-5 on an AVX-512 + AMX Xeon (oneDNN's GEMMs there sum in another order), so 5e-5, still
+            # far below what another activation or a cut input would change.
+            assert (scores(engine, pairs)[:, 0] - torch.tensor(ce.predict(pairs))).abs().max() <= 5e-5, folder
         finally:
             engine.shutdown()

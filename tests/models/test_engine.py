@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from on_device import model_config
+from on_device import DEVICE, model_config
 from polling import until
 from tiny import build_tiny_encoder
 from embedserve.config import EngineConfig, SchedulerConfig
@@ -414,6 +414,34 @@ def test_an_idle_cpu_engine_hands_its_free_heap_back_once_per_burst(tiny_dir, mo
         assert len(calls) == 2 * expected
     finally:
         e.shutdown(timeout=10)
+
+
+def test_on_the_cpu_one_compute_thread_loads_warms_and_runs_every_step(tiny_dir, monkeypatch):
+    """On the CPU, the model's loading, warm-up and forward passes all run on the one compute thread
+    (engine.compute), never on the caller's thread nor on the engine thread: only that thread starts OpenMP
+    teams (why: benchmarks/bench_engine.py, and the module's docstring)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("CUDA engines launch their kernels from their own engine thread")
+    import embedserve.engine.front as front
+
+    seen: dict[str, set[int]] = {"load": set(), "warm_up": set(), "launch": set()}
+    for name in ("load", "warm_up"):
+        real = getattr(front, name)
+        monkeypatch.setattr(front, name, lambda *a, _real=real, _name=name, **k:
+                            seen[_name].add(threading.get_ident()) or _real(*a, **k))
+    e = Engine(EngineConfig(model=model_config(tiny_dir)))
+    real_launch = e.runner.launch
+    e.runner.launch = lambda *a: seen["launch"].add(threading.get_ident()) or real_launch(*a)
+    e.warmup()
+    e.start()
+    try:
+        asyncio.run(e.embed(["one", "two three"]))
+        asyncio.run(e.embed(["four"]))
+    finally:
+        e.shutdown(timeout=10)
+    threads = set().union(*seen.values())
+    assert all(seen.values()) and len(threads) == 1, seen
+    assert threads.isdisjoint({threading.get_ident(), e.worker._thread.ident})
 
 
 def test_release_host_memory_returns_freed_pages_to_the_os():

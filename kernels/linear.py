@@ -18,10 +18,12 @@ import logging
 import os
 
 # oneDNN compiles one primitive per GEMM shape and caches it (so does torch's ideep layer above it), and a packed
-# server sees a new row count at nearly every step: with the default caches (1024 entries each, about 0.6 MB per
-# entry) a CPU server grows by hundreds of MB as shapes come and go. 128 entries bound that; a miss costs one
-# primitive creation (well under a millisecond, a few per step). Both are read at first use, so they are set on
-# import; an operator's own values win. (0 is not an option: torch's LRU cache crashes with it.)
+# server sees a new token count at nearly every step: with the default caches (1024 entries each, about 0.6 MB per
+# entry) a CPU server grows by hundreds of MB as shapes come and go. 128 entries bound that. A miss costs one
+# primitive creation: well under a millisecond on AVX-512 alone, but 5-14 ms per GEMM on an AMX Xeon, more than
+# the GEMM; so project() rounds the row count up (granular_rows) and steady traffic hits the cache. Both are read
+# at first use, so they are set on import; an operator's own values win. (0 is not an option: torch's LRU cache
+# crashes with it.)
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
 
@@ -163,9 +165,9 @@ class Int8Linear(nn.Module):
         hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
         if not self.unsigned:
             row = torch.maximum(hi, lo.neg_()).clamp_(min=1e-12).div_(127.0)
-            q = (x.div_(row) if self.smooth is not None else x / row).round_().to(torch.int8)
+            q = _int8_rows((x.div_(row) if self.smooth is not None else x / row).round_())
             # The GEMM multiplies by the weights' channel scales; the row scales (and the bias) take one more pass.
-            y = self.int8.matmul(q, self.scale)
+            y = self.int8.matmul(q, self.scale)[: x.shape[0]]
             return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
         # The levels span the row's range and zero: the minimum at level 0 and zero at level ``zero`` (an
         # integer), the maximum at ``steps`` (by rounding, one above): 128 (2 x 128 x 127 still fits the 16-bit
@@ -174,8 +176,8 @@ class Int8Linear(nn.Module):
         lo.clamp_(max=0.0)
         row = hi.clamp_(min=0.0).sub_(lo).clamp_(min=1e-12).div_(self.steps)
         zero = lo.div_(row).neg_().round_()
-        q = (x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_().to(torch.int8)
-        y = self.int8.matmul(q, self.scale, zero_point=0)
+        q = _int8_rows((x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_())
+        y = self.int8.matmul(q, self.scale, zero_point=0)[: x.shape[0]]
         # row * (sums - zero * weight sums) * scale + bias: the zero points' rank-1 share, then the row scales.
         y.addr_(zero.view(-1), self.zero_sums, alpha=-1)
         return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
@@ -185,6 +187,15 @@ class Int8Linear(nn.Module):
         levels = ", activations unsigned per row" if self.unsigned else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.gemm}){levels}"
                 f"{smooth}")
+
+
+def _int8_rows(levels: torch.Tensor) -> torch.Tensor:
+    """Integer-valued float ``levels [T, K]`` cast to int8 into the first rows of ``[granular_rows(T), K]`` (the
+    others zero): the int8 GEMM's kernels are built per row count too (see :func:`project`)."""
+    out = torch.empty(granular_rows(levels.shape[0]), levels.shape[1], dtype=torch.int8, device=levels.device)
+    out[: levels.shape[0]].copy_(levels)
+    out[levels.shape[0] :].zero_()
+    return out
 
 
 class _Int8Weight:
@@ -364,15 +375,51 @@ def gemm_weights_to(module: nn.Module, dtype: torch.dtype) -> int:
     return len(layers)
 
 
+def granular_rows(rows: int) -> int:
+    """``rows`` rounded up to a granule that grows with it: multiples of 16 below 512, then 16 sizes per doubling
+    (at most 1/16 more rows)."""
+    granule = max(16, 1 << max(0, rows.bit_length() - 5))
+    return -(-rows // granule) * granule
+
+
+def _with_rows(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, K]`` in ``dtype`` whose first ``x.shape[0]`` rows are ``x``'s, the others finite: zeros, or what an
+    earlier :func:`project` computed from its own (the caller drops their outputs). A contiguous ``x`` in ``dtype``
+    whose storage runs on far enough (such an earlier output, cut) is read in place, without a copy.
+
+    Never uninitialised memory: with an inner size that is not a multiple of its block (74, say) oneDNN's bf16
+    GEMM reads each row a little past its end, into the next row, times zero weights. That changes nothing while
+    the next row is finite; a NaN or an infinity there (as uninitialised memory may hold) made the last real row
+    NaN."""
+    K = x.shape[1]
+    itemsize = x.element_size()
+    if (x.dtype == dtype and x.is_contiguous()
+            and x.untyped_storage().nbytes() >= (x.storage_offset() + rows * K) * itemsize):
+        return x.as_strided((rows, K), (K, 1))
+    out = torch.empty(rows, K, dtype=dtype, device=x.device)
+    out[: x.shape[0]].copy_(x)  # the cast to the weights' dtype, if any, happens here
+    out[x.shape[0] :].zero_()
+    return out
+
+
 def project(x: torch.Tensor, layer: nn.Module, act: str = "none", plan: LinearPlan | None = None) -> torch.Tensor:
     """``act(layer(x))`` for a model's ``nn.Linear`` (through the plan's backend for its shape) or
     :class:`Int8Linear`. An input wider than the layer's weights (float32 into bf16 GEMMs: :func:`gemm_weights_to`)
-    is cast to them, and the output stays in their dtype."""
+    is cast to them, and the output stays in their dtype.
+
+    On the CPU the GEMM runs on :func:`granular_rows` rows. oneDNN builds a kernel for each shape it meets and
+    caches it; a packed step has a new token count almost every time, and building costs more than the GEMM on
+    some CPUs (AVX-512 + AMX Xeon, bf16: 7 ms for MiniLM's 384->1536 at 4,000 rows, 14 ms with GELU fused,
+    against 2-3 ms to run it). Rounded up, the counts repeat and the cache holds them."""
     if isinstance(layer, Int8Linear):
         return _TORCH_ACTS[act](layer(x))
-    if x.dtype != layer.weight.dtype:
+    rows = x.shape[0]
+    if x.device.type == "cpu" and x.dim() == 2:
+        x = _with_rows(x, granular_rows(rows), layer.weight.dtype)
+    elif x.dtype != layer.weight.dtype:
         x = x.to(layer.weight.dtype)
     if plan is not None and plan.absmax is not None:
-        plan._observe(x, layer)
+        plan._observe(x[:rows], layer)
     backend = "torch" if plan is None else plan.backend(x, layer, act)
-    return linear(x, layer.weight, layer.bias, act, backend)
+    y = linear(x, layer.weight, layer.bias, act, backend)
+    return y if y.shape[0] == rows else y[:rows]

@@ -100,6 +100,48 @@ def test_a_server_of_ever_changing_row_counts_keeps_bounded_onednn_caches():
     assert second - first < 20
 
 
+def test_row_counts_round_up_to_few_sizes_wasting_at_most_a_sixteenth():
+    """The GEMM's row counts (:func:`granular_rows`): never fewer than asked, at most 1/16 more (16 at the
+    smallest), and few distinct ones, so oneDNN's per-shape kernels repeat from step to step."""
+    from embedserve.kernels.linear import granular_rows
+
+    got = {n: granular_rows(n) for n in range(1, 8193)}
+    assert all(n <= g <= max(n + 15, n * 17 // 16) and g % 16 == 0 for n, g in got.items())
+    assert len(set(got.values())) <= 32 + 16 * 4  # 16, 32 .. 512, then 16 per doubling to 8192
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+def test_padded_rows_change_no_real_row_and_a_cut_output_feeds_the_next_gemm_in_place(dtype, backend):
+    """project() runs the GEMM on rounded-up rows and cuts its output: each real row is what the layer gives
+    for that row alone; the next layer reads the cut output in place (its rows past the cut are there), and
+    whatever finite values those rows hold change nothing. Rows it adds itself are zeros, never uninitialised
+    memory (a NaN there reaches the last real row through oneDNN's reads past a row's end, at inner sizes
+    such as 74: see _with_rows)."""
+    from embedserve.kernels.linear import LinearPlan, _with_rows, granular_rows, project
+
+    if backend == "onednn" and select_linear_backend(CPU, dtype) != "onednn":
+        pytest.skip(f"no oneDNN linear for {dtype} on this CPU")
+    torch.manual_seed(0)
+    up, down = torch.nn.Linear(74, 96).to(dtype), torch.nn.Linear(96, 40).to(dtype)
+    plan = LinearPlan(backend)
+    for rows in (1, 17, 300, 513, 1030):
+        x = torch.randn(rows, 74).to(dtype)
+        h = project(x, up, "gelu", plan)
+        assert h.shape == (rows, 96) and h.is_contiguous()
+        assert granular_rows(rows) != rows and _with_rows(h, granular_rows(rows), dtype).data_ptr() == h.data_ptr()
+        # The rows past the cut: large finite values, the answer must not move.
+        spare = h.as_strided((granular_rows(rows) - rows, 96), (96, 1), h.storage_offset() + rows * 96)
+        spare.fill_(3e4)
+        assert not _with_rows(x, granular_rows(rows), dtype)[rows:].any()  # a copy's own rows are zeros
+        y = project(h, down, "none", plan)
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+        for i in (0, rows // 2, rows - 1):  # a row alone, through the unpadded layers
+            want = linear(linear(x[i : i + 1], up.weight, up.bias, "gelu", backend), down.weight, down.bias)
+            torch.testing.assert_close(y[i : i + 1].float(), want.float(), atol=atol, rtol=rtol)
+        assert torch.isfinite(y).all()
+
+
 # -- int8 layers ----------------------------------------------------------------------------------------------
 
 

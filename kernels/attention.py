@@ -33,6 +33,7 @@ different sequences never see each other. GQA (fewer key/value heads than query 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -340,6 +341,8 @@ class AttentionBatch:
     rel_bias: torch.Tensor | None = None
     # hidden tails: the packed tokens that are keys (the others are queries only); None: every token is a key
     key_index: torch.Tensor | None = None
+    # q, k and v are cast to this dtype for attention, its output back to theirs; None: their own
+    dtype: torch.dtype | None = None
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -445,6 +448,7 @@ def prepare(
     k_lengths: Sequence[int] | None = None,
     rel_bias: torch.Tensor | None = None,
     tails: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> AttentionBatch:
     """Build the per-pass metadata. ``cu_seqlens`` must already be on the compute device; ``lengths`` (and
     ``k_lengths``) are the host copies of what it encodes: given, nothing here waits on the device.
@@ -460,6 +464,9 @@ def prepare(
     expansion tokens that the model does not attend to: they read the text's tokens and nothing reads them).
     Needs ``lengths``; a tail never meets cached keys, a relative bias, or a window it does not fit in (the
     loader's checks), so the keys' alignment does not matter.
+
+    ``dtype``: attention computes in it whatever q, k and v come in (bfloat16 between the float32 layers of an
+    int8 model on a CPU with native bf16), and answers in theirs.
     """
     key_index = None
     if tails is not None and any(tails):
@@ -484,7 +491,7 @@ def prepare(
     if window is not None and window >= max_k:
         window = None  # the window covers every sequence whole: plain (causal) attention
     batch = AttentionBatch(backend, cu_seqlens, max_seqlen, None, causal, window, cu_seqlens_k=cu_seqlens_k,
-                           max_seqlen_k=max_k, rel_bias=rel_bias, key_index=key_index)
+                           max_seqlen_k=max_k, rel_bias=rel_bias, key_index=key_index, dtype=dtype)
     if flash:
         return batch  # the kernels read the offsets on the device
     q_lengths, offsets = _host_lengths(cu_seqlens, lengths)
@@ -510,6 +517,10 @@ def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, *, scale: float | None = None
 ) -> torch.Tensor:
     """Attention within each packed sequence. q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` -> ``[Tq, Hq, D]``."""
+    if batch.dtype is not None and q.dtype != batch.dtype:
+        inner = dataclasses.replace(batch, dtype=None)
+        dt = batch.dtype
+        return varlen_attention(q.to(dt), k.to(dt), v.to(dt), inner, scale=scale).to(q.dtype)
     if batch.key_index is not None:  # hidden tails: only the tokens that are keys
         k, v = k.index_select(0, batch.key_index), v.index_select(0, batch.key_index)
     D = q.shape[-1]

@@ -27,10 +27,12 @@ class Kernels:
     attention: str = "dense"  # a backend of kernels.attention.select_backend
     solo_min: int | None = None  # sdpa_bucketed on the CPU: sequences this long or longer run one call each
     linear: LinearPlan | None = None  # None: F.linear everywhere
+    attention_dtype: torch.dtype | None = None  # attention computes in it (None: the model's dtype)
 
     def attention_batch(self, cu_seqlens: torch.Tensor, max_seqlen: int, **kw: Any) -> AttentionBatch:
         """One pass's attention metadata for the chosen backend (``kw``: :func:`prepare`'s keywords)."""
-        return prepare(self.attention, cu_seqlens, max_seqlen, solo_min=self.solo_min, **kw)
+        return prepare(self.attention, cu_seqlens, max_seqlen, solo_min=self.solo_min, dtype=self.attention_dtype,
+                       **kw)
 
 
 @runtime_checkable

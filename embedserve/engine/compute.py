@@ -5,8 +5,8 @@ team of worker threads, kept for the life of that thread. Once the process holds
 cores (the main thread's team from loading, plus an engine thread's), OpenMP stops spinning between regions and
 puts its workers to sleep after ~100 spins: every one of a forward pass's thousands of regions then pays a
 wake-up. Measured on a 2-core host: the same 13 MiniLM bf16 steps took 1.65 s on the thread that had loaded the
-model and 2.05-2.30 s on an engine thread next to it; an engine fed as a server is (19 requests of 32 texts at
-once) went from 2.3 s to 1.8-2.0 s once the main thread had no team.
+model and 2.05-2.30 s on an engine thread next to it; an engine fed 19 requests of 32 texts at once went from
+2.3 s to 1.8-2.0 s once the main thread had no team.
 
 So on the CPU exactly one thread runs torch's parallel work: this one. The engine threads of every CPU model keep
 their scheduling, batching and answering, and hand each step's device work here (their steps already take turns,

@@ -429,6 +429,22 @@ def test_either_side_of_the_threshold_gives_the_same_attention(solo_min):
     assert_close(varlen_attention(q, k, v, batch), reference(q, k, v, lengths, False), torch.float32)
 
 
+def test_a_compute_dtype_runs_attention_in_it_and_answers_in_the_inputs_dtype():
+    """``prepare(dtype=bf16)`` on float32 q/k/v (an int8 model's attention on a CPU with native bf16): the same
+    answer as casting them by hand and running bf16, handed back in float32, and close to the fp32 reference."""
+    torch.manual_seed(0)
+    lengths = [3, 17, 40, 1, 64, 90]
+    q, k, v = (torch.randn(sum(lengths), 4, 16, device=DEVICE) for _ in range(3))
+    backend = "sdpa_bucketed"
+    got = varlen_attention(q, k, v, prepare(backend, cu(lengths), max(lengths), lengths=lengths,
+                                            dtype=torch.bfloat16))
+    by_hand = varlen_attention(*(t.bfloat16() for t in (q, k, v)),
+                               prepare(backend, cu(lengths), max(lengths), lengths=lengths))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, by_hand.float())
+    assert_close(got, reference(q, k, v, lengths, False), torch.bfloat16)
+
+
 # Compute capability decides too (issue 25): FlashAttention-2 needs Ampere (sm_80); a T4 (sm_75) gets SDPA.
 GPUS = {"T4 (sm_75)": (7, 5), "A100 (sm_80)": (8, 0), "A10 (sm_86)": (8, 6), "L4 (sm_89)": (8, 9),
         "H100 (sm_90)": (9, 0)}

@@ -191,7 +191,8 @@ class Engine:
             result = await self._submit(self._prep.texts, args, dims, normalize, code, ranges_first,
                                         priority=options.priority)
         if len(encodings) > 1:  # the device made the first; the others from the same vectors, on the host
-            more = {name: encode_rows(result.vectors, name, ranges) for name in encodings[1:]}
+            more = await self._host_compute(lambda: {name: encode_rows(result.vectors, name, ranges)
+                                                     for name in encodings[1:]})
             result = dataclasses.replace(result, encoded={**result.encoded, **more})
         return result
 
@@ -294,16 +295,20 @@ class Engine:
             return runs
 
         result = await self._submit(prepare, (inputs, prompt), self.dimensions, False, priority=priority)
-        owner = torch.tensor(owners)
-        weights = torch.tensor(result.token_counts, dtype=torch.float32)
-        sums = torch.zeros(len(inputs), self.dimensions).index_add_(0, owner, result.vectors * weights[:, None])
-        total = torch.zeros(len(inputs)).index_add_(0, owner, weights)
-        vectors = (sums / total[:, None])[:, :dims]
-        if normalize:
-            vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        counts = torch.zeros(len(inputs), dtype=torch.long).index_add_(0, owner, weights.long()).tolist()
-        encoded = {name: encode_rows(vectors, name, ranges) for name in encodings}
-        return EmbedResult(vectors, counts, encoded, result.timings)
+
+        def means():
+            owner = torch.tensor(owners)
+            weights = torch.tensor(result.token_counts, dtype=torch.float32)
+            sums = torch.zeros(len(inputs), self.dimensions).index_add_(0, owner, result.vectors * weights[:, None])
+            total = torch.zeros(len(inputs)).index_add_(0, owner, weights)
+            vectors = (sums / total[:, None])[:, :dims]
+            if normalize:
+                vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            counts = torch.zeros(len(inputs), dtype=torch.long).index_add_(0, owner, weights.long()).tolist()
+            return EmbedResult(vectors, counts, {name: encode_rows(vectors, name, ranges) for name in encodings},
+                               result.timings)
+
+        return await self._host_compute(means)
 
     async def _calibration_vectors(self, texts: tuple[str, ...]) -> tuple[torch.Tensor, int]:
         """Texts' full-width vectors before normalisation, as a request without ``prompt_name`` would embed them,
@@ -347,9 +352,14 @@ class Engine:
         q_result, d_result = await asyncio.gather(self._colbert(queries, truncate, prompt, True, priority),
                                                   self._colbert(docs, truncate, prompt, False, priority))
         which = {q: i for i, q in enumerate(queries)}
-        scores = torch.empty(len(pairs), 1)
-        for q, rows in _by_query(pairs, which).items():
-            scores[rows, 0] = maxsim(q_result.multi[q], [d_result.multi[i] for i in rows])
+
+        def score_all():
+            scores = torch.empty(len(pairs), 1)
+            for q, rows in _by_query(pairs, which).items():
+                scores[rows, 0] = maxsim(q_result.multi[q], [d_result.multi[i] for i in rows])
+            return scores
+
+        scores = await self._host_compute(score_all)
         t_q, t_d = q_result.timings, d_result.timings
         timings = Timings(max(t_q.tokenize_s, t_d.tokenize_s), max(t_q.queue_s, t_d.queue_s),
                           max(t_q.inference_s, t_d.inference_s), min(t_q.queued_at, t_d.queued_at),
@@ -417,6 +427,15 @@ class Engine:
         """Token ids (each below ``info.id_limit``) back to text, on the tokenisation pool."""
         return await self._on_pool(_size(ids), lambda: self.tokenizer.decode(
             ids, skip_special_tokens=skip_special_tokens))
+
+    async def _host_compute(self, fn):
+        """``fn()``: a request's own torch work after its steps (late chunking's means, MaxSim, a second output
+        type). On the CPU it runs on the compute thread, awaited from the loop's default executor: on the event
+        loop's thread a large enough op would start a second OpenMP team and slow every step after it
+        (engine.compute). It waits behind at most the step running there."""
+        if not self._on_cpu:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(None, compute.call, fn)
 
     async def _on_pool(self, size: int, fn, *args):
         """``fn(*args)`` on the tokenisation pool, counted against :data:`MAX_PENDING_CHARS` until it is done."""

@@ -444,6 +444,34 @@ def test_on_the_cpu_one_compute_thread_loads_warms_and_runs_every_step(tiny_dir,
     assert threads.isdisjoint({threading.get_ident(), e.worker._thread.ident})
 
 
+def test_on_the_cpu_a_requests_own_torch_work_runs_on_the_compute_thread_too(tiny_dir, monkeypatch):
+    """After its steps, a request's own torch work (a second output type's encoding, long_input mean's window
+    means) runs on the compute thread, not on the event loop's: a parallel op there would start a second OpenMP
+    team (engine.compute). The answers are those of the same work done here."""
+    if DEVICE.type != "cpu":
+        pytest.skip("CUDA engines do it on the event loop, as before")
+    import embedserve.engine.front as front
+    from embedserve.engine import compute
+
+    threads = set()
+    real = front.encode_rows
+    monkeypatch.setattr(front, "encode_rows", lambda *a: threads.add(threading.get_ident()) or real(*a))
+    e = Engine(EngineConfig(model=model_config(tiny_dir)))
+    e.start()
+    try:
+        long_text = "word " * (3 * e.max_length)
+        two = asyncio.run(e.embed(["short", "a little longer text"],
+                                  EmbedOptions(dimensions=32, encodings=("base64", "ubinary"))))
+        mean = asyncio.run(e.embed([long_text, "short"], EmbedOptions(long_input="mean", encodings=("base64",))))
+        compute_thread = compute.call(threading.get_ident)
+    finally:
+        e.shutdown(timeout=10)
+    assert threads == {compute_thread}
+    assert two.encoded["ubinary"] == real(two.vectors, "ubinary", None)
+    assert mean.encoded["base64"] == real(mean.vectors, "base64", None)
+    assert mean.token_counts[0] > e.max_length  # the long text ran as several windows
+
+
 def test_release_host_memory_returns_freed_pages_to_the_os():
     """The real call: a heap full of freed small blocks shrinks once trimmed."""
     import re

@@ -33,7 +33,6 @@ different sequences never see each other. GQA (fewer key/value heads than query 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import itertools
@@ -517,10 +516,9 @@ def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, *, scale: float | None = None
 ) -> torch.Tensor:
     """Attention within each packed sequence. q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` -> ``[Tq, Hq, D]``."""
-    if batch.dtype is not None and q.dtype != batch.dtype:
-        inner = dataclasses.replace(batch, dtype=None)
-        dt = batch.dtype
-        return varlen_attention(q.to(dt), k.to(dt), v.to(dt), inner, scale=scale).to(q.dtype)
+    answer = q.dtype
+    if batch.dtype is not None:
+        q, k, v = q.to(batch.dtype), k.to(batch.dtype), v.to(batch.dtype)
     if batch.key_index is not None:  # hidden tails: only the tokens that are keys
         k, v = k.index_select(0, batch.key_index), v.index_select(0, batch.key_index)
     D = q.shape[-1]
@@ -529,8 +527,8 @@ def varlen_attention(
         # flash and memory-efficient kernels take any head dim.
         pad = _HEAD_DIM_ALIGN - D % _HEAD_DIM_ALIGN
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        return _IMPLS[batch.backend](q, k, v, batch, D**-0.5 if scale is None else scale)[..., :D]
-    return _IMPLS[batch.backend](q, k, v, batch, scale)
+        return _IMPLS[batch.backend](q, k, v, batch, D**-0.5 if scale is None else scale)[..., :D].to(answer)
+    return _IMPLS[batch.backend](q, k, v, batch, scale).to(answer)
 
 
 # -- the backends ----------------------------------------------------------------------------------------------

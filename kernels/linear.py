@@ -165,7 +165,7 @@ class Int8Linear(nn.Module):
         hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
         if not self.unsigned:
             row = torch.maximum(hi, lo.neg_()).clamp_(min=1e-12).div_(127.0)
-            q = _int8_rows((x.div_(row) if self.smooth is not None else x / row).round_())
+            q = _int8_levels((x.div_(row) if self.smooth is not None else x / row).round_())
             # The GEMM multiplies by the weights' channel scales; the row scales (and the bias) take one more pass.
             y = self.int8.matmul(q, self.scale)[: x.shape[0]]
             return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
@@ -176,7 +176,7 @@ class Int8Linear(nn.Module):
         lo.clamp_(max=0.0)
         row = hi.clamp_(min=0.0).sub_(lo).clamp_(min=1e-12).div_(self.steps)
         zero = lo.div_(row).neg_().round_()
-        q = _int8_rows((x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_())
+        q = _int8_levels((x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_())
         y = self.int8.matmul(q, self.scale, zero_point=0)[: x.shape[0]]
         # row * (sums - zero * weight sums) * scale + bias: the zero points' rank-1 share, then the row scales.
         y.addr_(zero.view(-1), self.zero_sums, alpha=-1)
@@ -187,15 +187,6 @@ class Int8Linear(nn.Module):
         levels = ", activations unsigned per row" if self.unsigned else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.gemm}){levels}"
                 f"{smooth}")
-
-
-def _int8_rows(levels: torch.Tensor) -> torch.Tensor:
-    """Integer-valued float ``levels [T, K]`` cast to int8 into the first rows of ``[granular_rows(T), K]`` (the
-    others zero): the int8 GEMM's kernels are built per row count too (see :func:`project`)."""
-    out = torch.empty(granular_rows(levels.shape[0]), levels.shape[1], dtype=torch.int8, device=levels.device)
-    out[: levels.shape[0]].copy_(levels)
-    out[levels.shape[0] :].zero_()
-    return out
 
 
 class _Int8Weight:
@@ -384,22 +375,26 @@ def granular_rows(rows: int) -> int:
 
 def _with_rows(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """``[rows, K]`` in ``dtype`` whose first ``x.shape[0]`` rows are ``x``'s, the others finite: zeros, or what an
-    earlier :func:`project` computed from its own (the caller drops their outputs). A contiguous ``x`` in ``dtype``
-    whose storage runs on far enough (such an earlier output, cut) is read in place, without a copy.
+    earlier :func:`project` computed from its own (the caller drops their outputs). Such an earlier output, cut
+    (marked with the rows behind it), is read in place, without a copy.
 
     Never uninitialised memory: with an inner size that is not a multiple of its block (74, say) oneDNN's bf16
     GEMM reads each row a little past its end, into the next row, times zero weights. That changes nothing while
     the next row is finite; a NaN or an infinity there (as uninitialised memory may hold) made the last real row
     NaN."""
     K = x.shape[1]
-    itemsize = x.element_size()
-    if (x.dtype == dtype and x.is_contiguous()
-            and x.untyped_storage().nbytes() >= (x.storage_offset() + rows * K) * itemsize):
+    if x.dtype == dtype and getattr(x, "_rows_behind", 0) >= rows:
         return x.as_strided((rows, K), (K, 1))
     out = torch.empty(rows, K, dtype=dtype, device=x.device)
     out[: x.shape[0]].copy_(x)  # the cast to the weights' dtype, if any, happens here
     out[x.shape[0] :].zero_()
     return out
+
+
+def _int8_levels(levels: torch.Tensor) -> torch.Tensor:
+    """Integer-valued float ``levels`` cast to int8 on :func:`granular_rows` rows: the int8 GEMM's kernels are
+    built per row count too (see :func:`project`)."""
+    return _with_rows(levels, granular_rows(levels.shape[0]), torch.int8)
 
 
 def project(x: torch.Tensor, layer: nn.Module, act: str = "none", plan: LinearPlan | None = None) -> torch.Tensor:
@@ -422,4 +417,8 @@ def project(x: torch.Tensor, layer: nn.Module, act: str = "none", plan: LinearPl
         plan._observe(x[:rows], layer)
     backend = "torch" if plan is None else plan.backend(x, layer, act)
     y = linear(x, layer.weight, layer.bias, act, backend)
-    return y if y.shape[0] == rows else y[:rows]
+    if y.shape[0] == rows:
+        return y
+    cut = y[:rows]
+    cut._rows_behind = y.shape[0]  # its storage holds that many rows, the extra ones finite (_with_rows)
+    return cut

@@ -67,14 +67,19 @@ def on_compute_thread() -> bool:
     return _compute is not None and threading.current_thread() is _compute.thread
 
 
+def submit(fn: Callable[..., T], *args: Any, **kw: Any) -> Future:
+    """Queue ``fn(*args, **kw)`` on the compute thread; its future (``asyncio.wrap_future`` awaits it)."""
+    fut: Future = Future()
+    _started().jobs.put((fut, fn, args, kw))
+    return fut
+
+
 def call(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     """``fn(*args, **kw)`` on the compute thread, waiting for it; its exception is raised here. Called from the
     compute thread itself, it runs inline (a nested call would otherwise wait for itself)."""
     if on_compute_thread():
         return fn(*args, **kw)
-    fut: Future = Future()
-    _started().jobs.put((fut, fn, args, kw))
-    return fut.result()
+    return submit(fn, *args, **kw).result()
 
 
 class OnComputeThread:

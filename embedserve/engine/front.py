@@ -79,7 +79,8 @@ class Engine:
         self.name = name or config.model.path
         # On the CPU the compute thread loads it, and runs its warm-up and steps (see engine.compute).
         self._on_cpu = names_the_cpu(config.model.device)
-        loaded = (compute.call if self._on_cpu else _now)(load, config, self.name, pipeline_depth=pipeline_depth)
+        self._run = compute.call if self._on_cpu else _now
+        loaded = self._run(load, config, self.name, pipeline_depth=pipeline_depth)
         self.loaded = loaded
         # The parts the tests and the benchmarks look into, by name.
         self.device, self.dtype, self.source, self.model = loaded.device, loaded.dtype, loaded.source, loaded.model
@@ -122,7 +123,7 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
         """Run the shapes serving will run before the first request (:func:`warm_up`)."""
-        (compute.call if self._on_cpu else _now)(warm_up, self.loaded)
+        self._run(warm_up, self.loaded)
 
     def start(self) -> None:
         self.worker.start()
@@ -430,12 +431,12 @@ class Engine:
 
     async def _host_compute(self, fn):
         """``fn()``: a request's own torch work after its steps (late chunking's means, MaxSim, a second output
-        type). On the CPU it runs on the compute thread, awaited from the loop's default executor: on the event
-        loop's thread a large enough op would start a second OpenMP team and slow every step after it
-        (engine.compute). It waits behind at most the step running there."""
+        type). On the CPU it runs on the compute thread, awaited: on the event loop's thread a large enough op
+        would start a second OpenMP team and slow every step after it (engine.compute). It waits behind at most
+        the step running there."""
         if not self._on_cpu:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(None, compute.call, fn)
+        return await asyncio.wrap_future(compute.submit(fn))
 
     async def _on_pool(self, size: int, fn, *args):
         """``fn(*args)`` on the tokenisation pool, counted against :data:`MAX_PENDING_CHARS` until it is done."""

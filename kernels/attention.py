@@ -14,9 +14,11 @@ Backends, chosen once per model at start-up by :func:`select_backend` (from the 
 - ``sdpa_bucketed``: sequences sorted by length and grouped so that padding stays small; each group is
   gathered into a padded ``[G, H, L, D]`` block for one SDPA call and scattered back. Padding lives
   inside attention only: every other layer runs on the packed tokens. The CPU default and the CUDA
-  fallback (fp32, or no flash kernel for the model). On CPU, sequences of ``SOLO_MIN_LENGTH`` tokens or
-  more run as one SDPA call each (measured by ``benchmarks/bench_kernels.py``); on CUDA every length is
-  bucketed. On CUDA, SDPA runs with its math kernel switched off: a mask or fp32 with GQA expands K/V
+  fallback (fp32, or no flash kernel for the model). On CPU, sequences of up to ``ROW_TOKENS`` tokens share
+  rows: several whole sequences side by side in one padded row, kept apart by a block-diagonal mask built
+  once per pass (the CPU kernel's cost goes by calls and rows far more than by scores at these lengths);
+  longer sequences of ``SOLO_MIN_LENGTH`` tokens or more run as one SDPA call each (measured by
+  ``benchmarks/bench_kernels.py``). On CUDA every length is bucketed, one sequence per row. On CUDA, SDPA runs with its math kernel switched off: a mask or fp32 with GQA expands K/V
   heads so that the memory-efficient kernel takes the call, never a ``[heads, n, n_keys]`` score tensor.
 - ``sdpa_segments``: one SDPA call per sequence.
 - ``dense``: one ``[T, T]`` block-diagonal masked SDPA call. The reference the others are tested against.
@@ -32,6 +34,7 @@ different sequences never see each other. GQA (fewer key/value heads than query 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import inspect
@@ -52,11 +55,16 @@ HALF = (torch.float16, torch.bfloat16)
 
 # Bucketing: a group's padded area (count * longest^2) may exceed its real area by this factor.
 _BUCKET_WASTE = 1.3
-# CPU: sequences at least this long run as their own SDPA call on a strided view (no gather, no padding);
-# shorter ones are bucketed, where one call for many sequences beats a call each. The default, measured on the
-# development CPU by benchmarks/bench_kernels.py; an engine measures its own model's crossover at load
-# (measure_solo_min). CUDA buckets every length.
-SOLO_MIN_LENGTH = 64
+# CPU: sequences of up to this many tokens share padded rows, several whole sequences to a row of at most this
+# length (best fit, longest first), kept apart by a block-diagonal mask. At these lengths SDPA's CPU kernel costs
+# about as much per row and per call whatever the row's length (benchmarks/bench_kernels.py: one call on 4,096
+# tokens in rows of 16 to 128 tokens takes about the same time), so fewer, fuller rows beat a row per sequence.
+ROW_TOKENS = 128
+# CPU: sequences at least this long run as their own SDPA call on a strided view (no gather, no padding); shorter
+# ones are bucketed (up to ROW_TOKENS, in shared rows), where one call for many sequences beats a call each. The
+# default: every sequence that fits a shared row shares one. An engine measures its own model's crossover at
+# load (measure_solo_min). CUDA buckets every length.
+SOLO_MIN_LENGTH = ROW_TOKENS + 1
 # The flash kernels take head dims up to 256, in multiples of 8 (smaller multiples are zero-padded here).
 FLASH_MAX_HEAD_DIM = 256
 _HEAD_DIM_ALIGN = 8
@@ -298,6 +306,8 @@ def solo_min_from(timed: Sequence[tuple[int, float, float]], default: int = SOLO
             break
         answer = n
     between = [(bucketed, solo) for n, bucketed, solo in timed if min(answer, default) <= n < max(answer, default)]
+    if not between:
+        return default  # no tried length lies between: nothing shows the default wrong
     if answer < default and not all(solo * 1.1 <= bucketed for bucketed, solo in between):
         return default
     if answer > default and not all(bucketed * 1.1 <= solo for bucketed, solo in between):
@@ -318,6 +328,10 @@ class _Bucket:
     scatter: torch.Tensor  # [n] packed token index of each real token
     groups: int
     length: int
+    # Shared rows: [G, L] which sequence of its row each slot holds (padding slots: a negative number of their
+    # own). None: one sequence per row, starting at its first slot.
+    segments: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict)  # shared rows' SDPA masks by dtype, built by the first layer
 
 
 @dataclass
@@ -352,12 +366,34 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _shared_rows(members: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sequences into rows of at most ``capacity`` tokens: longest first, each into the fullest row it fits
+    (best fit decreasing), so rows come out nearly full."""
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), ascending
+    for i in sorted(members, key=lambda i: -lengths[i]):
+        n = lengths[i]
+        at = bisect.bisect_left(rooms, (n, -1))
+        if at < len(rooms):
+            room, r = rooms.pop(at)
+            rows[r].append(i)
+            bisect.insort(rooms, (room - n, r))
+        else:
+            rows.append([i])
+            bisect.insort(rooms, (capacity - n, len(rows) - 1))
+    return rows
+
+
 def _make_buckets(
     lengths: list[int], offsets: list[int], k_offsets: list[int], device: torch.device, solo_min: int,
-    alone: set[int],
+    alone: set[int], row: int = 0,
 ) -> tuple[list[_Bucket], list[int]]:
+    """The groups of one pass, and the sequences run one call each. ``row``: sequences of up to this many tokens
+    share rows (the CPU); 0: one sequence per row."""
     solo = [i for i, n in enumerate(lengths) if n >= solo_min or i in alone]
-    order = sorted((i for i, n in enumerate(lengths) if n < solo_min and i not in alone), key=lambda i: lengths[i])
+    rest = [i for i, n in enumerate(lengths) if n < solo_min and i not in alone]
+    shared = [i for i in rest if lengths[i] <= row]
+    order = sorted((i for i in rest if lengths[i] > row), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
     real = 0
@@ -371,41 +407,58 @@ def _make_buckets(
         real += n * n
     if current:
         groups.append(current)
+    rows = [[i] for i in itertools.chain.from_iterable(groups)]
+    bounds = list(itertools.accumulate(len(g) for g in groups))
+    if shared:
+        rows += _shared_rows(shared, lengths, row)
+        bounds.append(len(rows))
 
     # Every index list of every bucket goes to the device as one tensor; the buckets hold views of it.
     flat: list[int] = []
-    spans: list[tuple[int, list[int]]] = []
-    for members in groups:
-        longest = max(lengths[i] for i in members)
+    spans: list[tuple[int, bool, list[int]]] = []
+    for first, last in zip([0, *bounds[:-1]], bounds):
+        members = rows[first:last]
+        together = any(len(r) > 1 for r in members)
+        fills = [sum(lengths[i] for i in r) for r in members]
+        longest = max(fills)
+        if together:
+            longest = min(row, -(-longest // 16) * 16)  # few row lengths, so the kernels' shapes repeat
         gather: list[int] = []
         k_gather: list[int] = []
         slot_group: list[int] = []
         slot_pos: list[int] = []
         scatter: list[int] = []
-        for g, i in enumerate(members):
-            start, n, k_start = offsets[i], lengths[i], k_offsets[i]
-            gather.extend(range(start, start + n))
-            # Padding slots repeat the sequence's first token: the key mask hides them from real
-            # queries, and the padded query rows are never read back.
-            gather.extend([start] * (longest - n))
-            k_gather.extend(range(k_start, k_start + n))
-            k_gather.extend([k_start] * (longest - n))
-            slot_group.extend([g] * n)
-            slot_pos.extend(range(n))
-            scatter.extend(range(start, start + n))
+        segments: list[int] = []
+        for g, (seqs, fill) in enumerate(zip(members, fills)):
+            at = 0
+            for s, i in enumerate(seqs):
+                start, n, k_start = offsets[i], lengths[i], k_offsets[i]
+                gather.extend(range(start, start + n))
+                k_gather.extend(range(k_start, k_start + n))
+                slot_group.extend([g] * n)
+                slot_pos.extend(range(at, at + n))
+                scatter.extend(range(start, start + n))
+                segments.extend([s] * n)
+                at += n
+            # Padding slots repeat the row's first token: the masks hide them from real queries, and the
+            # padded query rows are never read back. In a shared row each is a sequence of its own.
+            gather.extend([offsets[seqs[0]]] * (longest - fill))
+            k_gather.extend([k_offsets[seqs[0]]] * (longest - fill))
+            segments.extend(range(-1 - g * longest - fill, -1 - (g + 1) * longest, -1))
         marks = [len(flat)]
-        for part in (gather, k_gather, slot_group, slot_pos, scatter, [lengths[i] for i in members]):
+        for part in (gather, k_gather, slot_group, slot_pos, scatter, fills, segments if together else []):
             flat.extend(part)
             marks.append(len(flat))
-        spans.append((longest, marks))
+        spans.append((longest, together, fills, marks))
     every = _to_device(flat, device) if flat else None
     buckets = []
-    for members, (longest, m) in zip(groups, spans):
+    for (first, last), (longest, together, fills, m) in zip(zip([0, *bounds[:-1]], bounds), spans):
         view = [every[a:b] for a, b in zip(m[:-1], m[1:])]
+        G = last - first
         key_mask = None
-        if any(lengths[i] != longest for i in members):
+        if not together and any(fill != longest for fill in fills):
             key_mask = (torch.arange(longest, device=device).unsqueeze(0) < view[5].unsqueeze(1)).view(
-                len(members), 1, 1, longest
+                G, 1, 1, longest
             )
         buckets.append(
             _Bucket(
@@ -415,8 +468,9 @@ def _make_buckets(
                 slot_group=view[2],
                 slot_pos=view[3],
                 scatter=view[4],
-                groups=len(members),
+                groups=G,
                 length=longest,
+                segments=view[6].view(G, longest) if together else None,
             )
         )
     return buckets, solo
@@ -503,7 +557,9 @@ def prepare(
     if backend == "sdpa_bucketed":
         if solo_min is None:
             solo_min = sys.maxsize if cu_seqlens.device.type == "cuda" else SOLO_MIN_LENGTH
-        batch.buckets, solo = _make_buckets(q_lengths, offsets, k_offsets, cu_seqlens.device, solo_min, prefixed)
+        row = 0 if cu_seqlens.device.type == "cuda" else ROW_TOKENS
+        batch.buckets, solo = _make_buckets(q_lengths, offsets, k_offsets, cu_seqlens.device, solo_min, prefixed,
+                                            row)
     elif backend == "sdpa_segments":
         solo = list(range(len(q_lengths)))
     else:
@@ -655,6 +711,39 @@ def _sdpa_segments(q, k, v, batch: AttentionBatch, scale):
     return out
 
 
+def _one_per_row_mask(b: _Bucket, batch: AttentionBatch, dtype: torch.dtype) -> torch.Tensor | None:
+    """SDPA's mask for rows of one sequence each, from their first slot; None where none is needed."""
+    L = b.length
+    shape = _mask(L, batch, b.gather.device)  # [L, L] causal / window, shared by every group
+    if batch.rel_bias is not None:
+        allowed = shape if b.key_mask is None else (b.key_mask if shape is None else shape & b.key_mask)
+        pos = torch.arange(L, device=b.gather.device)
+        mask = _biased(batch, allowed, pos[None, :] - pos[:, None], dtype)  # [H, L, L] or [G, H, L, L]
+        return mask.unsqueeze(0) if mask.dim() == 3 else mask
+    if shape is None:
+        return b.key_mask
+    if batch.causal and batch.window is None:
+        return None  # right padding: causal masking alone keeps real queries off the padded keys
+    return shape if b.key_mask is None else shape & b.key_mask  # [G, 1, L, L]
+
+
+def _shared_rows_mask(b: _Bucket, batch: AttentionBatch, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of shared rows, ``[G, 1, L, L]`` (``[G, H, L, L]`` with a relative bias): a slot sees
+    the slots of its own sequence, within its causal / window reach. A sequence's slots are consecutive, so slot
+    distances are position distances. Built by the first layer in its dtype and reused by the others."""
+    seg = b.segments
+    allowed = (seg.unsqueeze(2) == seg.unsqueeze(1)).unsqueeze(1)
+    shape = _mask(b.length, batch, seg.device)
+    if shape is not None:
+        allowed = allowed & shape
+    if batch.rel_bias is not None:
+        pos = torch.arange(b.length, device=seg.device)
+        # A row may be longer than any of its sequences: distances across sequences (masked) are clamped.
+        rel = (pos[None, :] - pos[:, None]).clamp(1 - batch.max_seqlen, batch.max_seqlen - 1)
+        return _biased(batch, allowed, rel, dtype)
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, float("-inf"))
+
+
 def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
     Hq, D = q.shape[1:]
     Hkv = k.shape[1]
@@ -665,20 +754,12 @@ def _sdpa_bucketed(q, k, v, batch: AttentionBatch, scale):
         qs = q.index_select(0, b.gather).view(G, L, Hq, D).transpose(1, 2)  # [G, Hq, L, D]
         ks = k.index_select(0, b.k_gather).view(G, L, Hkv, D).transpose(1, 2)
         vs = v.index_select(0, b.k_gather).view(G, L, Hkv, D).transpose(1, 2)
-        shape = _mask(L, batch, q.device)  # [L, L] causal / window, shared by every group
-        if shape is None:
-            mask = b.key_mask
-        elif batch.causal and batch.window is None:
-            # Right padding: causal masking alone keeps real queries off the padded keys.
-            mask = None
+        if b.segments is not None:
+            mask = b.masks.get(q.dtype)
+            if mask is None:
+                mask = b.masks[q.dtype] = _shared_rows_mask(b, batch, q.dtype)
         else:
-            mask = shape if b.key_mask is None else shape & b.key_mask  # [G, 1, L, L]
-        if batch.rel_bias is not None:
-            allowed = shape if b.key_mask is None else (b.key_mask if shape is None else shape & b.key_mask)
-            pos = torch.arange(L, device=q.device)
-            rel = pos[None, :] - pos[:, None]  # [L, L]
-            mask = _biased(batch, allowed, rel, q.dtype)  # [H, L, L] or [G, H, L, L]
-            mask = mask.unsqueeze(0) if mask.dim() == 3 else mask
+            mask = _one_per_row_mask(b, batch, q.dtype)
         o = _sdpa(qs, ks, vs, mask=mask, causal=mask is None and batch.causal, scale=scale)
         # o [G, Hq, L, D]: pick the real (group, position) slots straight into packed order.
         out.index_copy_(0, b.scatter, o[b.slot_group, :, b.slot_pos])

@@ -402,7 +402,7 @@ def test_the_solo_threshold_is_measured_for_the_model_and_each_tried_length_is_r
     monkeypatch.setattr(attention, "prepare", prepare)
     monkeypatch.setattr(attention, "varlen_attention", varlen_attention)
     solo_min, words = attention.measure_solo_min(shape, torch.float32, tokens=256, repeats=2)
-    assert attention.SOLO_MIN_LENGTH == 64 and solo_min == 32
+    assert attention.SOLO_MIN_LENGTH == attention.ROW_TOKENS + 1 and solo_min == 32
     assert words == "16: 1.0/2.0 ms, 32: 1.0/0.5 ms, 64: 2.0/1.0 ms, 128: 4.0/2.0 ms, 256: 8.0/3.0 ms"
 
 
@@ -423,10 +423,38 @@ def test_the_threshold_rule_moves_from_the_default_only_when_clearly_faster(rows
 def test_either_side_of_the_threshold_gives_the_same_attention(solo_min):
     """Whatever the measurement decides, solo and bucketed runs of the same pass agree."""
     torch.manual_seed(0)
-    lengths = [3, 17, 40, 1, 64]
+    lengths = [3, 17, 40, 1, 64, 150, 200]  # on the CPU, 150 and 200 are too long to share a row
     q, k, v = (torch.randn(sum(lengths), 4, 16, device=DEVICE) for _ in range(3))
     batch = prepare("sdpa_bucketed", cu(lengths), max(lengths), solo_min=solo_min, lengths=lengths)
     assert_close(varlen_attention(q, k, v, batch), reference(q, k, v, lengths, False), torch.float32)
+
+
+@pytest.mark.parametrize("causal, window, biased", [(False, None, False), (True, None, False), (True, 8, False),
+                                                    (False, None, True)], ids=["plain", "causal", "window", "bias"])
+def test_on_the_cpu_short_sequences_share_rows_and_one_mask_serves_every_layer(causal, window, biased):
+    """Sequences that fit ``ROW_TOKENS`` share padded rows: fewer rows than sequences, none longer than
+    ``ROW_TOKENS``, every token in exactly one slot. Longer ones keep rows of their own. The shared rows' mask is
+    built by the first layer and reused by the next; the answer is the reference's, masks and bias included."""
+    torch.manual_seed(5)
+    lengths = [3, 17, 40, 1, 64, 90, 100, 150, 2, 33]
+    T, H, M = sum(lengths), 4, max(lengths)
+    q, k, v = (torch.randn(T, H, 16) for _ in range(3))
+    per_distance = torch.randn(H, 2 * M - 1) * 3 if biased else None
+    offsets = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    batch = prepare("sdpa_bucketed", offsets, M, causal=causal, window=window, solo_min=10**9, lengths=lengths,
+                    rel_bias=per_distance)
+    shared = [b for b in batch.buckets if b.segments is not None]
+    assert len(shared) == 1 and shared[0].length <= attention.ROW_TOKENS
+    fits = [n for n in lengths if n <= attention.ROW_TOKENS]
+    assert -(-sum(fits) // attention.ROW_TOKENS) <= shared[0].groups < len(fits)
+    assert sorted(torch.cat([b.scatter for b in batch.buckets]).tolist()) == list(range(T))
+
+    first = varlen_attention(q, k, v, batch)
+    mask = shared[0].masks[torch.float32]
+    second = varlen_attention(q, k, v, batch)
+    assert shared[0].masks[torch.float32] is mask and torch.equal(first, second)
+    bias = None if per_distance is None else (lambda d: per_distance[:, d + M - 1])
+    assert_close(first.to(DEVICE), reference(q, k, v, lengths, causal, window, bias_by_distance=bias), torch.float32)
 
 
 def test_a_compute_dtype_runs_attention_in_it_and_answers_in_the_inputs_dtype():

@@ -46,7 +46,13 @@ RUN if [ "$CUDA" = "13.0" ]; then pip install --no-cache-dir -c /tmp/src/constra
 ENV EMBEDSERVE_DEVICE=cuda
 
 FROM python:3.12-slim-bookworm AS cpu-base
-RUN python -m venv /opt/venv
+# --quantize int8 compiles each GEMM's input levels into one pass at start-up (torch.compile's C++ backend,
+# kernels/int8_passes.py): g++ must be there at run time; without it those passes run eager (logged).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # The CPU-only build keeps the image small; torch on plain PyPI would bring the CUDA libraries. Only torch comes
 # from that index: its dependencies come with the project below, at the lock's versions.

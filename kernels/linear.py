@@ -37,6 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from embedserve.kernels import int8_passes  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 # Our activation names -> (oneDNN post-op, its algorithm argument).
@@ -134,9 +136,13 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, layer: nn.Linear, input_absmax: torch.Tensor | None = None, *, alpha: float = 0.5,
-                 weight_max: int = 127, gemm: str | None = None, unsigned: bool = False, steps: int = 127) -> None:
+                 weight_max: int = 127, gemm: str | None = None, unsigned: bool = False, steps: int = 127,
+                 fused: bool = False) -> None:
         super().__init__()
         self.gemm = gemm or int8_gemm()
+        # fused: the levels come from int8_passes' compiled pass (only where its fusion_problem() is None)
+        self.fused = fused
+        self._ones = torch.ones(())
         if unsigned and self.gemm != "onednn":
             raise ValueError("unsigned int8 activations need oneDNN's int8 GEMM")
         if steps not in (127, 254):
@@ -157,7 +163,35 @@ class Int8Linear(nn.Module):
         self.zero_sums = w8.sum(dim=1, dtype=torch.int32).float() * self.scale if unsigned else None
         self.bias = None if layer.bias is None else layer.bias.detach().float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        """``act(layer(x))``: levels (the fused pass where this layer has it, else the eager passes), the GEMM, and
+        the sums back to float32 in place."""
+        n = x.shape[0]
+        levels, row, zero = self._fused_levels(x) if self.fused and n else self._eager_levels(x)
+        y = self.int8.matmul(levels, self.scale, zero_point=0 if self.unsigned else 128)[:n]
+        if zero is not None:
+            # row * (sums - zero * weight sums) * scale + bias: the zero points' rank-1 share, then the row scales.
+            y.addr_(zero.view(-1), self.zero_sums, alpha=-1)
+        # The GEMM multiplied by the weights' channel scales; the row scales (and the bias) take one more pass.
+        y = y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
+        return _TORCH_ACTS[act](y)
+
+    def _fused_levels(self, x: torch.Tensor):
+        """(levels on :func:`granular_rows` rows, row scales, zero points or None) from int8_passes' compiled
+        pass: one read for the rows' ranges, one for the levels."""
+        n = x.shape[0]
+        if n == 1:
+            x = _with_rows(x, 2, x.dtype)  # compiled sizes are symbolic from 2 up: one row would build another kernel
+        smooth = self._ones if self.smooth is None else self.smooth
+        if self.unsigned:
+            levels, row, zero = int8_passes.compiled["unsigned_levels"](x, smooth, self.steps)
+            return _with_rows(levels[:n], granular_rows(n), torch.uint8), row[:n], zero[:n]
+        dtype = _signed_levels_dtype(self.gemm)
+        levels, row = int8_passes.compiled["signed_levels"](x, smooth, 128.0 if dtype == torch.uint8 else 0.0, dtype)
+        return _with_rows(levels[:n], granular_rows(n), dtype), row[:n], None
+
+    def _eager_levels(self, x: torch.Tensor):
+        """As :meth:`_fused_levels`, in eager passes: int8 levels (unsigned ones less 128)."""
         # Each row's largest magnitude (two plain reductions run faster than abs-then-max, aminmax or a norm);
         # the smoothed copy is ours to scale in place.
         if self.smooth is not None:
@@ -165,10 +199,7 @@ class Int8Linear(nn.Module):
         hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
         if not self.unsigned:
             row = torch.maximum(hi, lo.neg_()).clamp_(min=1e-12).div_(127.0)
-            q = _int8_levels((x.div_(row) if self.smooth is not None else x / row).round_())
-            # The GEMM multiplies by the weights' channel scales; the row scales (and the bias) take one more pass.
-            y = self.int8.matmul(q, self.scale)[: x.shape[0]]
-            return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
+            return _int8_levels((x.div_(row) if self.smooth is not None else x / row).round_()), row, None
         # The levels span the row's range and zero: the minimum at level 0 and zero at level ``zero`` (an
         # integer), the maximum at ``steps`` (by rounding, one above): 128 (2 x 128 x 127 still fits the 16-bit
         # pair sums of a CPU without VNNI) or 255. They are computed less 128, as the signed levels are (a
@@ -176,11 +207,7 @@ class Int8Linear(nn.Module):
         lo.clamp_(max=0.0)
         row = hi.clamp_(min=0.0).sub_(lo).clamp_(min=1e-12).div_(self.steps)
         zero = lo.div_(row).neg_().round_()
-        q = _int8_levels((x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_())
-        y = self.int8.matmul(q, self.scale, zero_point=0)[: x.shape[0]]
-        # row * (sums - zero * weight sums) * scale + bias: the zero points' rank-1 share, then the row scales.
-        y.addr_(zero.view(-1), self.zero_sums, alpha=-1)
-        return y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
+        return _int8_levels((x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_()), row, zero
 
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.smooth is not None else ""
@@ -210,8 +237,9 @@ class _Int8Weight:
             self.packed = weight.t()  # the layout _int_mm takes fastest
 
     def matmul(self, q: torch.Tensor, scale: torch.Tensor, zero_point: int = 128) -> torch.Tensor:
+        """``q``: int8 levels, or for oneDNN's GEMM uint8 ones already shifted by 128 (the fused passes')."""
         if self.gemm == "onednn":
-            u = q.view(torch.uint8).add_(128)  # wraps: -128..127 -> 0..255
+            u = q if q.dtype == torch.uint8 else q.view(torch.uint8).add_(128)  # wraps: -128..127 -> 0..255
             return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero_point, self.packed, scale, self.zero, None, 1.0,
                                                        0, torch.float32, "none", [], "")
         return torch.mul(torch._int_mm(q, self.packed), scale)
@@ -220,6 +248,17 @@ class _Int8Weight:
 def _int8_sums_exact(gemm: str, q: torch.Tensor, weight: torch.Tensor) -> bool:
     got = _Int8Weight(weight, gemm).matmul(q.clone(), torch.ones(weight.shape[0]))
     return torch.equal(got, (q.long() @ weight.long().t()).float())
+
+
+def _signed_levels_dtype(gemm: str) -> torch.dtype:
+    """The dtype the fused passes hand signed levels to ``gemm`` in: oneDNN's takes them unsigned, 128 up."""
+    return torch.uint8 if gemm == "onednn" else torch.int8
+
+
+def int8_fusion_problem(gemm: str | None = None) -> str | None:
+    """None where the fused int8 passes (:mod:`int8_passes`) build and check out here, for ``gemm``'s levels;
+    else why not. The first call compiles them (seconds)."""
+    return int8_passes.fusion_problem(_signed_levels_dtype(gemm or int8_gemm()))
 
 
 @functools.cache
@@ -260,7 +299,7 @@ def int8_available() -> str | None:
 
 
 def quantize_int8(module: nn.Module, input_absmax: dict[nn.Linear, torch.Tensor], *, weight_max: int,
-                  gemm: str | None = None) -> int:
+                  gemm: str | None = None, fused: bool = False) -> int:
     """Replace the ``nn.Linear`` layers inside ``module`` by :class:`Int8Linear`, smoothed by their calibration
     statistics where ``input_absmax`` has them (:meth:`LinearPlan.calibrate`); returns how many.
 
@@ -268,7 +307,8 @@ def quantize_int8(module: nn.Module, input_absmax: dict[nn.Linear, torch.Tensor]
     activation span the widest range and are mostly positive) take unsigned activations on oneDNN's GEMM: 8-bit
     with VNNI; 7-bit without, with 8-bit weights where the others get 7 (MiniLM's worst cosine vs float32 with
     7-bit weights elsewhere: 0.988 with 7-bit weights there too, 0.992 unsigned, 0.996 float). With ``_int_mm``
-    they are signed with 8-bit weights (VNNI) or stay float (no VNNI)."""
+    they are signed with 8-bit weights (VNNI) or stay float (no VNNI). ``fused``: the layers run the fused passes
+    (pass it only where :func:`int8_fusion_problem` answered None)."""
     gemm = gemm or int8_gemm()
     count = 0
     for parent in list(module.modules()):
@@ -277,10 +317,10 @@ def quantize_int8(module: nn.Module, input_absmax: dict[nn.Linear, torch.Tensor]
                 continue
             absmax = input_absmax.get(child)
             if child.in_features <= child.out_features or (weight_max == 127 and gemm != "onednn"):
-                q = Int8Linear(child, absmax, weight_max=weight_max, gemm=gemm)
+                q = Int8Linear(child, absmax, weight_max=weight_max, gemm=gemm, fused=fused)
             elif gemm == "onednn":
                 q = Int8Linear(child, absmax, weight_max=127, gemm=gemm, unsigned=True,
-                               steps=254 if weight_max == 127 else 127)
+                               steps=254 if weight_max == 127 else 127, fused=fused)
             else:
                 continue
             setattr(parent, name, q)
@@ -407,7 +447,7 @@ def project(x: torch.Tensor, layer: nn.Module, act: str = "none", plan: LinearPl
     some CPUs (AVX-512 + AMX Xeon, bf16: 7 ms for MiniLM's 384->1536 at 4,000 rows, 14 ms with GELU fused,
     against 2-3 ms to run it). Rounded up, the counts repeat and the cache holds them."""
     if isinstance(layer, Int8Linear):
-        return _TORCH_ACTS[act](layer(x))
+        return layer(x, act)
     rows = x.shape[0]
     if x.device.type == "cpu" and x.dim() == 2:
         x = _with_rows(x, granular_rows(rows), layer.weight.dtype)

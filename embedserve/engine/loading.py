@@ -39,6 +39,7 @@ from embedserve.kernels.linear import (
     LinearPlan,
     gemm_weights_to,
     int8_available,
+    int8_fusion_problem,
     int8_gemm,
     int8_weight_max,
     quantize_int8,
@@ -248,7 +249,12 @@ def _quantize_int8(model: LoadedModel, tokenizer: Tokenizer, runner: Runner, lin
         for i in range(0, len(ids), 8):
             batch = ids[i : i + 8]
             runner.run(batch, [model.dimensions] * len(batch), [False] * len(batch))
-    count = quantize_int8(model.encoder, absmax, weight_max=weight_max)
+    # Each GEMM's input levels in one pass compiled by inductor where it builds it here (a C++ compiler; seconds,
+    # logged); else in eager passes, and the reason is logged.
+    fusion = int8_fusion_problem()
+    if fusion is not None:
+        log.info("int8: activation levels in eager passes: %s", fusion)
+    count = quantize_int8(model.encoder, absmax, weight_max=weight_max, fused=fusion is None)
     total = sum(isinstance(m, torch.nn.Linear) for m in model.encoder.modules()) + count
     unsigned = sum(1 for m in model.encoder.modules() if isinstance(m, Int8Linear) and m.unsigned)
     if weight_max == 127:
@@ -256,9 +262,10 @@ def _quantize_int8(model: LoadedModel, tokenizer: Tokenizer, runner: Runner, lin
     else:
         widths = "7-bit weights" + (
             f"; {unsigned} narrowing layers 8-bit weights, 7-bit unsigned activations" if unsigned else "")
-    log.info("int8: %d linear layers quantized (%s, %s GEMM) after calibrating on %d texts (%d tokens) in "
-             "%.2fs", count, widths, int8_gemm(), len(ids), sum(map(len, ids)), time.perf_counter() - started)
-    return f"int8 ({count} of {total} layers, {widths}, {int8_gemm()} GEMM)"
+    passes = "fused levels" if fusion is None else "eager levels"
+    log.info("int8: %d linear layers quantized (%s, %s GEMM, %s) after calibrating on %d texts (%d tokens) in "
+             "%.2fs", count, widths, int8_gemm(), passes, len(ids), sum(map(len, ids)), time.perf_counter() - started)
+    return f"int8 ({count} of {total} layers, {widths}, {int8_gemm()} GEMM, {passes})"
 
 
 def _configure_prompts(recipe: ModelRecipe, cfg: ModelConfig) -> ModelRecipe:

@@ -19,7 +19,7 @@ import embedserve.engine.loading as loading
 from embedserve.config import EngineConfig, ModelConfig
 from embedserve.engine.front import Engine
 from embedserve.errors import ConfigError
-from embedserve.kernels.linear import Int8Linear, int8_gemm, int8_weight_max
+from embedserve.kernels.linear import Int8Linear, int8_fusion_problem, int8_gemm, int8_weight_max
 from test_minilm_parity import varied_texts
 from tiny import build_tiny_decoder, hf_embed_each, mixed_texts
 
@@ -75,7 +75,10 @@ def test_minilm_int8_within_0995_of_sentence_transformers(minilm_dir, minilm_ref
     else:
         assert not unsigned
         widths = "8-bit weights" if weight_max == 127 else "7-bit weights"
-    assert f"int8: {len(layers)} linear layers quantized ({widths}, {int8_gemm()} GEMM) after" in caplog.text
+    fused = int8_fusion_problem() is None  # each GEMM's input levels: one compiled pass where inductor builds it
+    assert all(m.fused == fused for m in layers)
+    passes = "fused levels" if fused else "eager levels"
+    assert f"int8: {len(layers)} linear layers quantized ({widths}, {int8_gemm()} GEMM, {passes}) after" in caplog.text
     assert engine.dtype == torch.float32
 
 

@@ -218,16 +218,85 @@ def test_unsigned_int8_activations_against_float(smoothed, positive, steps):
         assert (got - want).pow(2).sum() < 0.75 * (signed - want).pow(2).sum()
 
 
+def _skip_unless_fused(gemm):
+    from embedserve.kernels.linear import int8_fusion_problem
+
+    if (why := int8_fusion_problem(gemm)) is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("gemm, unsigned, steps", _activation_kinds())
-def test_int8_rows_do_not_depend_on_their_neighbours(gemm, unsigned, steps):
-    """Per-row activation scales and exact int32 sums: a row's output is bit-identical alone or in a batch."""
+def test_int8_rows_do_not_depend_on_their_neighbours(gemm, unsigned, steps, fused):
+    """Per-row activation scales and exact int32 sums: a row's output is bit-identical alone or in a batch, with
+    the eager passes and the fused ones (a row alone goes through them padded to two)."""
     from embedserve.kernels.linear import Int8Linear
 
+    if fused:
+        _skip_unless_fused(gemm)
     layer, x = _layer_and_inputs()
-    q = Int8Linear(layer, x.abs().amax(dim=0), gemm=gemm, unsigned=unsigned, steps=steps)
+    q = Int8Linear(layer, x.abs().amax(dim=0), gemm=gemm, unsigned=unsigned, steps=steps, fused=fused)
     batch = q(x)
     for i in (0, 7, 150, 299):
         assert torch.equal(q(x[i : i + 1])[0], batch[i]), i
+
+
+@pytest.mark.parametrize("smoothed, bias", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("gemm, unsigned, steps", _activation_kinds())
+def test_fused_int8_levels_are_the_eager_levels_and_the_layer_gives_the_same_output(gemm, unsigned, steps,
+                                                                                     smoothed, bias):
+    """Where inductor builds it, the fused pass quantizes to the eager passes' levels exactly (so the GEMM's sums
+    and the layer's output are bit-identical), for every activation kind, with and without smoothing and bias,
+    an activation after, and rows of every size the engine sends (one row goes through padded to two)."""
+    from embedserve.kernels import int8_passes
+    from embedserve.kernels.linear import Int8Linear, _signed_levels_dtype
+
+    _skip_unless_fused(gemm)
+    layer, x = _layer_and_inputs()
+    if not bias:
+        layer.bias = None
+    if unsigned:
+        x = _after_gelu(x)
+    absmax = x.abs().amax(dim=0) if smoothed else None
+    kw = dict(gemm=gemm, unsigned=unsigned, steps=steps)
+    eager, fused = Int8Linear(layer, absmax, **kw), Int8Linear(layer, absmax, fused=True, **kw)
+    smooth = torch.ones(()) if eager.smooth is None else eager.smooth
+    for rows in (300, 17, 2, 1):
+        for act in ("none", "gelu"):
+            got, want = fused(x[:rows], act), eager(x[:rows], act)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (rows, act)
+        if rows == 1:
+            continue
+        if unsigned:
+            levels, row, zero = int8_passes.compiled["unsigned_levels"](x[:rows], smooth, float(steps))
+            want_levels, want_row, want_zero = int8_passes.unsigned_levels(x[:rows], smooth, float(steps))
+            assert torch.equal(zero, want_zero)
+        else:
+            dtype = _signed_levels_dtype(gemm)
+            offset = 128.0 if dtype == torch.uint8 else 0.0
+            levels, row = int8_passes.compiled["signed_levels"](x[:rows], smooth, offset, dtype)
+            want_levels, want_row = int8_passes.signed_levels(x[:rows], smooth, offset, dtype)
+        assert torch.equal(levels, want_levels) and torch.equal(row, want_row)
+
+
+def test_without_a_working_inductor_the_fused_passes_are_refused_and_say_why(monkeypatch):
+    """No C++ compiler (inductor fails to build): fusion_problem answers why, and nothing compiled is kept."""
+    import torch._inductor.config as inductor
+
+    from embedserve.kernels import int8_passes
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-compiler++"))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # nothing built earlier may stand in
+    monkeypatch.setattr(int8_passes, "compiled", {})
+    int8_passes.fusion_problem.cache_clear()
+    torch._dynamo.reset()
+    try:
+        why = int8_passes.fusion_problem(torch.int8)
+    finally:
+        int8_passes.fusion_problem.cache_clear()
+        torch._dynamo.reset()
+    assert why is not None and why.startswith("inductor could not build the fused int8 passes"), why
+    assert int8_passes.compiled == {}
 
 
 @pytest.mark.parametrize("gemm", _gemms())

@@ -18,8 +18,9 @@ Backends, chosen once per model at start-up by :func:`select_backend` (from the 
   rows: several whole sequences side by side in one padded row, kept apart by a block-diagonal mask built
   once per pass (the CPU kernel's cost goes by calls and rows far more than by scores at these lengths);
   longer sequences of ``SOLO_MIN_LENGTH`` tokens or more run as one SDPA call each (measured by
-  ``benchmarks/bench_kernels.py``). On CUDA every length is bucketed, one sequence per row. On CUDA, SDPA runs with its math kernel switched off: a mask or fp32 with GQA expands K/V
-  heads so that the memory-efficient kernel takes the call, never a ``[heads, n, n_keys]`` score tensor.
+  ``benchmarks/bench_kernels.py``). On CUDA every length is bucketed, one sequence per row, and SDPA runs
+  with its math kernel switched off: a mask or fp32 with GQA expands K/V heads so that the memory-efficient
+  kernel takes the call, never a ``[heads, n, n_keys]`` score tensor.
 - ``sdpa_segments``: one SDPA call per sequence.
 - ``dense``: one ``[T, T]`` block-diagonal masked SDPA call. The reference the others are tested against.
 

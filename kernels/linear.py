@@ -9,7 +9,8 @@ Backends, the usable one chosen per (device, dtype) at start-up by :func:`select
 - ``torch``: ``F.linear`` then the activation: the pure-torch twin, used on CUDA and as the test oracle.
 - ``int8`` (``--quantize int8``, CPU): :class:`Int8Linear` replaces a model's ``nn.Linear``: weights int8 per
   output channel, activations int8 per token, an int8 GEMM with exact int32 sums (oneDNN's int8 linear, else
-  ``torch._int_mm``: :func:`int8_gemm`), output float32.
+  ``torch._int_mm``: :func:`int8_gemm`), output float32. Each GEMM's input levels come from one pass that inductor
+  compiles at start-up where a C++ compiler is there (:mod:`int8_passes`), else from eager passes.
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ class Int8Linear(nn.Module):
         lo.clamp_(max=0.0)
         row = hi.clamp_(min=0.0).sub_(lo).clamp_(min=1e-12).div_(self.steps)
         zero = lo.div_(row).neg_().round_()
-        return _int8_levels((x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_()), row, zero
+        levels = (x.div_(row) if self.smooth is not None else x / row).add_(zero - 128.0).round_()
+        return _int8_levels(levels), row, zero
 
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.smooth is not None else ""

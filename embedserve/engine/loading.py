@@ -33,7 +33,7 @@ from embedserve.engine.scheduler import Budgets, Scheduler, resolve_budgets
 from embedserve.engine.token_ids import cl100k
 from embedserve.engine.tokenizer import Tokenizer
 from embedserve.errors import ConfigError
-from embedserve.kernels.attention import AttentionShape, measure_solo_min, select_backend
+from embedserve.kernels.attention import ROW_TOKENS, AttentionShape, measure_solo_min, select_backend
 from embedserve.kernels.linear import (
     Int8Linear,
     LinearPlan,
@@ -215,8 +215,9 @@ def _choose_kernels(shape: AttentionShape, budgets: Budgets, attention: str, dev
     solo_min = None
     if device.type == "cpu" and backend == "sdpa_bucketed":
         solo_min, timings = measure_solo_min(shape, attention_dtype or dtype)
-        log.info("attention%s: sequences of %d tokens or more run one call each, shorter ones bucketed (measured, "
-                 "bucketed/one each per length: %s)", " in bfloat16" if attention_dtype else "", solo_min, timings)
+        log.info("attention%s: sequences of %d tokens or more run one call each, shorter ones bucketed, up to %d "
+                 "tokens several to a row (measured, bucketed/one each per length: %s)",
+                 " in bfloat16" if attention_dtype else "", solo_min, ROW_TOKENS, timings)
     linear = LinearPlan(select_linear_backend(device, dtype), probe=device.type == "cpu" and not int8)
     return Kernels(attention=backend, solo_min=solo_min, linear=linear, attention_dtype=attention_dtype)
 

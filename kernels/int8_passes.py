@@ -25,12 +25,12 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def signed_levels(x: torch.Tensor, smooth: torch.Tensor, offset: float, dtype: torch.dtype):
-    """Levels of ``x * smooth`` at one symmetric scale per row (-127..127), plus ``offset``, as ``dtype``; and the
-    row scales ``[T, 1]``."""
+def signed_levels(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype):
+    """Levels of ``x * smooth`` at one symmetric scale per row (-127..127) as ``dtype``: int8, or uint8 shifted
+    by 128 (what oneDNN's GEMM takes); and the row scales ``[T, 1]``."""
     x = x * smooth
     row = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg()).clamp(min=1e-12) / 127.0
-    return ((x / row).round() + offset).to(dtype), row
+    return ((x / row).round() + (128.0 if dtype == torch.uint8 else 0.0)).to(dtype), row
 
 
 def unsigned_levels(x: torch.Tensor, smooth: torch.Tensor, steps: float):
@@ -76,8 +76,7 @@ def _trial(built: dict[str, Callable], levels: torch.dtype) -> str | None:
     x = torch.randn(37, 48, generator=gen) * torch.linspace(0.1, 20.0, 48)
     x[:, 3] = x[:, 3].abs()  # a row range that does not straddle zero in one channel at least
     smooth = torch.rand(48, generator=gen) + 0.5
-    offset = 128.0 if levels == torch.uint8 else 0.0
-    for name, args in (("signed_levels", (x, smooth, offset, levels)),
+    for name, args in (("signed_levels", (x, smooth, levels)),
                        ("unsigned_levels", (x.abs() - 1.0, smooth, 254.0))):
         for got, want in zip(built[name](*args), globals()[name](*args)):
             if not torch.equal(got, want):

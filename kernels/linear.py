@@ -186,10 +186,9 @@ class Int8Linear(nn.Module):
         smooth = self._ones if self.smooth is None else self.smooth
         if self.unsigned:
             levels, row, zero = int8_passes.compiled["unsigned_levels"](x, smooth, self.steps)
-            return _with_rows(levels[:n], granular_rows(n), torch.uint8), row[:n], zero[:n]
-        dtype = _signed_levels_dtype(self.gemm)
-        levels, row = int8_passes.compiled["signed_levels"](x, smooth, 128.0 if dtype == torch.uint8 else 0.0, dtype)
-        return _with_rows(levels[:n], granular_rows(n), dtype), row[:n], None
+            return _int8_levels(levels[:n]), row[:n], zero[:n]
+        levels, row = int8_passes.compiled["signed_levels"](x, smooth, _signed_levels_dtype(self.gemm))
+        return _int8_levels(levels[:n]), row[:n], None
 
     def _eager_levels(self, x: torch.Tensor):
         """As :meth:`_fused_levels`, in eager passes: int8 levels (unsigned ones less 128)."""
@@ -434,9 +433,11 @@ def _with_rows(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _int8_levels(levels: torch.Tensor) -> torch.Tensor:
-    """Integer-valued float ``levels`` cast to int8 on :func:`granular_rows` rows: the int8 GEMM's kernels are
-    built per row count too (see :func:`project`)."""
-    return _with_rows(levels, granular_rows(levels.shape[0]), torch.int8)
+    """``levels`` on :func:`granular_rows` rows, integer-valued floats cast to int8 (the eager passes'), integer
+    levels as they are (the fused pass's): the int8 GEMM's kernels are built per row count too (see
+    :func:`project`)."""
+    dtype = levels.dtype if levels.dtype in (torch.int8, torch.uint8) else torch.int8
+    return _with_rows(levels, granular_rows(levels.shape[0]), dtype)
 
 
 def project(x: torch.Tensor, layer: nn.Module, act: str = "none", plan: LinearPlan | None = None) -> torch.Tensor:

@@ -273,9 +273,8 @@ def test_fused_int8_levels_are_the_eager_levels_and_the_layer_gives_the_same_out
             assert torch.equal(zero, want_zero)
         else:
             dtype = _signed_levels_dtype(gemm)
-            offset = 128.0 if dtype == torch.uint8 else 0.0
-            levels, row = int8_passes.compiled["signed_levels"](x[:rows], smooth, offset, dtype)
-            want_levels, want_row = int8_passes.signed_levels(x[:rows], smooth, offset, dtype)
+            levels, row = int8_passes.compiled["signed_levels"](x[:rows], smooth, dtype)
+            want_levels, want_row = int8_passes.signed_levels(x[:rows], smooth, dtype)
         assert torch.equal(levels, want_levels) and torch.equal(row, want_row)
 
 

@@ -41,6 +41,7 @@ from embedserve.kernels.linear import (
     int8_available,
     int8_fusion_problem,
     int8_gemm,
+    int8_time_ratio,
     int8_weight_max,
     quantize_int8,
     select_linear_backend,
@@ -53,6 +54,10 @@ from embedserve.models.encoder import Kernels
 from embedserve.models.sentence import LoadedModel, ModelRecipe, build_model, read_model
 
 log = logging.getLogger(__name__)
+
+# int8 layers this many times as long as bf16 GEMMs of the same layers, or longer, get a start-up warning
+# (_compare_with_bf16); nearer ties are within a 2-core host's noise.
+INT8_SLOWER = 1.15
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,7 +260,12 @@ def _quantize_int8(model: LoadedModel, tokenizer: Tokenizer, runner: Runner, lin
     fusion = int8_fusion_problem()
     if fusion is not None:
         log.info("int8: activation levels in eager passes: %s", fusion)
+    shapes: dict[tuple[int, int], tuple[str, torch.nn.Linear]] = {}  # one float layer of each shape, by name
+    for name, layer in model.encoder.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            shapes.setdefault((layer.in_features, layer.out_features), (name, layer))
     count = quantize_int8(model.encoder, absmax, weight_max=weight_max, fused=fusion is None)
+    _compare_with_bf16([(layer, model.encoder.get_submodule(name)) for name, layer in shapes.values()])
     total = sum(isinstance(m, torch.nn.Linear) for m in model.encoder.modules()) + count
     unsigned = sum(1 for m in model.encoder.modules() if isinstance(m, Int8Linear) and m.unsigned)
     if weight_max == 127:
@@ -267,6 +277,24 @@ def _quantize_int8(model: LoadedModel, tokenizer: Tokenizer, runner: Runner, lin
     log.info("int8: %d linear layers quantized (%s, %s GEMM, %s) after calibrating on %d texts (%d tokens) in "
              "%.2fs", count, widths, int8_gemm(), passes, len(ids), sum(map(len, ids)), time.perf_counter() - started)
     return f"int8 ({count} of {total} layers, {widths}, {int8_gemm()} GEMM, {passes})"
+
+
+def _compare_with_bf16(pairs: list[tuple[torch.nn.Linear, torch.nn.Module]]) -> None:
+    """On a CPU with native bf16, time one int8 layer of each shape against its float layer as a bf16 GEMM (tens
+    of ms) and say which was faster; a warning where int8 was clearly the slower (AMX), since the operator asked
+    for int8 to serve faster."""
+    pairs = [(layer, q) for layer, q in pairs if isinstance(q, Int8Linear)]
+    if not pairs or not cpu_caps.read_cpu().bf16:
+        return
+    ratio = int8_time_ratio(pairs, torch.bfloat16)
+    shapes = ", ".join(f"{layer.in_features}->{layer.out_features}" for layer, _ in pairs)
+    if ratio > INT8_SLOWER:
+        log.warning("int8: on this CPU the int8 layers took %.2fx as long as bf16 GEMMs of the same layers (%s; "
+                    "2048 rows, measured at start-up): serving without --quantize, in bfloat16 (--dtype auto here), "
+                    "would likely be faster, and closer to float32", ratio, shapes)
+    else:
+        log.info("int8: the int8 layers took %.2fx as long as bf16 GEMMs of the same layers (%s; 2048 rows, "
+                 "measured at start-up)", ratio, shapes)
 
 
 def _configure_prompts(recipe: ModelRecipe, cfg: ModelConfig) -> ModelRecipe:

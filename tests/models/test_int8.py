@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import embedserve.engine.loading as loading
 from embedserve.config import EngineConfig, ModelConfig
+from embedserve.engine.cpu import CpuInfo, read_cpu
 from embedserve.engine.front import Engine
 from embedserve.errors import ConfigError
 from embedserve.kernels.linear import Int8Linear, int8_fusion_problem, int8_gemm, int8_weight_max
@@ -79,7 +80,39 @@ def test_minilm_int8_within_0995_of_sentence_transformers(minilm_dir, minilm_ref
     assert all(m.fused == fused for m in layers)
     passes = "fused levels" if fused else "eager levels"
     assert f"int8: {len(layers)} linear layers quantized ({widths}, {int8_gemm()} GEMM, {passes}) after" in caplog.text
+    # where the CPU has native bf16, one layer of each shape was timed against bf16 GEMMs and the answer logged
+    compared = "as long as bf16 GEMMs of the same layers (384->1152, 384->384, 384->1536, 1536->384; 2048 rows"
+    assert (compared in caplog.text) == read_cpu().bf16
     assert engine.dtype == torch.float32
+
+
+@pytest.mark.parametrize("ratio, level, words", [
+    (1.6, "WARNING", "took 1.60x as long as bf16 GEMMs of the same layers (16->48, 48->16; 2048 rows, measured at "
+                     "start-up): serving without --quantize, in bfloat16 (--dtype auto here), would likely be faster"),
+    (1.1, "INFO", "took 1.10x as long as bf16 GEMMs of the same layers (16->48, 48->16; 2048 rows"),
+])
+def test_int8_start_up_says_whether_bf16_gemms_of_its_layers_were_faster(monkeypatch, caplog, ratio, level, words):
+    """The operator asked for int8 to serve faster: where bf16 GEMMs beat it (a CPU with AMX) start-up warns and
+    names the faster way. (The timing itself: test_linear's int8_time_ratio test, on a fake clock.)"""
+    layers = [torch.nn.Linear(16, 48), torch.nn.Linear(48, 16), torch.nn.Linear(16, 8)]
+    pairs = [(layers[0], Int8Linear(layers[0])), (layers[1], Int8Linear(layers[1])), (layers[2], layers[2])]
+    timed = []
+    monkeypatch.setattr(loading, "int8_time_ratio", lambda p, dtype: timed.append((p, dtype)) or ratio)
+    monkeypatch.setattr(loading.cpu_caps, "read_cpu", lambda: CpuInfo("a CPU", frozenset({"avx512_bf16"})))
+    caplog.set_level(logging.INFO, logger="embedserve")
+    loading._compare_with_bf16(pairs)
+    assert timed == [(pairs[:2], torch.bfloat16)]  # the int8 ones (a layer left float is not timed)
+    said = [r for r in caplog.records if "as long as bf16 GEMMs" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == level and words in said[0].getMessage()
+
+
+def test_without_native_bf16_int8_start_up_times_nothing_against_it(monkeypatch, caplog):
+    layer = torch.nn.Linear(16, 48)
+    monkeypatch.setattr(loading, "int8_time_ratio", lambda p, dtype: pytest.fail("timed on a CPU without bf16"))
+    monkeypatch.setattr(loading.cpu_caps, "read_cpu", lambda: CpuInfo("a CPU", frozenset({"avx2", "avx512_vnni"})))
+    caplog.set_level(logging.INFO, logger="embedserve")
+    loading._compare_with_bf16([(layer, Int8Linear(layer))])
+    assert "bf16 GEMMs" not in caplog.text
 
 
 def test_tiny_decoder_int8_within_099_of_transformers(tmp_path, weight_max):

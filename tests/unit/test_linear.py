@@ -430,6 +430,41 @@ def test_the_plan_keeps_the_default_unless_f_linear_is_clearly_faster(monkeypatc
     assert name == want and measured == pytest.approx(gain)
 
 
+def test_int8_time_ratio_times_each_int8_layer_against_a_copy_of_its_float_layer_in_the_dtype(monkeypatch):
+    """On a fake clock (an int8 layer 3 units, a float GEMM 2): the ratio is int8's time over the float copies',
+    the copies run in the dtype asked for on the given rows, and the layers passed in are left as they were."""
+    import types
+
+    from embedserve.kernels import linear as module
+    from embedserve.kernels.linear import Int8Linear, int8_time_ratio
+
+    now = [0.0]
+    seen = []
+    real = module.linear
+
+    def timed_linear(x, w, b, act="none", backend="torch"):
+        seen.append((x.dtype, w.dtype, b.dtype, tuple(x.shape)))
+        now[0] += 2.0
+        return real(x, w, b, act, backend)
+
+    def timed_int8(self, x, act="none"):
+        now[0] += 3.0
+        return torch.zeros(x.shape[0], self.out_features)
+
+    layers = [torch.nn.Linear(16, 48), torch.nn.Linear(48, 16)]
+    before = [layer.weight.clone() for layer in layers]
+    pairs = [(layer, Int8Linear(layer)) for layer in layers]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(module, "linear", timed_linear)
+    monkeypatch.setattr(Int8Linear, "forward", timed_int8)
+    assert int8_time_ratio(pairs, torch.bfloat16, rows=64, repeats=3) == pytest.approx(1.5)
+    # one untimed round and three timed ones, each through both layers
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, (64, 16)),
+                    (torch.bfloat16, torch.bfloat16, torch.bfloat16, (64, 48))] * 4
+    assert all(layer.weight.dtype == torch.float32 and torch.equal(layer.weight, w)
+               for layer, w in zip(layers, before))
+
+
 def test_calibration_records_each_layers_largest_input_per_channel():
     from embedserve.kernels.linear import LinearPlan, project
 

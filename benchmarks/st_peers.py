@@ -11,6 +11,10 @@ Copies the model folder, then times ``encode(texts, batch_size=32)`` on each bac
 - ``openvino int8``: OpenVINO's static post-training quantization (``optimum.intel.OVQuantizer``, default
   ``OVQuantizationConfig``) calibrated offline on the first 300 of the texts, as
   ``export_static_quantized_openvino_model`` does with a Hub dataset; padded to 384 tokens, its recipe.
+- ``torch pt2e int8``: PyTorch's own static int8 path (PT2E, in torchao since torch 2.10): the transformers model
+  through ``torch.export``, ``X86InductorQuantizer``'s default static config, calibrated on the same 300 texts,
+  then ``torch.compile`` (inductor, freezing; a C++ compiler). Batches as ``encode`` makes them (longest texts
+  first, padded per batch), mean pooling and normalizing as the model's own modules do.
 
 Prints one JSON line: per backend its median seconds and its min cosine against torch fp32; and the tokens the
 texts hold (the tokenizer's, cut to the model's max_seq_length), which embedserve counts the same way.
@@ -34,7 +38,8 @@ CALIBRATION_TEXTS = 300
 PEERS = Path(os.environ.get("EMBEDSERVE_BENCH_PYTHON", Path(__file__).resolve().parents[1] / ".venv" / "bench" / "bin"
                             / "python"))
 # embedserve's row -> the peers at the same precision (OpenVINO's default is bf16 on a CPU that computes it)
-SAME_PRECISION = {"fp32": ("onnx fp32",), "bf16": ("openvino",), "int8": ("onnx int8", "openvino int8")}
+SAME_PRECISION = {"fp32": ("onnx fp32",), "bf16": ("openvino",),
+                  "int8": ("onnx int8", "openvino int8", "torch pt2e int8")}
 
 
 def run_peers(model_dir: str, texts: list[str], repeats: int) -> dict | None:
@@ -75,6 +80,64 @@ def vnni() -> bool:
         return False
 
 
+class Pt2eInt8:
+    """``torch pt2e int8``: the sentence-transformers model's transformers module exported, statically quantized
+    by PT2E for x86 inductor on ``calibration``, compiled; ``encode`` as sentence-transformers batches, pools (mean)
+    and normalizes. (For MiniLM-shaped models: mean pooling, then a Normalize module.)"""
+
+    def __init__(self, st, calibration: list[str]) -> None:
+        import torch._inductor.config as inductor
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torch.export import Dim, export
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        self.tokenizer, self.limit = st.tokenizer, st.max_seq_length
+        hf = st[0].auto_model.eval()
+
+        class Hidden(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = hf
+
+            def forward(self, ids, mask):
+                return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        example = self._batches(calibration[:8], 8)[0][1]
+        batch, length = Dim("batch", min=1, max=64), Dim("length", min=2, max=self.limit)
+        graph = export(Hidden(), (example["input_ids"], example["attention_mask"]),
+                       dynamic_shapes={"ids": {0: batch, 1: length}, "mask": {0: batch, 1: length}}).module()
+        # torchao 0.18's linear + GELU annotation fails on torch 2.13's exported graphs (IndexError while it
+        # partitions them); without it each linear is still quantized, the GELU runs in float.
+        xiq.X86InductorQuantizer._annotate_linear_unary = lambda *args, **kwargs: None
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for _, b in self._batches(calibration, 8):
+                prepared(b["input_ids"], b["attention_mask"])
+        inductor.freezing = True
+        self.model = torch.compile(convert_pt2e(prepared), dynamic=True)
+
+    def _batches(self, texts: list[str], size: int) -> list[tuple[list[int], dict]]:
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first, as encode sorts
+        return [(order[i : i + size], self.tokenizer([texts[j] for j in order[i : i + size]], padding=True,
+                                                     truncation=True, max_length=self.limit, return_tensors="pt"))
+                for i in range(0, len(texts), size)]
+
+    def encode(self, texts: list[str], batch_size: int = 32, show_progress_bar: bool = False,
+               convert_to_tensor: bool = False) -> torch.Tensor:
+        parts = []
+        with torch.no_grad():
+            for where, b in self._batches(texts, batch_size):
+                hidden = self.model(b["input_ids"], b["attention_mask"]).float()
+                mask = b["attention_mask"].unsqueeze(-1).float()
+                parts.append((where, torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)))
+        out = torch.empty(len(texts), parts[0][1].shape[1])
+        for where, vectors in parts:
+            out[where] = vectors
+        return out
+
+
 def main() -> None:
     source, texts_path, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
     texts = json.loads(Path(texts_path).read_text())
@@ -110,6 +173,7 @@ def main() -> None:
                         folder / "openvino" / f"openvino_model_qint8{suffix}")
         models["openvino int8"] = SentenceTransformer(
             str(folder), device="cpu", backend="openvino", model_kwargs={"file_name": "openvino/openvino_model_qint8.xml"})
+        models["torch pt2e int8"] = Pt2eInt8(SentenceTransformer(str(folder), device="cpu"), texts[:CALIBRATION_TEXTS])
 
         reference = models["torch fp32"].encode(texts, batch_size=32, convert_to_tensor=True)
         out = {}
